@@ -1,0 +1,106 @@
+"""The `alignvl-scale` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+from alignvl_scale import __version__
+
+
+def _env(_args: argparse.Namespace) -> int:
+    """Print the versions and backends that decide how a run will behave."""
+    import accelerate
+    import deepspeed
+    import torch
+    import transformers
+    import webdataset
+
+    rows = {
+        "alignvl-scale": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda available": torch.cuda.is_available(),
+        "gpus": torch.cuda.device_count(),
+        "nccl": torch.distributed.is_nccl_available(),
+        "gloo": torch.distributed.is_gloo_available(),
+        "deepspeed": deepspeed.__version__,
+        "accelerate": accelerate.__version__,
+        "transformers": transformers.__version__,
+        "webdataset": webdataset.__version__,
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from alignvl_scale.data.shards import folder_samples, hf_samples, write_shards
+
+    if args.source == "folder":
+        samples, total = folder_samples(args.captions, args.image_root), None
+    else:
+        samples, total = hf_samples(args.dataset, args.image_column, args.caption_column, args.split, args.data_dir)
+    manifest = write_shards(samples, args.out, args.samples_per_shard, total=total)
+    print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from alignvl_scale.data.check import check_shards, print_report
+    from alignvl_scale.data.samples import DecodeLimits
+
+    report = check_shards(args.specs, args.kind, DecodeLimits(), args.samples_per_shard)
+    total = print_report(report, args.json)
+    if total.skip_fraction > args.max_skip_fraction:
+        print(f"FAIL: skip fraction {total.skip_fraction:.2%} > --max-skip-fraction {args.max_skip_fraction:.2%}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    shards = sub.add_parser("shards", help="write WebDataset tar shards and a manifest")
+    source = shards.add_subparsers(dest="source", required=True)
+    folder = source.add_parser("folder", help="images in a folder + a CSV or JSONL of captions")
+    folder.add_argument("--captions", required=True, help="CSV (image,caption) or JSONL (image, captions)")
+    folder.add_argument("--image-root", help="folder the image paths are relative to (default: the caption file's)")
+    hf = source.add_parser("hf", help="a Hugging Face datasets dataset (save_to_disk folder or local builder)")
+    hf.add_argument("--dataset", required=True, help="save_to_disk folder, or a builder such as imagefolder")
+    hf.add_argument("--data-dir", help="data_dir for load_dataset builders")
+    hf.add_argument("--split", default="train")
+    hf.add_argument("--image-column", default="image")
+    hf.add_argument("--caption-column", default="text")
+    for p in (folder, hf):
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--samples-per-shard", type=int, default=1000)
+        p.set_defaults(func=_shards)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="stream shards through the training decoder; count skips by reason")
+    check.add_argument("specs", nargs="+", help="shard folder, manifest.json, brace list or pipe: url")
+    check.add_argument("--kind", choices=["image-text", "features"], default="image-text")
+    check.add_argument("--samples-per-shard", type=int)
+    check.add_argument("--max-skip-fraction", type=float, default=0.05)
+    check.add_argument("--json", help="also write the counts here")
+    check.set_defaults(func=_data_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignvl-scale", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="versions and distributed backends").set_defaults(func=_env)
+    _add_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

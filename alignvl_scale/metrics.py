@@ -1,0 +1,81 @@
+"""Image-text retrieval recall with the multi-caption protocol, by chunked exact ranking.
+
+An image has one or more captions (`caption_to_image[t]` names caption t's image).
+- image -> text: the rank of an image is that of its best-scoring caption; R@K is a hit
+  when some caption of the image is in the top K.
+- text -> image: exactly one correct image per caption.
+Ties count against the model: every wrong candidate scoring >= the correct one is ranked
+ahead of it. Scores are computed in (row chunk x column chunk) tiles, so 100k images x
+500k captions never materialize as one matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RECALL_KS = (1, 5, 10)
+
+
+def _count_better(queries: Tensor, keys: Tensor, threshold: Tensor, own: Tensor, key_owner: Tensor,
+                  chunk: int) -> Tensor:
+    """For each query q: #{keys k not owned by q with q . k >= threshold[q]}.
+
+    `own[q]` is the id that marks q's correct keys; `key_owner[k]` the id of key k.
+    """
+    counts = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start in range(0, keys.shape[0], chunk):
+        scores = queries @ keys[start:start + chunk].T
+        wrong = own[:, None] != key_owner[None, start:start + chunk]
+        counts += ((scores >= threshold[:, None]) & wrong).sum(dim=1)
+    return counts
+
+
+def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
+    out = {f"{prefix}_R@{k}": (ranks <= k).double().mean().item() * 100 for k in RECALL_KS}
+    out[f"{prefix}_mean_rank"] = ranks.double().mean().item()
+    out[f"{prefix}_median_rank"] = ranks.double().median().item()
+    return out
+
+
+@torch.no_grad()
+def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor,
+                      chunk_size: int = 4096) -> dict[str, float]:
+    """R@1/5/10 (in percent), mean and median rank (1-based), both directions.
+
+    Args:
+        image_emb: (I, d) image embeddings; text_emb: (T, d) caption embeddings (compared by
+            dot product: normalize first for cosine).
+        caption_to_image: (T,) long, index of each caption's image; every image needs at
+            least one caption.
+    Keys: i2t_R@1, i2t_R@5, i2t_R@10, i2t_mean_rank, i2t_median_rank, and t2i_* likewise.
+    """
+    n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
+    caption_to_image = caption_to_image.to(device=image_emb.device, dtype=torch.long)
+    if text_emb.shape[1] != image_emb.shape[1]:
+        raise ValueError(f"embedding dims differ: images {image_emb.shape[1]}, texts {text_emb.shape[1]}")
+    if caption_to_image.shape != (n_texts,):
+        raise ValueError(f"caption_to_image must have one entry per caption ({n_texts}), "
+                         f"got shape {tuple(caption_to_image.shape)}")
+    if n_texts and (caption_to_image.min() < 0 or caption_to_image.max() >= n_images):
+        raise ValueError("caption_to_image holds an image index outside [0, n_images)")
+    captions_per_image = torch.bincount(caption_to_image, minlength=n_images)
+    if (captions_per_image == 0).any():
+        raise ValueError(f"{int((captions_per_image == 0).sum())} images have no caption")
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    image_ids = torch.arange(n_images, device=image_emb.device)
+
+    # Score of every caption with its own image, and each image's best caption score.
+    positive = (text_emb * image_emb[caption_to_image]).sum(dim=1)
+    best_positive = torch.full((n_images,), float("-inf"), device=image_emb.device)
+    best_positive.scatter_reduce_(0, caption_to_image, positive, reduce="amax")
+
+    t2i = torch.cat([
+        1 + _count_better(text_emb[s:s + chunk_size], image_emb, positive[s:s + chunk_size],
+                          caption_to_image[s:s + chunk_size], image_ids, chunk_size)
+        for s in range(0, n_texts, chunk_size)])
+    i2t = torch.cat([
+        1 + _count_better(image_emb[s:s + chunk_size], text_emb, best_positive[s:s + chunk_size],
+                          image_ids[s:s + chunk_size], caption_to_image, chunk_size)
+        for s in range(0, n_images, chunk_size)])
+    return {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}

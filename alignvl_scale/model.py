@@ -1,0 +1,166 @@
+"""The parts of Align-VL that sit on top of the towers: FuseMix latent mixup, Random
+Perturbation, the V-L adapters and the learnable temperature (design.md, steps 2-5).
+
+Mixup and noise draw from their own `torch.Generator`, seeded from (run seed, rank), so
+every rank perturbs independently, a run is reproducible, and the generator state can be
+checkpointed with `rng_state()` / `load_rng_state()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TEMPERATURE_INIT = 1 / 0.07
+MAX_LOGIT_SCALE = 100.0
+
+
+class _Seeded(nn.Module):
+    """A module that owns a generator, created lazily on the device of its first input."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending_state: Tensor | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            if self._pending_state is not None:
+                self._generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self._generator
+
+    def rng_state(self) -> Tensor | None:
+        return self._generator.get_state() if self._generator is not None else self._pending_state
+
+    def load_rng_state(self, state: Tensor | None) -> None:
+        if self._generator is not None and state is not None:
+            self._generator.set_state(state)
+        else:
+            self._pending_state = state
+
+
+class RandomPerturbation(_Seeded):
+    """x + sigma * eps (absolute) or x + sigma * rms(x) * eps (relative), training only."""
+
+    MODES = ("absolute", "relative")
+
+    def __init__(self, sigma: float, mode: str = "absolute", seed: int = 0) -> None:
+        super().__init__(seed)
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if mode not in self.MODES:
+            raise ValueError(f"noise mode must be one of {self.MODES}, got {mode!r}")
+        self.sigma = sigma
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.sigma == 0:
+            return x
+        # Noise drawn in fp32 so that bf16 inputs get the same distribution.
+        eps = torch.randn(x.shape, device=x.device, dtype=torch.float32, generator=self.generator(x.device))
+        level = self.sigma
+        if self.mode == "relative":
+            level = self.sigma * x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return (x.float() + level * eps).to(x.dtype)
+
+
+class LatentMixup(_Seeded):
+    """FuseMix: one lam ~ Beta(a, a) and one permutation per batch, shared by both
+    modalities so that mixed pairs stay pairs. a = 0 turns it off. Training only."""
+
+    def __init__(self, alpha: float, seed: int = 0) -> None:
+        super().__init__(seed)
+        if alpha < 0:
+            raise ValueError(f"mixup alpha must be >= 0, got {alpha}")
+        self.alpha = alpha
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.training or self.alpha == 0:
+            return x, y
+        gen = self.generator(x.device)
+        # Beta(a, a) as G1 / (G1 + G2) with Gamma(a) draws: torch's Beta takes no generator.
+        gammas = torch._standard_gamma(torch.full((2,), float(self.alpha), device=x.device), generator=gen)
+        lam = (gammas[0] / gammas.sum()).to(x.dtype)
+        perm = torch.randperm(x.shape[0], device=x.device, generator=gen)
+        return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, dim: int, expansion: int, dropout: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, expansion * dim), nn.GELU(),
+                                  nn.Dropout(dropout), nn.Linear(expansion * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def build_adapter(kind: str, in_dim: int, out_dim: int, depth: int = 2, expansion: int = 4,
+                  dropout: float = 0.1) -> nn.Module:
+    """`mlp`: the FuseMix residual MLP (depth blocks, then LayerNorm + Linear to out_dim);
+    `linear`: one Linear. Outputs are not normalized here (see AlignVLHead)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        blocks = [ResidualMLPBlock(in_dim, expansion, dropout) for _ in range(depth)]
+        return nn.Sequential(*blocks, nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
+    raise ValueError(f"adapter kind must be 'mlp' or 'linear', got {kind!r}")
+
+
+class Temperature(nn.Module):
+    """Learnable log temperature t; forward gives exp(t) clamped to MAX_LOGIT_SCALE.
+
+    The parameter is 1-D (shape [1]): DeepSpeed 0.19 crashes on 0-dim parameters. The clamp
+    is in forward because under ZeRO an in-place clamp after the step would touch the bf16
+    copy, not the fp32 master weights.
+    """
+
+    def __init__(self, init: float = TEMPERATURE_INIT, max_scale: float = MAX_LOGIT_SCALE) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
+        self.max_scale = max_scale
+
+    def forward(self) -> Tensor:
+        return self.log_scale.float().exp().clamp(max=self.max_scale)
+
+
+class AlignVLHead(nn.Module):
+    """Tower outputs (x, y) -> normalized joint embeddings (u, v) and the logit scale.
+
+    mixup -> Random Perturbation (independent noise per modality) -> adapters -> L2 norm.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, adapter: str = "mlp",
+                 adapter_depth: int = 2, dropout: float = 0.1, noise_sigma: float = 0.0,
+                 noise_mode: str = "absolute", mixup_alpha: float = 0.0, seed: int = 0,
+                 rank: int = 0) -> None:
+        super().__init__()
+        # Three independent streams per rank, each a function of (seed, rank) alone.
+        base = 3 * (seed * 1_000_003 + rank)
+        self.mixup = LatentMixup(mixup_alpha, seed=base)
+        self.image_noise = RandomPerturbation(noise_sigma, noise_mode, seed=base + 1)
+        self.text_noise = RandomPerturbation(noise_sigma, noise_mode, seed=base + 2)
+        self.image_adapter = build_adapter(adapter, image_dim, embed_dim, adapter_depth, dropout=dropout)
+        self.text_adapter = build_adapter(adapter, text_dim, embed_dim, adapter_depth, dropout=dropout)
+        self.temperature = Temperature()
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        return F.normalize(self.image_adapter(self.image_noise(x)), dim=-1)
+
+    def encode_text(self, y: Tensor) -> Tensor:
+        return F.normalize(self.text_adapter(self.text_noise(y)), dim=-1)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = self.mixup(x, y)
+        return self.encode_image(x), self.encode_text(y), self.temperature()
+
+    def random_modules(self) -> dict[str, _Seeded]:
+        return {"mixup": self.mixup, "image_noise": self.image_noise, "text_noise": self.text_noise}
+

@@ -1,0 +1,37 @@
+"""Spawn real CPU ranks with the gloo backend for multi-process tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+    except Exception as exc:  # reported to the parent, which decides whether it was expected
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world: int, out_dir: Path, *args) -> list:
+    """Run fn(rank, world, *args) on `world` gloo ranks; return each rank's result."""
+    mp.spawn(_entry, args=(world, free_port(), str(out_dir), fn, args), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]

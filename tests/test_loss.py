@@ -1,0 +1,155 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed import run_ranks
+
+from alignvl_scale.loss import align_vl_loss, align_vl_loss_with_stats
+
+N, DIM = 12, 8
+CONFIGS = [(smoothing, chunk) for smoothing in (0.0, 0.3) for chunk in (None, 5)]
+
+
+def make_batch(n: int = N, dim: int = DIM, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).float()
+    v = F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1).float()
+    return u, v, torch.tensor([7.5])
+
+
+def reference(u, v, scale, smoothing):
+    """The single-process loss on the full N x N logits, by torch's own cross entropy."""
+    u, v, scale = (t.clone().requires_grad_(True) for t in (u, v, scale))
+    logits = scale * u @ v.T
+    labels = torch.arange(len(u))
+    loss = (F.cross_entropy(logits, labels, label_smoothing=smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=smoothing)) / 2
+    loss.backward()
+    return loss.detach(), u.grad, v.grad, scale.grad
+
+
+def _rank_losses(rank, world, u, v, scale):
+    b = len(u) // world
+    rows = slice(rank * b, (rank + 1) * b)
+    out = {}
+    for smoothing, chunk in CONFIGS:
+        lu, lv, ls = (t.clone().requires_grad_(True) for t in (u[rows], v[rows], scale))
+        loss = align_vl_loss(lu, lv, ls, smoothing=smoothing, chunk_size=chunk)
+        loss.backward()
+        out[f"{smoothing}-{chunk}"] = {"loss": loss.detach(), "gu": lu.grad, "gv": lv.grad, "gs": ls.grad}
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def distributed_results(request, tmp_path_factory):
+    world = request.param
+    u, v, scale = make_batch()
+    results = run_ranks(_rank_losses, world, tmp_path_factory.mktemp(f"loss{world}"), u, v, scale)
+    return world, (u, v, scale), results
+
+
+@pytest.mark.parametrize("smoothing,chunk", CONFIGS)
+def test_gathered_loss_equals_full_batch(distributed_results, smoothing, chunk):
+    world, (u, v, scale), results = distributed_results
+    ref_loss, ref_gu, ref_gv, ref_gs = reference(u, v, scale, smoothing)
+    per_rank = [r[f"{smoothing}-{chunk}"] for r in results]
+    b = N // world
+    for rank, r in enumerate(per_rank):
+        torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-6)
+        # Each rank's own-row gradient carries the sum over ranks; the engine's average divides it.
+        rows = slice(rank * b, (rank + 1) * b)
+        torch.testing.assert_close(r["gu"] / world, ref_gu[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["gv"] / world, ref_gv[rows], rtol=1e-5, atol=1e-7)
+    mean_scale_grad = torch.stack([r["gs"] for r in per_rank]).mean(0)
+    torch.testing.assert_close(mean_scale_grad, ref_gs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("smoothing,chunk", CONFIGS)
+def test_single_process_matches_reference(smoothing, chunk):
+    u, v, scale = make_batch(n=37, seed=1)
+    ref_loss, ref_gu, ref_gv, ref_gs = reference(u, v, scale, smoothing)
+    lu, lv, ls = (t.clone().requires_grad_(True) for t in (u, v, scale))
+    loss = align_vl_loss(lu, lv, ls, smoothing=smoothing, chunk_size=chunk)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+    for got, want in ((lu.grad, ref_gu), (lv.grad, ref_gv), (ls.grad, ref_gs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_smoothing_is_the_clip_loss():
+    u, v, scale = make_batch()
+    logits = scale * u @ v.T
+    log_p_i2t = logits.log_softmax(dim=1).diag()
+    log_p_t2i = logits.log_softmax(dim=0).diag()
+    clip = -(log_p_i2t.mean() + log_p_t2i.mean()) / 2
+    torch.testing.assert_close(align_vl_loss(u, v, scale), clip)
+
+
+def test_smoothing_changes_the_loss():
+    u, v, scale = make_batch()
+    assert not torch.allclose(align_vl_loss(u, v, scale, 0.0), align_vl_loss(u, v, scale, 0.5))
+
+
+def test_in_batch_accuracy():
+    u, _, scale = make_batch()
+    v = u.clone()
+    v[0], v[1] = u[1], u[0]  # pairs 0 and 1 swapped: 10 of 12 correct both ways
+    out = align_vl_loss_with_stats(u, v, scale, chunk_size=5)
+    assert out.i2t_accuracy.item() == pytest.approx(10 / 12)
+    assert out.t2i_accuracy.item() == pytest.approx(10 / 12)
+
+
+def test_chunked_memory_path_is_bf16_safe():
+    u, v, scale = make_batch()
+    loss = align_vl_loss(u.bfloat16(), v.bfloat16(), scale, smoothing=0.1, chunk_size=4)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"smoothing": 1.0}, "smoothing"),
+    ({"smoothing": -0.1}, "smoothing"),
+    ({"chunk_size": 0}, "chunk_size"),
+])
+def test_bad_arguments(kwargs, match):
+    u, v, scale = make_batch()
+    with pytest.raises(ValueError, match=match):
+        align_vl_loss(u, v, scale, **kwargs)
+
+
+def test_dims_must_match():
+    u, v, scale = make_batch()
+    with pytest.raises(ValueError, match="equal shapes"):
+        align_vl_loss(u, v[:, :4], scale)
+    with pytest.raises(ValueError, match="equal shapes"):
+        align_vl_loss(u, v[:5], scale)
+
+
+def test_non_finite_embeddings():
+    u, v, scale = make_batch()
+    u[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        align_vl_loss(u, v, scale)
+
+
+def _raised(fn) -> str:
+    try:
+        fn()
+    except (ValueError, FloatingPointError) as exc:
+        return str(exc)
+    return "no error"
+
+
+def _bad_rank_inputs(rank, world):
+    u, v, scale = make_batch()
+    b = 4 if rank == 0 else 5
+    sizes = _raised(lambda: align_vl_loss(u[:b], v[:b], scale))  # unequal local batches
+    if rank == 1:
+        u[0, 0] = float("inf")  # bad on one rank only
+    finite = _raised(lambda: align_vl_loss(u, v, scale))
+    return {"sizes": sizes, "finite": finite}
+
+
+def test_bad_inputs_raise_on_every_rank(tmp_path):
+    """A bad batch on one rank must raise on all of them, or the others hang."""
+    for r in run_ranks(_bad_rank_inputs, 2, tmp_path):
+        assert "local batch sizes differ across ranks: [4, 5]" in r["sizes"], r
+        assert "non-finite" in r["finite"], r

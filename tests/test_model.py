@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from alignvl_scale.model import (
+    MAX_LOGIT_SCALE,
+    AlignVLHead,
+    LatentMixup,
+    RandomPerturbation,
+    Temperature,
+    build_adapter,
+)
+
+
+def test_zero_sigma_and_no_mixup_are_identities():
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    assert RandomPerturbation(0.0)(x) is x
+    mx, my = LatentMixup(0.0)(x, y)
+    assert mx is x and my is y
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.5])
+def test_absolute_noise_matches_sigma(sigma):
+    x = torch.randn(2000, 256)
+    noise = RandomPerturbation(sigma, seed=3)(x) - x
+    assert noise.mean().abs() < 5 * sigma / math.sqrt(noise.numel())
+    assert noise.std().item() == pytest.approx(sigma, rel=0.01)
+
+
+def test_relative_noise_scales_with_rms():
+    x = 10 * torch.randn(1000, 128)
+    rp = RandomPerturbation(0.1, mode="relative", seed=0)
+    noise = rp(x) - x
+    rms = x.pow(2).mean(dim=-1).sqrt().mean()
+    assert noise.std().item() == pytest.approx(0.1 * rms.item(), rel=0.02)
+
+
+def test_eval_mode_adds_no_noise_and_no_mixup():
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    rp, mix = RandomPerturbation(0.5).eval(), LatentMixup(1.0).eval()
+    assert torch.equal(rp(x), x)
+    mx, my = mix(x, y)
+    assert torch.equal(mx, x) and torch.equal(my, y)
+
+
+def test_noise_is_reproducible_and_independent_per_rank_and_modality():
+    x = torch.randn(4, 32)
+    heads = [AlignVLHead(32, 32, 8, noise_sigma=0.1, seed=7, rank=r) for r in (0, 0, 1)]
+    a, b, c = (h.image_noise(x) for h in heads)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(heads[0].image_noise(x) - x, heads[0].text_noise(x) - x)
+
+
+def test_rng_state_round_trip():
+    x = torch.randn(4, 32)
+    rp = RandomPerturbation(0.1, seed=1)
+    rp(x)
+    state = rp.rng_state()
+    expected = rp(x)
+    fresh = RandomPerturbation(0.1, seed=1)
+    fresh.load_rng_state(state)
+    assert torch.equal(fresh(x), expected)
+
+
+def test_mixup_keeps_pairs_aligned():
+    # y is a fixed linear map of x: any shared (lam, perm) keeps y_mixed = A x_mixed.
+    a = torch.randn(16, 16)
+    x = torch.randn(32, 16)
+    mx, my = LatentMixup(0.4, seed=5)(x, x @ a.T)
+    assert not torch.allclose(mx, x)
+    torch.testing.assert_close(my, mx @ a.T, rtol=1e-4, atol=1e-5)
+
+
+def test_mixup_lambda_is_beta_distributed():
+    x = torch.zeros(2, 1)
+    x[1] = 1.0  # x_mixed[0] = (1 - lam) when the permutation swaps, else 0
+    mix = LatentMixup(2.0, seed=0)
+    lams = []
+    for _ in range(4000):
+        mx, _ = mix(x, x)
+        if mx[0, 0] != 0:
+            lams.append(1 - mx[0, 0].item())
+    lams = torch.tensor(lams)
+    assert lams.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert lams.var().item() == pytest.approx(1 / 20, rel=0.15)  # Beta(2, 2) variance
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="sigma"):
+        RandomPerturbation(-0.1)
+    with pytest.raises(ValueError, match="noise mode"):
+        RandomPerturbation(0.1, mode="gaussian")
+    with pytest.raises(ValueError, match="mixup alpha"):
+        LatentMixup(-1)
+    with pytest.raises(ValueError, match="adapter kind"):
+        build_adapter("transformer", 4, 4)
+
+
+def test_temperature_is_1d_and_clamped_in_forward():
+    t = Temperature()
+    assert t.log_scale.shape == (1,)
+    assert t().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        t.log_scale.fill_(10.0)
+    assert t().item() == MAX_LOGIT_SCALE
+    assert t.log_scale.item() == 10.0  # the parameter itself is untouched
+
+
+@pytest.mark.parametrize("adapter", ["mlp", "linear"])
+def test_head_outputs_unit_embeddings_in_bf16(adapter):
+    head = AlignVLHead(24, 40, 16, adapter=adapter, noise_sigma=0.05, mixup_alpha=0.5).to(torch.bfloat16)
+    u, v, scale = head(torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16))
+    assert u.shape == v.shape == (6, 16)
+    torch.testing.assert_close(u.float().norm(dim=1), torch.ones(6), rtol=1e-2, atol=1e-2)
+    assert scale.dtype == torch.float32 and scale.shape == (1,)
