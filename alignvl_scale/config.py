@@ -1,0 +1,208 @@
+"""One validated run config: YAML file + `section.key=value` overrides, checked before any
+process group starts. Every default lives here, once.
+
+    cfg = load_config("configs/demo.yaml", ["loss.smoothing=0.2", "data.batch_size=64"])
+
+Unknown keys and bad values raise ConfigError naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+@dataclass
+class TowerConfig:
+    kind: str = "hf"  # a name in alignvl_scale.towers.TOWERS
+    name: str = ""  # HF hub name or local path (hf), ignored by kinds that need none
+    pooling: str = "auto"  # auto | cls | mean | last_token | pooler
+    trainable: bool = False
+    gradient_checkpointing: bool = False
+    max_length: int = 77  # text towers: tokens per caption
+
+    def validate(self, key: str) -> None:
+        _require(self.pooling in ("auto", "cls", "mean", "last_token", "pooler"), f"{key}.pooling",
+                 "one of auto, cls, mean, last_token, pooler", self.pooling)
+        _require(self.max_length >= 1, f"{key}.max_length", ">= 1", self.max_length)
+
+
+@dataclass
+class ModelConfig:
+    image_tower: TowerConfig = field(default_factory=TowerConfig)
+    text_tower: TowerConfig = field(default_factory=TowerConfig)
+    embed_dim: int = 512
+    adapter: str = "mlp"
+    adapter_depth: int = 2
+    dropout: float = 0.1
+    noise_sigma: float = 0.01  # Random Perturbation level (the paper's default)
+    noise_mode: str = "absolute"
+    mixup_alpha: float = 0.0  # FuseMix Beta(a, a); 0 turns mixup off
+
+    def validate(self, key: str) -> None:
+        self.image_tower.validate(f"{key}.image_tower")
+        self.text_tower.validate(f"{key}.text_tower")
+        _require(self.embed_dim >= 1, f"{key}.embed_dim", ">= 1", self.embed_dim)
+        _require(self.adapter in ("mlp", "linear"), f"{key}.adapter", "mlp or linear", self.adapter)
+        _require(self.adapter_depth >= 0, f"{key}.adapter_depth", ">= 0", self.adapter_depth)
+        _require(0 <= self.dropout < 1, f"{key}.dropout", "in [0, 1)", self.dropout)
+        _require(self.noise_sigma >= 0, f"{key}.noise_sigma", ">= 0", self.noise_sigma)
+        _require(self.noise_mode in ("absolute", "relative"), f"{key}.noise_mode", "absolute or relative",
+                 self.noise_mode)
+        _require(self.mixup_alpha >= 0, f"{key}.mixup_alpha", ">= 0", self.mixup_alpha)
+
+
+@dataclass
+class LossConfig:
+    smoothing: float = 0.0  # Embedding Smoothing alpha
+    chunk_size: int | None = None  # None: plain B x N logits
+
+    def validate(self, key: str) -> None:
+        _require(0 <= self.smoothing < 1, f"{key}.smoothing", "in [0, 1)", self.smoothing)
+        _require(self.chunk_size is None or self.chunk_size >= 1, f"{key}.chunk_size", "null or >= 1",
+                 self.chunk_size)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard specs: folder, manifest.json, brace list, pipe:
+    train_weights: list[float] | None = None  # per source, resampled mode only
+    kind: str = "image-text"  # image-text | features
+    mode: str = "epoch"  # epoch | resampled
+    batch_size: int = 32  # per rank; the contrastive batch is batch_size x world
+    workers: int = 2
+    shuffle_window: int = 256  # raw samples shuffled within each shard
+    samples_per_shard: int | None = None  # for sources without a manifest
+    max_skip_fraction: float = 0.05
+    skip_check_min_samples: int = 200
+    image_size: int = 224
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    max_image_bytes: int = 50 * 2**20
+    max_image_pixels: int = 64 * 2**20
+    max_caption_chars: int = 4096
+
+    def validate(self, key: str) -> None:
+        _require(self.kind in ("image-text", "features"), f"{key}.kind", "image-text or features", self.kind)
+        _require(self.mode in ("epoch", "resampled"), f"{key}.mode", "epoch or resampled", self.mode)
+        for name in ("batch_size", "shuffle_window", "image_size", "max_image_bytes", "max_image_pixels",
+                     "max_caption_chars"):
+            _require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1", getattr(self, name))
+        _require(self.workers >= 0, f"{key}.workers", ">= 0", self.workers)
+        _require(0 <= self.max_skip_fraction <= 1, f"{key}.max_skip_fraction", "in [0, 1]",
+                 self.max_skip_fraction)
+        _require(self.samples_per_shard is None or self.samples_per_shard >= 1, f"{key}.samples_per_shard",
+                 "null or >= 1", self.samples_per_shard)
+        if self.train_weights is not None:
+            _require(len(self.train_weights) == len(self.train) and all(w > 0 for w in self.train_weights),
+                     f"{key}.train_weights", f"{len(self.train)} positive numbers (one per source)",
+                     self.train_weights)
+            _require(self.mode == "resampled" or len(set(self.train_weights)) == 1, f"{key}.train_weights",
+                     "equal unless data.mode is resampled (epoch mode reads each shard once)",
+                     self.train_weights)
+        for name in ("image_mean", "image_std"):
+            _require(len(getattr(self, name)) == 3, f"{key}.{name}", "3 numbers", getattr(self, name))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+
+    def validate(self) -> RunConfig:
+        self.model.validate("model")
+        self.loss.validate("loss")
+        self.data.validate("data")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a YAML value against a field's type hint, converting where lossless."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {key}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key; {prefix or 'top level'} takes {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """`a.b.c=value` with value parsed as YAML (numbers, lists, null, strings)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value")
+    key, raw = override.split("=", 1)
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded or {}
+    for override in overrides:
+        apply_override(tree, override)
+    return _build(RunConfig, tree).validate()

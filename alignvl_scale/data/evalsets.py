@@ -1,0 +1,131 @@
+"""Retrieval eval sets (images with one or more captions) and rank-sharded encoding.
+
+A set comes from shards (a folder, manifest or brace list, as for training) or from a JSONL
+file whose lines are {"image": "relative/path.png", "captions": ["...", ...]}. Bad samples
+are skipped and counted, as in training. Feature shards give pre-extracted features.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from alignvl_scale.data.reader import raw_samples
+from alignvl_scale.data.samples import (
+    DecodeLimits,
+    SkipCounts,
+    SkipSample,
+    clean_captions,
+    decode_captions,
+    decode_features,
+    decode_image,
+)
+from alignvl_scale.data.shards import DataSourceError, iter_caption_rows, resolve_spec
+
+
+@dataclass
+class RetrievalSet:
+    """images[i] is raw image bytes (image-text sets) or a feature vector (feature sets);
+    texts[t] is a caption string or a feature vector; caption_to_image[t] its image."""
+
+    images: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+    caption_to_image: list[int] = field(default_factory=list)
+    kind: str = "image-text"
+    counts: SkipCounts = field(default_factory=SkipCounts)
+
+    def add(self, image: object, texts: list) -> None:
+        self.caption_to_image.extend([len(self.images)] * len(texts))
+        self.images.append(image)
+        self.texts.extend(texts)
+        self.counts.good += 1
+
+
+def _from_jsonl(path: Path, limits: DecodeLimits) -> RetrievalSet:
+    out = RetrievalSet()
+    for row, where in iter_caption_rows(path):
+        try:
+            if not isinstance(row.get("image"), str):
+                raise SkipSample("missing_image", where)
+            image_path = path.parent / row["image"]
+            if not image_path.exists():
+                raise SkipSample("missing_image", f"{where}: {image_path} not found")
+            data = image_path.read_bytes()
+            ext = image_path.suffix.lower().lstrip(".")
+            decode_image({ext if ext != "jpeg" else "jpg": data}, limits)
+            out.add(data, clean_captions(row.get("captions", row.get("caption")), limits))
+        except SkipSample as skip:
+            out.counts.skipped[skip.reason] += 1
+    return out
+
+
+def _from_shards(spec: str, limits: DecodeLimits) -> RetrievalSet:
+    shards = resolve_spec(spec)
+    kind = "image-text"
+    folder = Path(spec if Path(spec).is_dir() else Path(spec).parent)
+    if (folder / "manifest.json").exists():
+        kind = json.loads((folder / "manifest.json").read_text()).get("kind", kind)
+    out = RetrievalSet(kind=kind)
+    for shard in shards:
+        for raw in raw_samples(shard.url):
+            out.counts.unsafe_members += raw.unsafe
+            try:
+                if raw.reason is not None:
+                    raise SkipSample(raw.reason, raw.detail)
+                if kind == "features":
+                    image, text = decode_features(raw.members)
+                    out.add(image.astype(np.float32), list(np.atleast_2d(text).astype(np.float32)))
+                else:
+                    captions, _ = decode_captions(raw.members, limits)
+                    decode_image(raw.members, limits)  # checked now, decoded again when encoded
+                    ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in raw.members)
+                    out.add(raw.members[ext], captions)
+            except SkipSample as skip:
+                out.counts.skipped[skip.reason] += 1
+    return out
+
+
+def load_retrieval_set(spec: str, limits: DecodeLimits | None = None) -> RetrievalSet:
+    """An eval set from a `.jsonl` file or from shards; raises if nothing usable is left."""
+    limits = limits or DecodeLimits()
+    path = Path(spec)
+    if path.suffix.lower() == ".jsonl":
+        if not path.exists():
+            raise DataSourceError(f"{spec}: eval JSONL not found")
+        out = _from_jsonl(path, limits)
+    else:
+        out = _from_shards(spec, limits)
+    if not out.images:
+        raise DataSourceError(f"{spec}: no usable eval samples (skipped: {dict(out.counts.skipped)})")
+    return out
+
+
+def encode_sharded(n_items: int, encode: Callable[[list[int]], torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Encode items 0..n-1 with the work split over ranks, every rank gets all rows in order.
+
+    Rank r encodes items r, r + world, ...; every rank runs the same number of batches of
+    the same size (the last padded with a repeat), so ZeRO-3's gathered forwards and the
+    all_gather never wait on a rank that stopped early.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    per_rank = -(-n_items // world)
+    mine = [min(i, n_items - 1) for i in range(rank, per_rank * world, world)]
+    parts = []
+    for start in range(0, per_rank, batch_size):
+        chunk = mine[start:start + batch_size]
+        chunk += [chunk[-1]] * (min(batch_size, per_rank) - len(chunk))
+        parts.append(encode(chunk)[:len(mine[start:start + batch_size])])
+    local = torch.cat(parts).contiguous()
+    if world == 1:
+        return local[:n_items]
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    # Row k of rank r is item r + k * world: interleave back.
+    return torch.stack(gathered, dim=1).reshape(per_rank * world, -1)[:n_items]

@@ -1,0 +1,320 @@
+"""The training reader: WebDataset tar shards -> per-rank batches, built for many ranks.
+
+Each rank's DataLoader workers read a deterministic *shard sequence* each:
+- epoch mode: all shards (every source) shuffled by (seed, epoch), dealt to ranks, then to
+  workers (`split_by_node`, then `split_by_worker`, explicitly);
+- resampled mode: an endless draw of shards, a source picked by weight then a shard
+  uniformly, from an RNG seeded by (seed, rank, worker).
+Inside a shard, raw samples are shuffled in a window by an RNG seeded by (seed, epoch,
+rank, worker, place in the sequence), then decoded (`samples.py`), transformed, tokenized
+and batched in the worker. A batch carries its worker's position (place in the sequence,
+raw samples consumed in that shard) and its skip counts, so the main process knows exactly
+what was consumed: a resumed stream skips precisely that, without decoding it.
+
+Every rank yields the same number of batches per epoch: `batches_per_epoch` is computed
+from the per-shard counts of the manifests, and each rank stops there. Skipped samples can
+still leave a rank short; the trainer agrees on "any rank out of data" each step, so no
+rank ever waits in a collective that the others left.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from alignvl_scale.config import DataConfig
+from alignvl_scale.data.samples import (
+    UNSAFE_EXTENSIONS,
+    DecodeLimits,
+    SkipCounts,
+    SkipSample,
+    decode_captions,
+    decode_features,
+    decode_image,
+    split_key,
+)
+from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
+
+
+class DataError(RuntimeError):
+    """The data cannot be trained on (too many bad samples, too few shards)."""
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    return random.Random(":".join(map(str, parts)))
+
+
+@dataclass
+class RawSample:
+    key: str
+    members: dict[str, bytes]
+    reason: str | None = None  # set when the sample is already known to be unusable
+    detail: str = ""
+    unsafe: int = 0  # members never opened because of their extension
+
+
+def raw_samples(url: str) -> Iterator[RawSample]:
+    """Group a tar stream's members by key. A broken stream ends the shard with one
+    'truncated_tar' item; a key seen twice yields a 'duplicate_key' item for the copy."""
+    seen: set[str] = set()
+    current: RawSample | None = None
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = split_key(info.name)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = RawSample(key, {}, "duplicate_key" if key in seen else None)
+                    seen.add(key)
+                if ext.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS:
+                    current.unsafe += 1  # not even read: a shard is untrusted input
+                    continue
+                if ext in current.members:
+                    current.reason = "duplicate_key"
+                current.members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        yield RawSample(current.key if current else "", {}, "truncated_tar", f"{url}: {exc}")
+        return
+    if current is not None:
+        yield current
+
+
+def window_shuffle(items: Iterator[RawSample], window: int, rng: random.Random) -> Iterator[RawSample]:
+    """Deterministic (given rng) shuffle of a stream within a bounded window."""
+    buffer: list[RawSample] = []
+    for item in items:
+        if len(buffer) < window:
+            buffer.append(item)
+            continue
+        i = rng.randrange(window)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def shard_examples(url: str, decode: Callable[[RawSample], object], window: int, rng: random.Random,
+                   start: int = 0) -> Iterator[tuple[int, object | SkipSample, int]]:
+    """(raw items consumed so far, example or SkipSample, unsafe members) for one shard,
+    skipping the first `start` raw items undecoded."""
+    for consumed, raw in enumerate(window_shuffle(raw_samples(url), window, rng), start=1):
+        if consumed <= start:
+            continue
+        try:
+            if raw.reason is not None:
+                raise SkipSample(raw.reason, raw.detail or f"key {raw.key!r}")
+            yield consumed, decode(raw), raw.unsafe
+        except SkipSample as skip:
+            yield consumed, skip, raw.unsafe
+
+
+class ImageTransform:
+    """Resize the short side, center crop, scale to [0, 1], normalize: PIL -> (3, S, S)."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        scale = self.size / min(img.size)
+        w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
+        img = img.resize((w, h), Image.BICUBIC)
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (pixels - self.mean) / self.std
+
+
+class ImageTextDecoder:
+    """Raw sample -> (pixels, one caption); batches -> {'pixel_values', tokenizer outputs}.
+
+    A sample with several captions contributes one, picked by (seed, epoch, key)."""
+
+    def __init__(self, limits: DecodeLimits, image_transform: Callable | None = None,
+                 tokenize: Callable[[list[str]], dict] | None = None, seed: int = 0) -> None:
+        self.limits, self.image_transform, self.tokenize, self.seed = limits, image_transform, tokenize, seed
+        self.epoch = 0
+
+    def __call__(self, raw: RawSample) -> tuple:
+        captions, _ = decode_captions(raw.members, self.limits)
+        image = decode_image(raw.members, self.limits)
+        caption = seeded_rng(self.seed, self.epoch, raw.key).choice(captions)
+        return (self.image_transform(image) if self.image_transform else image), caption
+
+    def collate(self, examples: list[tuple]) -> dict:
+        images, captions = zip(*examples, strict=True)
+        batch = {"pixel_values": torch.stack(images), "captions": list(captions)}
+        if self.tokenize is not None:
+            batch.update(self.tokenize(list(captions)))
+        return batch
+
+
+class FeatureDecoder:
+    """Feature shard sample -> (image feature, text feature); one caption row by (seed, epoch, key)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed, self.epoch = seed, 0
+
+    def __call__(self, raw: RawSample) -> tuple:
+        image, text = decode_features(raw.members)
+        if text.ndim == 2:
+            text = text[seeded_rng(self.seed, self.epoch, raw.key).randrange(text.shape[0])]
+        return torch.from_numpy(image.astype(np.float32)), torch.from_numpy(text.astype(np.float32))
+
+    def collate(self, examples: list[tuple]) -> dict:
+        images, texts = zip(*examples, strict=True)
+        return {"image_features": torch.stack(images), "text_features": torch.stack(texts)}
+
+
+@dataclass
+class StreamState:
+    """Where one rank's stream stands; saved in every checkpoint (JSON-able)."""
+
+    epoch: int = 0
+    batches: int = 0  # handed to the trainer in this epoch
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (shard place, raw consumed)
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches,
+                "positions": {str(w): list(p) for w, p in self.positions.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamState:
+        return cls(d["epoch"], d["batches"], {int(w): (p[0], p[1]) for w, p in d["positions"].items()})
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches for one epoch, produced by its DataLoader workers."""
+
+    def __init__(self, sources: list[list[Shard]], weights: list[float] | None, cfg: DataConfig, decode,
+                 rank: int, world: int, seed: int, state: StreamState) -> None:
+        self.sources, self.weights, self.cfg, self.decode = sources, weights, cfg, decode
+        self.rank, self.world, self.seed, self.state = rank, world, seed, state
+
+    def worker_shards(self, worker: int, workers: int) -> Iterator[Shard]:
+        if self.cfg.mode == "resampled":
+            rng = seeded_rng(self.seed, "resampled", self.rank, worker)
+            while True:
+                source = rng.choices(range(len(self.sources)), weights=self.weights)[0]
+                yield rng.choice(self.sources[source])
+        shards = [s for source in self.sources for s in source]
+        seeded_rng(self.seed, "epoch", self.state.epoch).shuffle(shards)
+        yield from shards[self.rank::self.world][worker::workers]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 1
+        # Resuming mid-epoch: rotate so that physical worker 0 serves the logical worker whose
+        # turn it is in the DataLoader's round robin; the batch order then matches a run
+        # that never stopped.
+        worker = ((info.id if info else 0) + self.state.batches) % workers
+        self.decode.epoch = self.state.epoch
+        place0, start0 = self.state.positions.get(worker, (0, 0))
+        batch, counts = [], SkipCounts()
+        for place, shard in enumerate(self.worker_shards(worker, workers)):
+            if place < place0:
+                continue
+            rng = seeded_rng(self.seed, self.state.epoch, self.rank, worker, place)
+            start = start0 if place == place0 else 0
+            for consumed, example, unsafe in shard_examples(shard.url, self.decode, self.cfg.shuffle_window, rng,
+                                                            start):
+                if not counts.record(example, unsafe):
+                    continue
+                batch.append(example)
+                if len(batch) == self.cfg.batch_size:
+                    yield {"batch": self.decode.collate(batch), "worker": worker, "position": (place, consumed),
+                           "shard": shard.url, "counts": counts.as_dict()}
+                    batch, counts = [], SkipCounts()
+        # A worker's last partial batch is dropped (fewer than batch_size samples per
+        # worker per epoch): ranks must stay equal.
+
+
+def load_sources(cfg: DataConfig) -> list[list[Shard]]:
+    if not cfg.train:
+        raise DataSourceError("data.train: no training shards given")
+    return [resolve_spec(spec, cfg.samples_per_shard) for spec in cfg.train]
+
+
+def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batch_size: int, seed: int = 0,
+                      epoch: int = 0) -> int:
+    """The number of batches every rank yields in epoch mode: the least over ranks of the
+    full batches its workers can make from the manifests' sample counts."""
+    shards = [s for source in sources for s in source]
+    unknown = [s.url for s in shards if s.samples is None]
+    if unknown:
+        raise DataSourceError(f"epoch mode needs per-shard sample counts: {unknown[0]} has no manifest; "
+                              "set data.samples_per_shard or use data.mode=resampled")
+    workers = max(workers, 1)
+    if len(shards) < world * workers:
+        raise DataSourceError(f"{len(shards)} shards cannot feed {world} ranks x {workers} workers in epoch mode; "
+                              "write more, smaller shards, lower data.workers, or use data.mode=resampled")
+    seeded_rng(seed, "epoch", epoch).shuffle(shards)
+    per_rank = []
+    for rank in range(world):
+        mine = shards[rank::world]
+        per_rank.append(sum(sum(s.samples for s in mine[w::workers]) // batch_size for w in range(workers)))
+    return min(per_rank)
+
+
+class TrainStream:
+    """One rank's view for the trainer: equal-length epochs, exact resume position, skip
+    counts, and the stop rule for bad data."""
+
+    def __init__(self, cfg: DataConfig, decode, rank: int, world: int, seed: int) -> None:
+        self.cfg, self.decode, self.rank, self.world, self.seed = cfg, decode, rank, world, seed
+        self.sources = load_sources(cfg)
+        self.state = StreamState()
+        self.counts = SkipCounts()
+        self.batches_per_epoch = None if cfg.mode == "resampled" else batches_per_epoch(
+            self.sources, world, cfg.workers, cfg.batch_size, seed)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.state.as_dict(), "counts": self.counts.as_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = StreamState.from_dict(d["stream"])
+        self.counts = SkipCounts.from_dict(d["counts"])
+
+    def _check_skips(self, shard: str) -> None:
+        if (self.counts.total >= self.cfg.skip_check_min_samples
+                and self.counts.skip_fraction > self.cfg.max_skip_fraction):
+            raise DataError(f"rank {self.rank}: {self.counts.skip_fraction:.1%} of {self.counts.total} samples "
+                            f"skipped (limit data.max_skip_fraction={self.cfg.max_skip_fraction}), last in {shard}; "
+                            f"reasons {dict(self.counts.skipped)}")
+
+    def epoch_done(self) -> bool:
+        return self.batches_per_epoch is not None and self.state.batches >= self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches of the current epoch from the saved position on (resampled mode: for
+        ever). The trainer calls `next_epoch` once all ranks agree the epoch is over."""
+        if self.epoch_done():
+            return
+        dataset = ShardStream(self.sources, self.cfg.train_weights, self.cfg, self.decode, self.rank, self.world,
+                              self.seed, self.state)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+                            persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
+        for item in loader:
+            self.state.positions[item["worker"]] = tuple(item["position"])
+            self.state.batches += 1
+            self.counts.add(SkipCounts.from_dict(item["counts"]))
+            self._check_skips(item["shard"])
+            yield item["batch"]
+            if self.epoch_done():
+                return
+
+    def next_epoch(self) -> None:
+        self.state = StreamState(epoch=self.state.epoch + 1)

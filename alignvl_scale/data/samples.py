@@ -1,0 +1,170 @@
+"""What a shard sample is, and how one is decoded safely (docs/data.md).
+
+A shard is untrusted input: members are decoded by explicit extension handlers only
+(images through Pillow, text as UTF-8, json, npy without pickle). Anything else, pickle
+and `.pyd` included, is never decoded. Every sample that cannot be used is skipped and
+counted under one of SKIP_REASONS; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+FEATURE_IMAGE, FEATURE_TEXT = "img.npy", "txt.npy"
+# Members that deserialize code or arbitrary objects: never opened, counted when seen.
+UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "mp", "msgpack")
+
+SKIP_REASONS = (
+    "truncated_tar",      # the tar stream ended or broke mid-member; the rest of the shard is lost
+    "undecodable_image",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "bad_utf8",
+    "bad_json",
+    "oversized_image",
+    "oversized_caption",
+    "duplicate_key",      # a key seen twice in a row group; the later copy is skipped
+    "bad_features",
+)
+
+
+class SkipSample(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_image_bytes: int = 50 * 2**20
+    max_image_pixels: int = 64 * 2**20
+    max_caption_chars: int = 4096
+
+
+@dataclass
+class SkipCounts:
+    """Good and skipped samples, by reason; additive across workers, ranks and shards."""
+
+    good: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    unsafe_members: int = 0  # members never opened (pickle, pyd, ...); their samples may still be good
+
+    @property
+    def total(self) -> int:
+        return self.good + sum(self.skipped.values())
+
+    @property
+    def skip_fraction(self) -> float:
+        return (self.total - self.good) / self.total if self.total else 0.0
+
+    def record(self, example: object, unsafe: int = 0) -> bool:
+        """Count one decoded example or SkipSample; True when it is usable."""
+        self.unsafe_members += unsafe
+        if isinstance(example, SkipSample):
+            self.skipped[example.reason] += 1
+            return False
+        self.good += 1
+        return True
+
+    def add(self, other: SkipCounts) -> None:
+        self.good += other.good
+        self.skipped.update(other.skipped)
+        self.unsafe_members += other.unsafe_members
+
+    def as_dict(self) -> dict:
+        return {"good": self.good, "skipped": dict(self.skipped), "unsafe_members": self.unsafe_members}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SkipCounts:
+        return cls(d["good"], Counter(d["skipped"]), d.get("unsafe_members", 0))
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """'dir/abc.img.npy' -> ('dir/abc', 'img.npy'): the key ends at the first dot of the
+    basename, as in WebDataset."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
+
+
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SkipSample("bad_utf8", str(exc)) from None
+
+
+def clean_captions(raw: object, limits: DecodeLimits) -> list[str]:
+    """Validated, stripped captions from a string or a list of strings."""
+    if raw is None:
+        raise SkipSample("missing_caption")
+    captions = [raw] if isinstance(raw, str) else raw
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise SkipSample("bad_json", "captions must be a string or a list of strings")
+    captions = [c.strip() for c in captions]
+    if not captions or not all(captions):
+        raise SkipSample("empty_caption")
+    longest = max(map(len, captions))
+    if longest > limits.max_caption_chars:
+        raise SkipSample("oversized_caption", f"{longest} chars")
+    return captions
+
+
+def decode_captions(members: dict[str, bytes], limits: DecodeLimits) -> tuple[list[str], dict]:
+    """Captions from `txt` (one) or `json` {"captions": [...]} (several); json metadata too."""
+    meta: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(_utf8(members["json"]))
+        except json.JSONDecodeError as exc:
+            raise SkipSample("bad_json", str(exc)) from None
+        if not isinstance(meta, dict):
+            raise SkipSample("bad_json", "top level is not an object")
+    if "txt" in members:
+        return clean_captions(_utf8(members["txt"]), limits), meta
+    return clean_captions(meta.get("captions"), limits), meta
+
+
+def decode_image(members: dict[str, bytes], limits: DecodeLimits) -> Image.Image:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if ext is None:
+        raise SkipSample("missing_image")
+    data = members[ext]
+    if len(data) > limits.max_image_bytes:
+        raise SkipSample("oversized_image", f"{len(data)} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > limits.max_image_pixels:
+                raise SkipSample("oversized_image", f"{img.width}x{img.height}")
+            return img.convert("RGB")
+    except SkipSample:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise SkipSample("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_features(members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(image feature (d,), text features (k, d) or (d,)) from npy members, no pickle."""
+    out = []
+    for name in (FEATURE_IMAGE, FEATURE_TEXT):
+        if name not in members:
+            raise SkipSample("missing_image" if name == FEATURE_IMAGE else "missing_caption")
+        try:
+            array = np.load(io.BytesIO(members[name]), allow_pickle=False)
+        except Exception as exc:
+            raise SkipSample("bad_features", f"{name}: {exc}") from None
+        if array.dtype not in (np.float16, np.float32) or array.ndim not in (1, 2):
+            raise SkipSample("bad_features", f"{name}: dtype {array.dtype}, shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise SkipSample("bad_features", f"{name}: non-finite values")
+        out.append(array)
+    return out[0], out[1]

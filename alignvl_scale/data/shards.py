@@ -1,0 +1,208 @@
+"""Writing shards (`alignvl-scale shards`) and finding them again (specs and manifests).
+
+A shard folder holds `shard-000000.tar`, ... and `manifest.json`:
+
+    {"format": "alignvl-shards/1", "kind": "image-text" | "features",
+     "shards": [{"name": "shard-000000.tar", "samples": 1000}, ...], "samples": N, ...extra}
+
+Samples are written one at a time (bounded memory); the manifest is written last and
+atomically, so a folder with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from alignvl_scale.data.samples import DecodeLimits, SkipSample, clean_captions
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "alignvl-shards/1"
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+class DataSourceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None  # None when no manifest or declared count is known
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def sample_members(key: str, image: bytes | None = None, image_ext: str = "png", captions: list[str] = (),
+                   meta: dict | None = None, **arrays: bytes) -> dict:
+    """One WebDataset sample dict of raw bytes: `txt` for a single caption, `json` with
+    "captions" for several (metadata rides in the json)."""
+    sample = {"__key__": key}
+    if image is not None:
+        sample[image_ext] = image
+    if len(captions) == 1 and not meta:
+        sample["txt"] = captions[0].encode("utf-8")
+    elif captions or meta:
+        sample["json"] = json.dumps({**(meta or {}), "captions": list(captions)}).encode("utf-8")
+    sample.update(arrays)
+    return sample
+
+
+def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard: int, kind: str = "image-text",
+                 extra: dict | None = None, total: int | None = None, progress: bool = True) -> dict:
+    """Write sample dicts (see `sample_members`) into fixed-size tar shards and a manifest."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    writer = None
+    for sample in tqdm(samples, total=total, desc=f"shards -> {out}", unit="sample", disable=not progress):
+        if writer is None or shards[-1]["samples"] == samples_per_shard:
+            if writer is not None:
+                writer.close()
+            shards.append({"name": SHARD_PATTERN.format(len(shards)), "samples": 0})
+            writer = wds.TarWriter(str(out / shards[-1]["name"]), encoder=False)
+        writer.write(sample)
+        shards[-1]["samples"] += 1
+    if writer is not None:
+        writer.close()
+    manifest = {"format": MANIFEST_FORMAT, "kind": kind, "shards": shards,
+                "samples": sum(s["samples"] for s in shards), **(extra or {})}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataSourceError(f"{path}: not an alignvl-scale manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def resolve_spec(spec: str, samples_per_shard: int | None = None) -> list[Shard]:
+    """Shards of one source spec: a folder or manifest.json written by `shards`, or a
+    brace-expanded list of urls (`/data/s-{000..099}.tar`, `pipe:aws s3 cp s3://b/s-{0..9}.tar -`).
+    Counts come from the manifest beside local files, else from samples_per_shard."""
+    path = Path(spec)
+    if not spec.startswith("pipe:") and (path.is_dir() or path.name == MANIFEST):
+        folder = path if path.is_dir() else path.parent
+        if not (folder / MANIFEST).exists():
+            raise DataSourceError(f"{spec}: a shard folder needs {MANIFEST} (written by `alignvl-scale shards`)")
+        return [Shard(str(folder / s["name"]), s["samples"]) for s in read_manifest(folder)["shards"]]
+    urls = wds.shardlists.expand_urls(spec)
+    counts: dict[str, int] = {}
+    if not spec.startswith("pipe:"):
+        missing = [u for u in urls if not Path(u).exists()]
+        if missing:
+            raise DataSourceError(f"{spec}: {len(missing)} shard files do not exist, first {missing[0]}")
+        folder = Path(urls[0]).parent
+        if (folder / MANIFEST).exists():
+            counts = {str(folder / s["name"]): s["samples"] for s in read_manifest(folder)["shards"]}
+    return [Shard(u, counts.get(u, samples_per_shard)) for u in urls]
+
+
+def _encode_image(image: object, source: str) -> tuple[bytes, str]:
+    """Raw bytes and extension of an image given as a path, bytes, a datasets dict or PIL."""
+    if isinstance(image, dict):  # datasets' Image feature with decode=False
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, str | Path):
+        path = Path(image)
+        ext = path.suffix.lower().lstrip(".")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DataSourceError(f"{source}: cannot read image {path}: {exc}") from None
+        return data, ext if ext in ("jpg", "jpeg", "png", "webp") else "png"
+    if isinstance(image, bytes):
+        with Image.open(io.BytesIO(image)) as img:
+            fmt = (img.format or "png").lower()
+        return image, {"jpeg": "jpg"}.get(fmt, fmt)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue(), "png"
+    raise DataSourceError(f"{source}: unsupported image value of type {type(image).__name__}")
+
+
+def _captions(value: object, source: str) -> list[str]:
+    try:
+        return clean_captions(value, DecodeLimits())
+    except SkipSample as exc:
+        raise DataSourceError(f"{source}: {exc}") from None
+
+
+def folder_samples(caption_file: str | Path, image_root: str | Path | None = None) -> Iterator[dict]:
+    """(a) Images in a folder with a CSV (columns image, caption) or JSONL
+    ({"image": path, "captions": [...]} or {"image": path, "caption": "..."}) of captions;
+    image paths relative to image_root (default: the caption file's folder)."""
+    caption_file = Path(caption_file)
+    root = Path(image_root) if image_root else caption_file.parent
+    if not caption_file.exists():
+        raise DataSourceError(f"{caption_file}: caption file not found")
+    for index, (row, where) in enumerate(iter_caption_rows(caption_file)):
+        if "image" not in row or not ({"caption", "captions"} & set(row)):
+            raise DataSourceError(f"{where}: needs an 'image' and a 'caption' or 'captions' field, has {sorted(row)}")
+        image, ext = _encode_image(root / row["image"], where)
+        captions = _captions(row.get("captions", row.get("caption")), where)
+        yield sample_members(f"{index:09d}", image, ext, captions)
+
+
+def iter_caption_rows(caption_file: Path) -> Iterator[tuple[dict, str]]:
+    """Rows of a CSV or JSONL caption file, each with its 'file:line' for error messages."""
+    with caption_file.open(newline="", encoding="utf-8") as f:
+        if caption_file.suffix.lower() == ".csv":
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                yield row, f"{caption_file}:{line}"
+            return
+        for line, text in enumerate(f, start=1):
+            if text.strip():
+                try:
+                    yield json.loads(text), f"{caption_file}:{line}"
+                except json.JSONDecodeError as exc:
+                    raise DataSourceError(f"{caption_file}:{line}: bad JSON: {exc}") from None
+
+
+def hf_samples(dataset: str, image_column: str, caption_column: str, split: str = "train",
+               data_dir: str | None = None) -> tuple[Iterator[dict], int | None]:
+    """(b) A Hugging Face datasets dataset: a `save_to_disk` folder, or `load_dataset` on
+    local files (`imagefolder` with metadata, `json`, ...), read as a stream."""
+    import datasets
+
+    saved = Path(dataset)
+    if (saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(dataset)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        total = len(ds)
+    else:
+        ds = datasets.load_dataset(dataset, data_dir=data_dir, split=split, streaming=True)
+        total = None
+    columns = list(ds.column_names or ds.features or [])
+    for column in (image_column, caption_column):
+        if columns and column not in columns:
+            raise DataSourceError(f"{dataset}: no column {column!r}; columns are {columns}")
+    if hasattr(ds, "cast_column") and isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # keep the original bytes
+
+    def samples() -> Iterator[dict]:
+        for index, row in enumerate(ds):
+            where = f"{dataset}[{index}]"
+            image, ext = _encode_image(row[image_column], where)
+            yield sample_members(f"{index:09d}", image, ext, _captions(row[caption_column], where))
+
+    return samples(), total

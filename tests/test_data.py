@@ -1,0 +1,299 @@
+import io
+import json
+import pickle
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import png_bytes, write_image_shards
+from distributed import run_ranks
+from PIL import Image
+
+from alignvl_scale.config import DataConfig
+from alignvl_scale.data.check import check_shards
+from alignvl_scale.data.evalsets import encode_sharded, load_retrieval_set
+from alignvl_scale.data.reader import DataError, ImageTextDecoder, ImageTransform, TrainStream
+from alignvl_scale.data.samples import DecodeLimits
+from alignvl_scale.data.shards import DataSourceError, folder_samples, hf_samples, resolve_spec, write_shards
+
+
+def make_stream(cfg: DataConfig, rank=0, world=1, seed=0, limits=None) -> TrainStream:
+    decode = ImageTextDecoder(limits or DecodeLimits(), ImageTransform(8, [0.5] * 3, [0.5] * 3), seed=seed)
+    return TrainStream(cfg, decode, rank, world, seed)
+
+
+def epoch_captions(stream: TrainStream) -> list[list[str]]:
+    return [batch["captions"] for batch in stream]
+
+
+def test_two_ranks_two_workers_see_every_sample_once(tmp_path):
+    captions = write_image_shards(tmp_path / "s", [8] * 8)
+    seen, lengths = [], []
+    for rank in range(2):
+        cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=4, workers=2, shuffle_window=4)
+        batches = epoch_captions(make_stream(cfg, rank, 2))
+        lengths.append(len(batches))
+        seen += [c for b in batches for c in b]
+        assert all(len(b) == 4 for b in batches)
+    assert lengths == [8, 8]
+    assert sorted(seen) == sorted(captions)
+
+
+def test_epochs_reshuffle_shards_and_samples(tmp_path):
+    write_image_shards(tmp_path / "s", [8] * 4)
+    stream = make_stream(DataConfig(train=[str(tmp_path / "s")], batch_size=4, workers=1))
+    first = epoch_captions(stream)
+    stream.next_epoch()
+    second = epoch_captions(stream)
+    assert sorted(map(tuple, first)) != sorted(map(tuple, second)) or first != second
+    assert sorted(c for b in first for c in b) == sorted(c for b in second for c in b)
+
+
+@pytest.mark.parametrize("n_shards", [3, 5, 7])
+def test_equal_batch_counts_over_two_ranks(tmp_path, n_shards):
+    sizes = [5 + 3 * i for i in range(n_shards)]  # uneven shards, uneven per rank
+    write_image_shards(tmp_path / "s", sizes)
+    counts = []
+    for rank in range(2):
+        cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=3, workers=1)
+        stream = make_stream(cfg, rank, 2)
+        counts.append(len(epoch_captions(stream)))
+        assert counts[-1] == stream.batches_per_epoch
+    assert counts[0] == counts[1] > 0
+
+
+def test_fewer_shards_than_ranks_times_workers_fails_at_start(tmp_path):
+    write_image_shards(tmp_path / "s", [20])
+    with pytest.raises(DataSourceError, match="1 shards cannot feed 2 ranks x 1 workers"):
+        make_stream(DataConfig(train=[str(tmp_path / "s")], workers=1), rank=0, world=2)
+
+
+def test_resampled_mode_feeds_any_layout_equally(tmp_path):
+    write_image_shards(tmp_path / "a", [6])
+    write_image_shards(tmp_path / "b", [6], start=100)
+    cfg = DataConfig(train=[str(tmp_path / "a"), str(tmp_path / "b")], train_weights=[3.0, 1.0], mode="resampled",
+                     batch_size=4, workers=2)
+    from_a = 0
+    for rank in range(2):  # one shard per source, still 2 ranks x 2 workers: resampled never runs dry
+        stream = iter(make_stream(cfg, rank, 2))
+        captions = [c for _ in range(60) for c in next(stream)["captions"]]
+        from_a += sum(int(c.split()[1]) < 100 for c in captions)
+    assert 0.65 < from_a / 480 < 0.85  # weight 3:1
+    assert make_stream(cfg).batches_per_epoch is None
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_each_kind_of_bad_sample_is_skipped_and_counted(tmp_path):
+    big = Image.new("RGB", (300, 300))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    members = [
+        ("good0.png", png_bytes(0)), ("good0.txt", b"a cat"),
+        ("noimg.txt", b"no image here"),
+        ("badimg.png", b"not a png at all"), ("badimg.txt", b"broken"),
+        ("nocap.png", png_bytes(1)),
+        ("empty.png", png_bytes(2)), ("empty.txt", b"   "),
+        ("latin1.png", png_bytes(3)), ("latin1.txt", "caf\xe9".encode("latin-1")),
+        ("huge.png", buf.getvalue()), ("huge.txt", b"big"),
+        ("long.png", png_bytes(4)), ("long.txt", b"x" * 100),
+        ("badjson.png", png_bytes(5)), ("badjson.json", b"{not json"),
+        ("good0.png", png_bytes(6)), ("good0.txt", b"same key again"),
+        ("good1.png", png_bytes(7)), ("good1.json", json.dumps({"captions": ["a", "b"]}).encode()),
+    ]
+    _write_tar(tmp_path / "bad.tar", members)
+    limits = DecodeLimits(max_image_pixels=200 * 200, max_caption_chars=50)
+    counts = check_shards([str(tmp_path / "bad.tar")], limits=limits)[str(tmp_path / "bad.tar")]
+    assert counts.good == 2
+    assert counts.skipped == Counter(missing_image=1, undecodable_image=1, missing_caption=1, empty_caption=1,
+                                     bad_utf8=1, oversized_image=1, oversized_caption=1, bad_json=1,
+                                     duplicate_key=1)
+
+
+def test_truncated_tar_is_counted_and_the_rest_survives(tmp_path):
+    write_image_shards(tmp_path / "s", [10, 10])
+    shard = tmp_path / "s" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    report = check_shards([str(tmp_path / "s")])
+    assert report[str(tmp_path / "s" / "shard-000000.tar")].good == 10
+    broken = report[str(shard)]
+    assert broken.skipped["truncated_tar"] == 1 and broken.good < 10
+
+
+def test_too_many_bad_samples_stop_the_run_naming_the_shard(tmp_path):
+    members = []
+    for i in range(20):
+        members += [(f"{i:03d}.png", png_bytes(i) if i % 2 else b"junk"), (f"{i:03d}.txt", b"x")]
+    _write_tar(tmp_path / "half-bad.tar", members)
+    cfg = DataConfig(train=[str(tmp_path / "half-bad.tar")], samples_per_shard=20, batch_size=2, workers=0,
+                     max_skip_fraction=0.2, skip_check_min_samples=10)
+    with pytest.raises(DataError, match=r"half-bad\.tar.*undecodable_image"):
+        epoch_captions(make_stream(cfg))
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    payload = pickle.dumps(Exploit())
+    _write_tar(tmp_path / "evil.tar", [("a.png", png_bytes(0)), ("a.txt", b"cat"), ("a.pickle", payload),
+                                       ("a.pyd", payload), ("a.cls.pth", payload)])
+    counts = check_shards([str(tmp_path / "evil.tar")])[str(tmp_path / "evil.tar")]
+    cfg = DataConfig(train=[str(tmp_path / "evil.tar")], samples_per_shard=1, batch_size=1, workers=0)
+    batches = epoch_captions(make_stream(cfg))
+    assert batches == [["cat"]]
+    assert counts.good == 1 and counts.unsafe_members == 3
+    assert not marker.exists()
+
+
+def test_pipe_urls(tmp_path):
+    captions = write_image_shards(tmp_path / "s", [4, 4])
+    spec = f"pipe:cat {tmp_path}/s/shard-{{000000..000001}}.tar"
+    assert [s.url for s in resolve_spec(spec, 4)] == [f"pipe:cat {tmp_path}/s/shard-00000{i}.tar" for i in range(2)]
+    cfg = DataConfig(train=[spec], samples_per_shard=4, batch_size=2, workers=2)
+    seen = [c for b in epoch_captions(make_stream(cfg)) for c in b]
+    assert sorted(seen) == sorted(captions)
+
+
+def _consume(stream, n):
+    out = []
+    for batch in stream:
+        out.append(batch["captions"])
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, mode):
+    write_image_shards(tmp_path / "s", [6, 7, 8, 9])
+    cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=2, workers=2, mode=mode, shuffle_window=3)
+    full = _consume(make_stream(cfg, seed=5), 12)
+    first = make_stream(cfg, seed=5)
+    head = _consume(first, 5)
+    saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    resumed = make_stream(cfg, seed=5)
+    resumed.load_state_dict(saved)
+    tail = _consume(resumed, 7)
+    assert head + tail == full
+
+
+def test_shards_from_folder_and_from_hf_datasets(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = []
+    for i in range(5):
+        (images / f"{i}.png").write_bytes(png_bytes(i))
+        rows.append({"image": f"imgs/{i}.png", "captions": [f"pic {i}", f"picture {i}"]})
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    manifest = write_shards(folder_samples(tmp_path / "caps.jsonl"), tmp_path / "out", 2, progress=False)
+    assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
+    evalset = load_retrieval_set(str(tmp_path / "out"))
+    assert evalset.caption_to_image == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"img": [Image.open(io.BytesIO(png_bytes(i))) for i in range(3)],
+                                     "caption": ["a", "b", "c"]}).cast_column("img", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    samples, total = hf_samples(str(tmp_path / "hf"), "img", "caption")
+    manifest = write_shards(samples, tmp_path / "hf_out", 2, total=total, progress=False)
+    assert manifest["samples"] == 3
+    assert load_retrieval_set(str(tmp_path / "hf_out")).texts == ["a", "b", "c"]
+    with pytest.raises(DataSourceError, match="no column 'text'"):
+        hf_samples(str(tmp_path / "hf"), "img", "text")
+
+
+def test_imagefolder_with_metadata(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(i))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": f"t{i}"})
+                                                       for i in range(3)))
+    samples, _ = hf_samples("imagefolder", "image", "text", data_dir=str(tmp_path))
+    manifest = write_shards(samples, tmp_path / "out", 10, progress=False)
+    assert manifest["samples"] == 3
+    assert sorted(load_retrieval_set(str(tmp_path / "out")).texts) == ["t0", "t1", "t2"]
+
+
+def test_folder_source_errors(tmp_path):
+    (tmp_path / "caps.csv").write_text("image,caption\nmissing.png,a cat\n")
+    with pytest.raises(DataSourceError, match="missing.png"):
+        list(folder_samples(tmp_path / "caps.csv"))
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"img": "x.png", "caption": "a"}))
+    with pytest.raises(DataSourceError, match="needs an 'image'"):
+        list(folder_samples(tmp_path / "caps.jsonl"))
+
+
+def test_eval_jsonl_keeps_caption_groups_and_counts_bad_rows(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(0))
+    (tmp_path / "b.png").write_bytes(png_bytes(1))
+    lines = [{"image": "a.png", "captions": ["one", "uno"]}, {"image": "b.png", "captions": ["two"]},
+             {"image": "gone.png", "captions": ["lost"]}, {"image": "a.png", "captions": []}]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    evalset = load_retrieval_set(str(tmp_path / "eval.jsonl"))
+    assert evalset.texts == ["one", "uno", "two"] and evalset.caption_to_image == [0, 0, 1]
+    assert evalset.counts.skipped == Counter(missing_image=1, empty_caption=1)
+
+
+def _encode_in_order(rank, world):
+    calls = []
+
+    def encode(indices):
+        calls.append(len(indices))
+        return torch.tensor(indices, dtype=torch.float32)[:, None] * torch.ones(1, 3)
+
+    return {"rows": encode_sharded(11, encode, batch_size=2), "calls": torch.tensor(calls)}
+
+
+def test_encode_sharded_gathers_back_in_order(tmp_path):
+    results = run_ranks(_encode_in_order, 2, tmp_path)
+    for r in results:
+        torch.testing.assert_close(r["rows"][:, 0], torch.arange(11, dtype=torch.float32))
+    assert torch.equal(results[0]["calls"], results[1]["calls"])  # same batches on every rank
+
+
+def test_data_check_cli(tmp_path):
+    write_image_shards(tmp_path / "s", [4])
+    _write_tar(tmp_path / "s2.tar", [("x.png", b"junk"), ("x.txt", b"c")])
+    out = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "data", "check", str(tmp_path / "s"),
+                          str(tmp_path / "s2.tar"), "--json", str(tmp_path / "r.json")], capture_output=True,
+                         text=True)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "undecodable_image" in out.stdout and "FAIL" in out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["total"]["good"] == 4 and report["total"]["skipped"] == {"undecodable_image": 1}
+
+
+def test_feature_shards_round_trip(tmp_path):
+    from alignvl_scale.data.reader import FeatureDecoder
+    from alignvl_scale.data.shards import sample_members
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    samples = (sample_members(f"{i:04d}", **{"img.npy": npy(np.full(4, i, np.float16)),
+                                             "txt.npy": npy(np.full((2, 4), i, np.float32))}) for i in range(8))
+    write_shards(samples, tmp_path / "f", 4, kind="features", progress=False)
+    cfg = DataConfig(train=[str(tmp_path / "f")], kind="features", batch_size=4, workers=0)
+    batches = list(TrainStream(cfg, FeatureDecoder(), 0, 1, 0))
+    assert [b["image_features"].shape for b in batches] == [(4, 4), (4, 4)]
+    torch.testing.assert_close(batches[0]["image_features"][:, 0], batches[0]["text_features"][:, 0])
+    evalset = load_retrieval_set(str(tmp_path / "f"))
+    assert evalset.kind == "features" and len(evalset.texts) == 16
