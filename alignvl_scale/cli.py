@@ -88,16 +88,64 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_data_check)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from alignvl_scale.export import export
+
+    print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from alignvl_scale.evaluate import evaluate_specs
+    from alignvl_scale.export import load_encoder
+
+    results = evaluate_specs(load_encoder(args.checkpoint), args.data, args.batch_size)
+    for spec, metrics in results.items():
+        print(spec)
+        for direction in ("i2t", "t2i"):
+            print(f"  {direction}: " + "  ".join(f"R@{k} {metrics[f'{direction}_R@{k}']:6.2f}" for k in (1, 5, 10))
+                  + f"  median rank {metrics[f'{direction}_median_rank']:.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    # `train` hands its arguments to alignvl_scale.train as they are (see main).
+    sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
+                   "(under torchrun or deepspeed use launchers/train.py)", add_help=False)
+    export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config")
+    export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
+    evaluate = sub.add_parser("eval", help="retrieval R@1/5/10 of an exported model or a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="an export folder or RUN_DIR/checkpoints/step_N")
+    evaluate.add_argument("--data", required=True, nargs="+", help="eval sets: shard specs or .jsonl files")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--json", help="also write the metrics here")
+    evaluate.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignvl-scale", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions and distributed backends").set_defaults(func=_env)
     _add_data_commands(sub)
+    _add_model_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from alignvl_scale.train import main as train_main
+
+        train_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -9,6 +9,7 @@ Unknown keys and bad values raise ConfigError naming the key and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +18,19 @@ from typing import Any
 
 import yaml
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 
 class ConfigError(ValueError):
     pass
+
+
+def resolve_ds_config(path: str) -> Path:
+    """A DeepSpeed JSON path as given, else relative to the project (ds_configs/...)."""
+    for candidate in (Path(path), PROJECT_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"engine.ds_config: must be an existing DeepSpeed JSON file, got {path!r}")
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -53,6 +64,9 @@ class ModelConfig:
     noise_sigma: float = 0.01  # Random Perturbation level (the paper's default)
     noise_mode: str = "absolute"
     mixup_alpha: float = 0.0  # FuseMix Beta(a, a); 0 turns mixup off
+    # Tower output dims of cached-feature runs; read from the feature manifest when null.
+    image_dim: int | None = None
+    text_dim: int | None = None
 
     def validate(self, key: str) -> None:
         self.image_tower.validate(f"{key}.image_tower")
@@ -120,16 +134,109 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; or
+    epochs: int | None = None  # whole epochs (epoch mode only)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 turns clipping off
+    precision: str = "fp32"  # fp32 | bf16
+    accumulation: int = 1
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    log_every: int = 10
+
+    def validate(self, key: str, data: DataConfig) -> None:
+        _require((self.steps is None) != (self.epochs is None), f"{key}.steps", "set, or train.epochs set (one of "
+                 "the two)", {"steps": self.steps, "epochs": self.epochs})
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{key}.{name}", "null or >= 1", value)
+        _require(self.epochs is None or data.mode == "epoch", f"{key}.epochs",
+                 "null when data.mode is resampled (set train.steps)", self.epochs)
+        _require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", ">= 0", self.weight_decay)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+                 "two numbers in [0, 1)", self.betas)
+        _require(self.warmup_steps >= 0, f"{key}.warmup_steps", ">= 0", self.warmup_steps)
+        _require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0", self.grad_clip)
+        _require(self.precision in ("fp32", "bf16"), f"{key}.precision", "fp32 or bf16", self.precision)
+        # DeepSpeed's accumulation averages gradients of separate micro batches: each one a
+        # smaller contrastive problem with fewer negatives. Until feature-cache accumulation
+        # (GradCache) lands, raise the micro batch or the number of ranks instead.
+        _require(self.accumulation == 1, f"{key}.accumulation", "1 (accumulation would shrink the set of "
+                 "negatives; raise data.batch_size or add ranks; see docs/training.md)", self.accumulation)
+        _require(self.max_bad_steps >= 1, f"{key}.max_bad_steps", ">= 1", self.max_bad_steps)
+        _require(self.log_every >= 1, f"{key}.log_every", ">= 1", self.log_every)
+
+
+DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+
+
+@dataclass
+class EngineConfig:
+    # The DeepSpeed JSON, where the ZeRO stage lives. null: the one an `accelerate launch`
+    # config names (deepspeed_config_file), else ds_configs/zero2.json.
+    ds_config: str | None = None
+
+    def resolved_ds_config(self) -> Path:
+        from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if self.ds_config and from_accelerate and resolve_ds_config(self.ds_config) != resolve_ds_config(
+                from_accelerate):
+            raise ConfigError(f"engine.ds_config: {self.ds_config} differs from the accelerate config's "
+                              f"deepspeed_config_file {from_accelerate}; name one of them")
+        return resolve_ds_config(self.ds_config or from_accelerate or DEFAULT_DS_CONFIG)
+
+    def validate(self, key: str) -> None:
+        self.resolved_ds_config()
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2  # most recent checkpoints kept
+
+    def validate(self, key: str) -> None:
+        _require(self.every >= 0, f"{key}.every", ">= 0", self.every)
+        _require(self.keep >= 1, f"{key}.keep", ">= 1", self.keep)
+
+
+@dataclass
+class EvalConfig:
+    data: list[str] = field(default_factory=list)  # retrieval sets: shard specs or .jsonl files
+    every: int = 0  # steps between evaluations; 0: only at the end
+    at_start: bool = False  # also evaluate the untrained model (step 0)
+    batch_size: int = 64
+
+    def validate(self, key: str) -> None:
+        _require(self.every >= 0, f"{key}.every", ">= 0", self.every)
+        _require(self.batch_size >= 1, f"{key}.batch_size", ">= 1", self.batch_size)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = "runs/default"
     seed: int = 0
 
     def validate(self) -> RunConfig:
         self.model.validate("model")
         self.loss.validate("loss")
         self.data.validate("data")
+        self.train.validate("train", self.data)
+        self.engine.validate("engine")
+        self.checkpoint.validate("checkpoint")
+        self.eval.validate("eval")
         return self
 
     def to_dict(self) -> dict:
@@ -161,6 +268,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
         return float(value)
@@ -196,6 +308,12 @@ def apply_override(tree: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
+def config_from_dict(tree: dict, validate: bool = True) -> RunConfig:
+    """validate=False for configs saved with a run (re-read elsewhere: paths may differ)."""
+    cfg = _build(RunConfig, tree)
+    return cfg.validate() if validate else cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     tree: dict = {}
     if path is not None:
@@ -205,4 +323,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree = loaded or {}
     for override in overrides:
         apply_override(tree, override)
-    return _build(RunConfig, tree).validate()
+    return config_from_dict(tree)

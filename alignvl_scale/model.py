@@ -9,10 +9,15 @@ checkpointed with `rng_state()` / `load_rng_state()`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from alignvl_scale.config import RunConfig
 
 TEMPERATURE_INIT = 1 / 0.07
 MAX_LOGIT_SCALE = 100.0
@@ -164,3 +169,67 @@ class AlignVLHead(nn.Module):
     def random_modules(self) -> dict[str, _Seeded]:
         return {"mixup": self.mixup, "image_noise": self.image_noise, "text_noise": self.text_noise}
 
+
+class AlignVLModel(nn.Module):
+    """Towers (absent when training on cached features) + the Align-VL head.
+
+    forward(batch) -> (u, v, logit_scale). Batches hold either `pixel_values`,
+    `input_ids`, `attention_mask` (end to end) or `image_features`, `text_features`.
+    """
+
+    def __init__(self, head: AlignVLHead, image_tower: nn.Module | None = None,
+                 text_tower: nn.Module | None = None) -> None:
+        super().__init__()
+        self.image_tower, self.text_tower, self.head = image_tower, text_tower, head
+
+    def tower_features(self, batch: dict) -> tuple[Tensor, Tensor]:
+        if "image_features" in batch:
+            return batch["image_features"], batch["text_features"]
+        return self.image_features(batch), self.text_features(batch)
+
+    def image_features(self, batch: dict) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.image_tower.trainable):
+            return self.image_tower(pixel_values=batch["pixel_values"])
+
+    def text_features(self, batch: dict) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_tower.trainable):
+            return self.text_tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def forward(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = self.tower_features(batch)
+        return self.head(x, y)
+
+
+def feature_dims(specs: list[str]) -> tuple[int, int]:
+    """(image_dim, text_dim) from the manifest of a feature-shard source."""
+    from alignvl_scale.data.shards import DataSourceError, read_manifest
+
+    for spec in specs:
+        folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+        if (folder / "manifest.json").exists():
+            manifest = read_manifest(folder)
+            return manifest["image_dim"], manifest["text_dim"]
+    raise DataSourceError(f"data.kind=features needs a feature manifest (image_dim, text_dim) in one of {specs}")
+
+
+def build_model(cfg: RunConfig, rank: int = 0, load_weights: bool = True) -> AlignVLModel:
+    """The model a run config describes. With data.kind=features the towers stay out of the
+    trained model; `build_towers` makes them for extraction and inference."""
+    m = cfg.model
+    towers = (None, None) if cfg.data.kind == "features" else build_towers(cfg, load_weights)
+    if towers[0] is not None:
+        image_dim, text_dim = towers[0].output_dim, towers[1].output_dim
+    else:
+        if m.image_dim is None or m.text_dim is None:  # recorded in the config saved with the run
+            m.image_dim, m.text_dim = feature_dims(cfg.data.train or cfg.eval.data)
+        image_dim, text_dim = m.image_dim, m.text_dim
+    head = AlignVLHead(image_dim, text_dim, m.embed_dim, m.adapter, m.adapter_depth, m.dropout, m.noise_sigma,
+                       m.noise_mode, m.mixup_alpha, seed=cfg.seed, rank=rank)
+    return AlignVLModel(head, *towers)
+
+
+def build_towers(cfg: RunConfig, load_weights: bool = True) -> tuple[nn.Module, nn.Module]:
+    from alignvl_scale.towers import build_tower
+
+    return (build_tower(cfg.model.image_tower, "image", cfg.data, load_weights),
+            build_tower(cfg.model.text_tower, "text", cfg.data, load_weights))

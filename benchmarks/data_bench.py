@@ -28,6 +28,7 @@ from alignvl_scale.config import DataConfig
 from alignvl_scale.data.reader import ImageTextDecoder, ImageTransform, TrainStream
 from alignvl_scale.data.samples import DecodeLimits
 from alignvl_scale.data.shards import sample_members, write_shards
+from alignvl_scale.towers import Tokenize
 
 
 def make_shards(folder: Path, n_shards: int, per_shard: int, image_px: int) -> None:
@@ -40,15 +41,6 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, image_px: int) -> N
             yield sample_members(f"{i:08d}", buf.getvalue(), "jpg", [f"a photo of thing number {i} on a table"])
 
     write_shards(samples(), folder, per_shard, progress=False)
-
-
-class Tokenize:
-    def __init__(self, tokenizer, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, captions: list[str]) -> dict:
-        return dict(self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                                   return_tensors="pt"))
 
 
 def run_ours(folder: Path, transform, tokenize, batch: int) -> int:

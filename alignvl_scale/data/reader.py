@@ -305,7 +305,9 @@ class TrainStream:
             return
         dataset = ShardStream(self.sources, self.cfg.train_weights, self.cfg, self.decode, self.rank, self.world,
                               self.seed, self.state)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+        # Its own generator: drawing worker seeds from the global RNG would shift dropout after a resume.
+        generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.state.epoch)) % 2**62)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])

@@ -1,0 +1,72 @@
+"""Accelerate + DeepSpeed: the DeepSpeed JSON with its "auto" fields filled from the run
+config (each batch size stated once, in `data.batch_size`), and the Accelerator.
+
+The same code serves `deepspeed`, `accelerate launch` and `torchrun`: each sets RANK,
+WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT, and Accelerate reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+
+from alignvl_scale.config import ConfigError, RunConfig
+
+
+def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict with every "auto" replaced by the run config's value."""
+    path = cfg.engine.resolved_ds_config()
+    ds = json.loads(path.read_text())
+    micro = cfg.data.batch_size
+    values = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.accumulation,
+        "train_batch_size": micro * cfg.train.accumulation * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in values.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(f"{path}: {key} is {ds[key]} but the run config implies {value}; "
+                              "set it to \"auto\"")
+    bf16 = cfg.train.precision == "bf16"
+    ds.setdefault("bf16", {})["enabled"] = bf16
+    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{path}: fp16 is not supported; use train.precision=bf16")
+    ds.pop("fp16", None)
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def zero3_init(ds_config: dict):
+    """Under ZeRO-3, build the model partitioned from the start (no rank holds all of it).
+
+    The whole model is built inside one `deepspeed.zero.Init`: towers that transformers
+    partitions by themselves inside an unpartitioned wrapper break under bf16 (environment.md).
+    """
+    if zero_stage(ds_config) != 3:
+        return nullcontext()
+    import deepspeed
+    import torch._dynamo  # noqa: F401  (importing it under zero.Init's patched tensor constructors fails)
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def make_accelerator(ds_config: dict):
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # gloo on CPU: without it Accelerate picks a backend DeepSpeed's CPU accelerator cannot use.
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=int(os.environ.get("ALIGNVL_DIST_TIMEOUT_S", "1800")))
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+    return Accelerator(deepspeed_plugin=plugin, mixed_precision="bf16" if ds_config["bf16"]["enabled"] else "no",
+                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])

@@ -1,0 +1,78 @@
+"""Retrieval evaluation of a model on eval sets, safe under ZeRO-3: every rank runs every
+forward (the work is split with `encode_sharded`), every rank gets the metrics."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alignvl_scale.data.evalsets import RetrievalSet, encode_sharded, load_retrieval_set
+from alignvl_scale.metrics import retrieval_metrics
+from alignvl_scale.model import AlignVLModel
+from alignvl_scale.towers import set_train_mode
+
+
+class Encoder:
+    """Images and captions -> joint embeddings through towers + head (no noise, no mixup).
+
+    `image_transform` / `tokenize` come from the towers; feature inputs need neither.
+    """
+
+    def __init__(self, model: AlignVLModel, image_transform: Callable | None, tokenize: Callable | None,
+                 device: torch.device, dtype: torch.dtype, image_tower=None, text_tower=None) -> None:
+        self.model, self.image_transform, self.tokenize = model, image_transform, tokenize
+        self.device, self.dtype = device, dtype
+        # Towers kept outside the trained model (cached-feature runs) encode raw inputs here.
+        self.image_tower = image_tower or model.image_tower
+        self.text_tower = text_tower or model.text_tower
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> torch.Tensor:
+        """PIL images, raw image bytes, or tower feature vectors."""
+        if isinstance(images[0], np.ndarray | torch.Tensor):
+            x = torch.stack([torch.as_tensor(i) for i in images])
+        else:
+            pil = [Image.open(io.BytesIO(i)).convert("RGB") if isinstance(i, bytes) else i.convert("RGB")
+                   for i in images]
+            pixels = torch.stack([self.image_transform(p) for p in pil])
+            x = self.image_tower(pixel_values=pixels.to(self.device, self.dtype))
+        return self.model.head.encode_image(x.to(self.device, self.dtype)).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list) -> torch.Tensor:
+        """Caption strings, or tower feature vectors."""
+        if isinstance(texts[0], np.ndarray | torch.Tensor):
+            y = torch.stack([torch.as_tensor(t) for t in texts])
+        else:
+            tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts)).items()}
+            y = self.text_tower(**tokens)
+        return self.model.head.encode_text(y.to(self.device, self.dtype)).float()
+
+
+def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:
+    was_training = encoder.model.training
+    set_train_mode(encoder.model, False)
+    try:
+        images = encode_sharded(len(evalset.images),
+                                lambda idx: encoder.encode_images([evalset.images[i] for i in idx]), batch_size)
+        texts = encode_sharded(len(evalset.texts),
+                               lambda idx: encoder.encode_texts([evalset.texts[i] for i in idx]), batch_size)
+    finally:
+        set_train_mode(encoder.model, was_training)
+    return retrieval_metrics(images.cpu(), texts.cpu(), torch.tensor(evalset.caption_to_image))
+
+
+def evaluate_specs(encoder: Encoder, specs: list[str], batch_size: int,
+                   cache: dict[str, RetrievalSet] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per eval spec; `cache` keeps loaded sets between evaluations of one run."""
+    cache = {} if cache is None else cache
+    results = {}
+    for spec in specs:
+        if spec not in cache:
+            cache[spec] = load_retrieval_set(spec)
+        results[spec] = evaluate_set(encoder, cache[spec], batch_size)
+    return results

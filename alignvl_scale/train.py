@@ -1,0 +1,302 @@
+"""The training run: config -> engine -> loop -> checkpoints, TensorBoard, eval.
+
+Launched the same way by every launcher (see launchers/train.py):
+    deepspeed --num_gpus N launchers/train.py --config configs/x.yaml [key=value ...]
+    accelerate launch --config_file launchers/accelerate/zero2.yaml launchers/train.py --config ...
+    torchrun --nproc_per_node N launchers/train.py --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from alignvl_scale.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alignvl_scale.config import RunConfig, load_config
+from alignvl_scale.data.reader import FeatureDecoder, ImageTextDecoder, TrainStream
+from alignvl_scale.data.samples import SKIP_REASONS, DecodeLimits
+from alignvl_scale.engine import fill_ds_config, make_accelerator, zero3_init
+from alignvl_scale.evaluate import Encoder, evaluate_specs
+from alignvl_scale.logger import RunLogger
+from alignvl_scale.loss import align_vl_loss_with_stats
+from alignvl_scale.model import AlignVLModel, build_model
+from alignvl_scale.towers import set_train_mode
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Align-VL training")
+    parser.add_argument("--config", help="run YAML (configs/); key=value overrides follow")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    warmup, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and the temperature (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Parameters built under zero.Init are empty partitions; ds_shape is their real shape.
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    groups = [{"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": weight_decay},
+              {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_decoder(cfg: RunConfig, model: AlignVLModel):
+    if cfg.data.kind == "features":
+        return FeatureDecoder(cfg.seed)
+    limits = DecodeLimits(cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.max_caption_chars)
+    return ImageTextDecoder(limits, model.image_tower.image_transform, model.text_tower.tokenize, cfg.seed)
+
+
+def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def single_process_env() -> None:
+    """Without a launcher: the environment of a one-rank launch (DeepSpeed wants a process group)."""
+    if "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class Trainer:
+    """Holds what one run needs; `run()` is the loop, `close()` ends the process group."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        single_process_env()
+        world = int(os.environ["WORLD_SIZE"])
+        self.ds_config = fill_ds_config(cfg, world)
+        self.accelerator = make_accelerator(self.ds_config)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.run_dir = Path(cfg.run_dir)
+        seed_everything(cfg.seed)
+        with zero3_init(self.ds_config):
+            model = build_model(cfg, self.rank)
+        self.random_modules = model.head.random_modules()
+        self.stream = TrainStream(cfg.data, make_decoder(cfg, model), self.rank, self.world, cfg.seed)
+        self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.batches_per_epoch
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                      betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
+        self.engine, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # after build_model filled dims
+        self.model: AlignVLModel = self.engine.module
+        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
+        self.step, self.bad_steps_in_a_row, self.skipped_steps = 0, 0, 0
+        self.eval_cache: dict = {}
+        self.encoder = None
+        if self.model.image_tower is not None:
+            self.encoder = Encoder(self.model, self.model.image_tower.image_transform,
+                                   self.model.text_tower.tokenize, self.device, self.dtype)
+        elif cfg.eval.data:
+            self.encoder = Encoder(self.model, None, None, self.device, self.dtype)
+
+    # -- state -----------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        # The LambdaLR is not one DeepSpeed knows, so its engine checkpoint does not hold it.
+        return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps,
+                "bad_steps_in_a_row": self.bad_steps_in_a_row, "scheduler": self.scheduler.state_dict()}
+
+    def resume(self, resume: str) -> None:
+        path = resolve_resume(self.run_dir, resume)
+        if path is None:
+            self.log(f"--resume {resume}: no checkpoint yet in {self.run_dir}, starting fresh")
+            return
+        state = load_checkpoint(self.engine, path, self.random_modules)
+        self.step = state["step"]
+        self.stream.load_state_dict(state["data"])
+        self.skipped_steps, self.bad_steps_in_a_row = state["skipped_steps"], state["bad_steps_in_a_row"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> None:
+        path = save_checkpoint(self.engine, self.run_dir, self.step, self.trainer_state(), self.random_modules,
+                               self.cfg.checkpoint.keep, self.config_yaml)
+        self.log(f"step {self.step}: checkpoint {path}")
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[alignvl-scale] {message}", flush=True)
+
+    # -- pieces of a step ------------------------------------------------------------------
+    def next_batch(self, batches):
+        """The next batch on every rank, or None on every rank when any rank is out of data
+        (so no rank waits in a collective the others left)."""
+        batch = next(batches, None)
+        have = _all_reduce([float(batch is not None)], self.device, dist.ReduceOp.MIN)[0]
+        return batch if have else None
+
+    def train_step(self, batch: dict) -> dict | None:
+        """One optimizer step; returns the step's scalars as tensors (read only when logged,
+        so that no step waits on a device-to-host copy), or None for a skipped step."""
+        u, v, scale = self.engine(_to_device(batch, self.device, self.dtype))
+        try:
+            out = align_vl_loss_with_stats(u, v, scale, self.cfg.loss.smoothing, self.cfg.loss.chunk_size)
+        except FloatingPointError:  # raised on every rank alike: checked on gathered embeddings
+            out = None
+        if out is None or not torch.isfinite(out.loss):
+            self.bad_steps_in_a_row += 1
+            self.skipped_steps += 1
+            if self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
+                raise FloatingPointError(f"{self.bad_steps_in_a_row} non-finite losses in a row at step {self.step} "
+                                         f"(train.max_bad_steps); lower train.lr or check the data")
+            self.log(f"step {self.step}: non-finite loss, step skipped ({self.skipped_steps} so far)")
+            return None
+        self.bad_steps_in_a_row = 0
+        self.accelerator.backward(out.loss)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
+                "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach()}
+
+    def data_scalars(self) -> dict:
+        counts = self.stream.counts
+        totals = _all_reduce([counts.good, counts.unsafe_members] + [counts.skipped.get(r, 0) for r in SKIP_REASONS],
+                             self.device)
+        out = {"data/good_samples": totals[0], "data/unsafe_members": totals[1]}
+        out.update({f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[2:], strict=True)})
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.cfg.eval.data or self.encoder is None:
+            return {}
+        results = evaluate_specs(self.encoder, self.cfg.eval.data, self.cfg.eval.batch_size, self.eval_cache)
+        flat = {}
+        for spec, metrics in results.items():
+            name = Path(spec).stem if len(results) > 1 else ""
+            flat.update({f"eval/{name + '/' if name else ''}{k}": v for k, v in metrics.items()})
+        self.logger.scalars(self.step, flat)
+        self.log(f"step {self.step}: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in flat.items()
+                                                    if "R@" in k))
+        return flat
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            self.logger.text("config", "```\n" + self.config_yaml + "\n```")
+        global_batch = cfg.data.batch_size * self.world
+        self.log(f"{self.world} ranks x {cfg.data.batch_size} = contrastive batch {global_batch}; "
+                 f"{self.total_steps} steps; ZeRO stage {self.ds_config['zero_optimization'].get('stage', 0)}")
+        if cfg.eval.at_start and self.step == 0:
+            self.evaluate()
+        set_train_mode(self.model, True)
+        progress = _progress(self.total_steps, self.step, enabled=self.rank == 0)
+        batches = iter(self.stream)
+        window_start, data_time, window_steps, last = time.perf_counter(), 0.0, 0, {}
+        while self.step < self.total_steps:
+            fetch_start = time.perf_counter()
+            batch = self.next_batch(batches)
+            data_time += time.perf_counter() - fetch_start
+            if batch is None:  # end of epoch, agreed by all ranks
+                self.stream.next_epoch()
+                batches = iter(self.stream)
+                continue
+            scalars = self.train_step(batch)
+            if scalars is None:
+                continue
+            self.step += 1
+            window_steps += 1
+            progress.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                grad_norm = self.engine.get_global_grad_norm()
+                last = {**{k: v.item() for k, v in scalars.items()}, "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "train/contrastive_batch": global_batch,
+                        "perf/samples_per_s": window_steps * global_batch / elapsed,
+                        "perf/samples_per_s_per_rank": window_steps * cfg.data.batch_size / elapsed,
+                        "perf/data_wait_fraction": data_time / elapsed,
+                        "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.state.epoch,
+                        **self.data_scalars()}
+                self.logger.scalars(self.step, last)
+                progress.set_postfix(loss=f"{last['train/loss']:.4f}")
+                window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+                self.save()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                self.evaluate()
+        progress.close()
+        self.save()
+        final = self.evaluate()
+        summary = {"step": self.step, "skipped_steps": self.skipped_steps, "last": last, "eval": final,
+                   "eval_images": sum(len(s.images) for s in self.eval_cache.values()),
+                   "data": self.stream.counts.as_dict()}
+        self.logger.hparams({"noise_sigma": cfg.model.noise_sigma, "smoothing": cfg.loss.smoothing,
+                             "mixup_alpha": cfg.model.mixup_alpha, "seed": cfg.seed, "lr": cfg.train.lr,
+                             "contrastive_batch": global_batch}, {f"hparams/{k}": v for k, v in final.items()})
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.logger.close()
+        return summary
+
+    def close(self) -> None:
+        """A clean end for every rank (an abandoned process group can abort the interpreter at exit)."""
+        self.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    # In a log file (no terminal) a redraw every 30 s, not every step.
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # validated before any process group exists
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume(args.resume)
+    summary = trainer.run()
+    trainer.close()
+    return summary

@@ -1,0 +1,104 @@
+"""Training throughput of the trainer (Accelerate + DeepSpeed ZeRO 1/2/3, 1 and 2 ranks)
+against a plain PyTorch DDP loop on the same tiny model, shards, loss and optimizer.
+
+Every cell is a real torchrun launch; a run's samples/s is the median over its logging
+windows after the first (start-up) window, and a cell's the median over --repeats runs.
+Runs alternate between the baseline and the ZeRO stages, so that the shared machine's
+noise hits all alike.
+
+    python benchmarks/train_bench.py            # about 12 minutes here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from alignvl_scale.synthetic import make_tiny_towers, write_image_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(world: int, script: str, config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_addr",
+           "127.0.0.1", "--master_port", free_port(), str(ROOT / script), "--config", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def trainer_rates(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=32, help="per rank")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
+    args = parser.parse_args()
+    log_every = 10
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        towers = make_tiny_towers(tmp)
+        write_image_shards(tmp / "train", [args.batch * 8] * 8)
+        config = tmp / "bench.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": {"image_tower": {"name": towers["vit"]}, "text_tower": {"name": towers["bert"], "max_length": 16},
+                      "embed_dim": 32, "noise_sigma": 0.01},
+            "data": {"train": [str(tmp / "train")], "batch_size": args.batch, "workers": 1, "image_size": 16},
+            "train": {"steps": args.steps, "log_every": log_every}, "run_dir": str(tmp / "run")}))
+        rates: dict[tuple[str, int], list[float]] = {}
+        for world in args.worlds:
+            for _ in range(args.repeats):  # alternate, so that noise hits every engine alike
+                baseline = torchrun(world, "benchmarks/ddp_baseline.py", config)
+                windows = json.loads(baseline.stdout.strip().splitlines()[-1])["samples_per_s"][1:]
+                rates.setdefault(("torch DDP", world), []).append(statistics.median(windows))
+                for stage in args.stages:
+                    run_dir = tmp / f"run{world}{stage}"
+                    torchrun(world, "launchers/train.py", config, f"engine.ds_config=ds_configs/zero{stage}.json",
+                             f"run_dir={run_dir}")
+                    rates.setdefault((f"alignvl ZeRO-{stage}", world), []).append(
+                        statistics.median(trainer_rates(run_dir)[1:]))
+                    shutil.rmtree(run_dir)
+    rows = []
+    for (engine, world), values in rates.items():
+        row = {"engine": engine, "world": world, "samples_per_s": statistics.median(values), "runs": values}
+        if engine != "torch DDP":
+            row["overhead_vs_ddp"] = statistics.median(rates[("torch DDP", world)]) / row["samples_per_s"] - 1
+        rows.append(row)
+    print(f"{'engine':<16} {'ranks':>5} {'samples/s':>10} {'overhead vs DDP':>16}")
+    for r in rows:
+        overhead = f"{r['overhead_vs_ddp']:+.1%}" if "overhead_vs_ddp" in r else ""
+        print(f"{r['engine']:<16} {r['world']:>5} {r['samples_per_s']:>10.1f} {overhead:>16}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

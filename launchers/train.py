@@ -1,0 +1,11 @@
+"""Entry point for every launcher:
+
+    deepspeed --num_gpus 8 [--hostfile launchers/hostfile.example] launchers/train.py --config configs/x.yaml
+    accelerate launch --config_file launchers/accelerate/zero2.yaml launchers/train.py --config configs/x.yaml
+    torchrun --nproc_per_node 8 launchers/train.py --config configs/x.yaml
+"""
+
+from alignvl_scale.train import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Real 2-process training runs on CPU (gloo) under torchrun, deepspeed and accelerate
+launch, ZeRO 1/2/3, with tiny random-init HF towers (ViT + BERT, ViT + Llama)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_tiny_towers, write_image_shards
+from distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+REQUIRED_SCALARS = {
+    "train/loss", "train/lr", "train/logit_scale", "train/i2t_accuracy", "train/t2i_accuracy", "train/grad_norm",
+    "perf/samples_per_s", "perf/samples_per_s_per_rank", "perf/data_wait_fraction", "data/skipped_undecodable_image",
+    "eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10", "eval/t2i_R@1", "eval/t2i_R@5", "eval/t2i_R@10",
+}
+# Seen on this machine: a finished accelerate-launched rank can abort at interpreter exit.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    towers = make_tiny_towers(root)
+    write_image_shards(root / "train", [16] * 4)
+    write_image_shards(root / "eval", [16])
+    return root, towers
+
+
+def write_config(assets, run_dir: Path, text_tower: str = "bert", **sections) -> Path:
+    root, towers = assets
+    cfg = {
+        "model": {"image_tower": {"name": towers["vit"], "pooling": "mean"},
+                  "text_tower": {"name": towers[text_tower], "max_length": 16},
+                  "embed_dim": 16, "adapter_depth": 1, "noise_sigma": 0.0},
+        "data": {"train": [str(root / "train")], "batch_size": 4, "workers": 1, "image_size": 16},
+        "train": {"steps": 30, "lr": 0.003, "min_lr_ratio": 1.0, "log_every": 2},
+        "eval": {"data": [str(root / "eval")], "batch_size": 8},
+        "run_dir": str(run_dir),
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch_cmd(launcher: str, stage: int, config: Path, *args: str) -> list[str]:
+    port = str(free_port())
+    train = [str(ROOT / "launchers" / "train.py"), "--config", str(config), *args]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port,
+                *train, f"engine.ds_config=ds_configs/zero{stage}.json"]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, *train,
+                f"engine.ds_config=ds_configs/zero{stage}.json"]
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / f"launchers/accelerate/zero{stage}.yaml"),
+            "--main_process_port", port, *train]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(cmd: list[str], run_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    finished = (run_dir / "summary.json").exists()
+    assert proc.returncode == 0 or (finished and EXIT_ABORT in output), output[-5000:]
+    return proc
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """step -> value, the last record of each step (a resumed run appends)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record[key]
+    return out
+
+
+def tensorboard_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as when a node dies."""
+    family, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = [int(c) for c in (task / "children").read_text().split()] if (task / "children").exists() else []
+            family += children
+            frontier += children
+    for member in family:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path) -> dict:
+    """`alignvl-scale export` of the run's latest checkpoint, then `alignvl-scale eval` on it."""
+    export_dir = tmp_path / "export"
+    checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
+    cli = [sys.executable, "-m", "alignvl_scale.cli"]
+    subprocess.run([*cli, "export", "--checkpoint", str(checkpoint), "--out", str(export_dir)], check=True, cwd=ROOT,
+                   env=env(), capture_output=True)
+    assert (export_dir / "model.safetensors").exists() and not list(export_dir.rglob("*.pt"))
+    subprocess.run([*cli, "eval", "--checkpoint", str(export_dir), "--data", str(eval_data),
+                    "--json", str(tmp_path / "eval.json")], check=True, cwd=ROOT, env=env(), capture_output=True)
+    return json.loads((tmp_path / "eval.json").read_text())[str(eval_data)]
+
+
+GRID = [(launcher, stage) for launcher in ("torchrun", "deepspeed", "accelerate") for stage in (1, 2, 3)]
+DEFAULT = {("torchrun", 1), ("deepspeed", 2), ("accelerate", 3)}
+
+
+@pytest.mark.parametrize("launcher,stage", [
+    pytest.param(launcher, stage, marks=() if (launcher, stage) in DEFAULT else pytest.mark.slow)
+    for launcher, stage in GRID])
+def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
+    text_tower, precision = ("llama", "bf16") if stage == 2 else ("bert", "fp32")
+    run_dir = tmp_path / "run"
+    config = write_config(assets, run_dir, text_tower, train={"precision": precision})
+    out = run(launch_cmd(launcher, stage, config), run_dir)
+    assert f"ZeRO stage {stage}" in out.stdout
+
+    losses = list(logged(run_dir, "train/loss").values())
+    assert len(losses) == 15
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses  # it learns
+    assert logged(run_dir, "train/contrastive_batch")[30] == 8
+    assert REQUIRED_SCALARS <= tensorboard_tags(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    # Export this stage's checkpoint; the exported model reproduces the run's eval numbers.
+    exported = export_and_eval(run_dir, tmp_path, assets[0] / "eval")
+    tolerance = 1e-9 if precision == "fp32" else 15.0  # bf16 training vs fp32 inference may swap near-ties
+    for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
+        assert exported[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=tolerance), key
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    """SIGKILL a 2-process run mid-training, resume from `latest`: the following steps'
+    losses equal those of a run that never stopped (data order, dropout, noise, optimizer)."""
+    sections = dict(model={"noise_sigma": 0.05, "dropout": 0.1}, data={"workers": 2},
+                    train={"steps": 80, "log_every": 1, "warmup_steps": 5, "min_lr_ratio": 0.1},
+                    checkpoint={"every": 10, "keep": 2}, eval={"data": []})
+    full_dir = tmp_path / "full"
+    run(launch_cmd("torchrun", 2, write_config(assets, full_dir, **sections)), full_dir)
+    reference = logged(full_dir, "train/loss")
+
+    killed_dir = tmp_path / "killed"
+    config = write_config(assets, killed_dir, **sections)
+    proc = subprocess.Popen(launch_cmd("torchrun", 2, config), cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        metrics = killed_dir / "metrics.jsonl"
+        if metrics.exists() and max(logged(killed_dir, "train/loss") or [0]) >= 35:
+            break
+        time.sleep(0.05)
+    kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own
+    proc.wait()
+    assert not (killed_dir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed_from = int((killed_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 10 <= resumed_from < 80
+
+    out = run(launch_cmd("torchrun", 2, config, "--resume", "latest"), killed_dir)
+    assert f"at step {resumed_from}" in out.stdout
+    resumed = logged(killed_dir, "train/loss")
+    steps = range(resumed_from + 1, 81)
+    assert [round(resumed[s], 4) for s in steps] == pytest.approx([round(reference[s], 4) for s in steps],
+                                                                   rel=1e-4)
+    for s in steps:
+        assert resumed[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), s
+    kept = sorted(p.name for p in (killed_dir / "checkpoints").glob("step_*"))
+    assert len(kept) == 2 and kept[-1] == "step_00000080"
+
+
+def test_two_nodes_on_loopback(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(assets, run_dir, train={"steps": 6})
+    port = str(free_port())
+    procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               str(ROOT / "launchers/train.py"), "--config", str(config)],
+                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 ranks x 4 = contrastive batch 8" in outputs[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+    ("loss.smoothing=1.5", "loss.smoothing: must be in [0, 1), got 1.5"),
+    ("data.batchsize=4", "data.batchsize: unknown key"),
+    ("train.accumulation=4", "train.accumulation: must be 1"),
+    ("engine.ds_config=nope.json", "engine.ds_config: must be an existing DeepSpeed JSON file"),
+])
+def test_bad_config_fails_before_any_process_group(assets, tmp_path, override, message):
+    config = write_config(assets, tmp_path / "run")
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           str(ROOT / "launchers/train.py"), "--config", str(config), override],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "init_process_group" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(assets, run_dir, train={"lr": 1e30, "grad_clip": 0.0, "max_bad_steps": 3},
+                          eval={"data": []})
+    proc = subprocess.run(launch_cmd("torchrun", 1, config), cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite loss, step skipped" in proc.stdout
+    assert "3 non-finite losses in a row" in proc.stdout + proc.stderr
