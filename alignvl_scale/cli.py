@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+from pathlib import Path
 
 from alignvl_scale import __version__
 
@@ -113,6 +115,44 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from alignvl_scale.config import load_config
+    from alignvl_scale.extract import extract
+
+    cfg = load_config(args.config, args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / deepspeed
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    manifest = extract(cfg, args.data, args.out, args.batch_size)
+    if manifest is not None:
+        print(f"{manifest['samples']} samples -> {args.out} (image dim {manifest['image_dim']}, "
+              f"text dim {manifest['text_dim']}, skipped {manifest['skipped']})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from alignvl_scale.demo import DEMO_CONFIG, run_demo
+
+    run_demo(args.out, args.config or DEMO_CONFIG, args.overrides)
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from alignvl_scale.ablate import run_ablation
+    from alignvl_scale.demo import DEMO_CONFIG, demo_overrides, prepare_features
+
+    overrides = list(args.overrides)
+    if args.config is None:  # the demo's data and towers, features extracted once
+        prepare_features(args.demo_dir)
+        overrides = [*demo_overrides(args.demo_dir), *overrides]
+    run_ablation(args.config or DEMO_CONFIG, overrides, args.out, args.seeds)
+    return 0
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     # `train` hands its arguments to alignvl_scale.train as they are (see main).
     sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
@@ -127,6 +167,25 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--json", help="also write the metrics here")
     evaluate.set_defaults(func=_eval)
+    extract = sub.add_parser("extract", help="tower outputs -> feature shards (run under torchrun for many ranks)")
+    extract.add_argument("--config", required=True, help="run YAML naming the towers")
+    extract.add_argument("--data", required=True, nargs="+", help="image-text shard specs")
+    extract.add_argument("--out", required=True)
+    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("overrides", nargs="*", help="section.key=value")
+    extract.set_defaults(func=_extract)
+    demo = sub.add_parser("demo", help="offline end to end: emoji data, extract, train, eval, export")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--config", type=Path, help="default: configs/demo.yaml")
+    demo.add_argument("overrides", nargs="*", help="section.key=value")
+    demo.set_defaults(func=_demo)
+    ablate = sub.add_parser("ablate", help="the sigma and alpha studies, several seeds each")
+    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"))
+    ablate.add_argument("--seeds", type=int, default=3)
+    ablate.add_argument("--config", type=Path, help="a run config with its own data (default: the demo's)")
+    ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the demo data lives")
+    ablate.add_argument("overrides", nargs="*", help="section.key=value for every run")
+    ablate.set_defaults(func=_ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,8 +56,15 @@ def zero3_init(ds_config: dict):
         return nullcontext()
     import deepspeed
     import torch._dynamo  # noqa: F401  (importing it under zero.Init's patched tensor constructors fails)
+    from transformers.integrations import HfDeepSpeedConfig
 
+    # Tells transformers' from_pretrained to load weights into partitioned parameters; it
+    # holds only a weak reference, so keep this object alive.
+    _LIVE_HF_DS_CONFIG[:] = [HfDeepSpeedConfig(ds_config)]
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+_LIVE_HF_DS_CONFIG: list = []
 
 
 def make_accelerator(ds_config: dict):

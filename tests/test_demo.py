@@ -1,0 +1,150 @@
+"""Feature extraction -> cached-feature training -> eval, the ablation command, and the
+demo's data builder."""
+
+import csv
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from distributed import free_port
+from test_train import BIN, ROOT, env, export_and_eval, logged, run
+
+from alignvl_scale.ablate import METRICS, Setting, run_ablation
+from alignvl_scale.data.evalsets import load_retrieval_set
+from alignvl_scale.data.shards import sample_members, write_shards
+from alignvl_scale.demo import build_demo_data, emoji_entries, is_test
+from alignvl_scale.synthetic import make_tiny_towers, write_image_shards
+
+# Documented in docs/demo.md; they change only with the emoji package's data.
+DEMO_COUNTS = {"train": 1522, "test": 392, "not_in_font": 9}
+
+
+def test_demo_data_builder_yields_its_documented_counts(tmp_path):
+    counts = build_demo_data(tmp_path)
+    assert counts == DEMO_COUNTS
+    manifest = json.loads((tmp_path / "test" / "manifest.json").read_text())
+    assert manifest["samples"] == DEMO_COUNTS["test"] and manifest["kind"] == "image-text"
+    entries = dict(emoji_entries())
+    assert entries["❤️"] == ["red heart", "heart"] and entries["😀"][0] == "grinning face"
+    test_share = sum(map(is_test, entries)) / len(entries)
+    assert 0.15 < test_share < 0.25  # split by emoji, about TEST_FRACTION held out
+    assert build_demo_data(tmp_path) == {k: v for k, v in DEMO_COUNTS.items() if k != "not_in_font"}
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def synthetic_features(folder: Path, n: int, dim: int = 24, seed: int = 0, shards: int = 4) -> None:
+    """Pairs whose text feature is a fixed linear map of the image feature, plus noise:
+    something adapters can learn. Two caption rows per sample."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).normal(size=(dim, dim)).astype(np.float32)
+    samples = []
+    for i in range(n):
+        image = rng.normal(size=dim).astype(np.float32)
+        texts = np.stack([image @ mix + 0.1 * rng.normal(size=dim) for _ in range(2)]).astype(np.float16)
+        samples.append(sample_members(f"{seed}_{i:05d}", **{"img.npy": _npy(image.astype(np.float16)),
+                                                             "txt.npy": _npy(texts)}))
+    manifest = write_shards(iter(samples), folder, -(-n // shards), kind="features", progress=False,
+                            extra={"image_dim": dim, "text_dim": dim})
+    assert manifest["samples"] == n
+
+
+def feature_config(tmp_path: Path, train: Path, test: Path) -> Path:
+    path = tmp_path / "features.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"embed_dim": 16, "adapter": "linear", "noise_sigma": 0.01},
+        "data": {"kind": "features", "train": [str(train)], "batch_size": 32, "workers": 0},
+        "train": {"steps": 40, "lr": 0.01, "log_every": 10},
+        "eval": {"data": [str(test)], "batch_size": 64}}))
+    return path
+
+
+def test_ablate_tiny_grid_writes_every_file(tmp_path):
+    synthetic_features(tmp_path / "train", 256)
+    synthetic_features(tmp_path / "test", 64, seed=1, shards=1)
+    config = feature_config(tmp_path, tmp_path / "train", tmp_path / "test")
+    grid = [Setting("baseline", "baseline", 0.0, 0.0), Setting("sigma=0.01 (paper default)", "sigma", 0.01, 0.0),
+            Setting("alpha=0.2", "alpha", 0.01, 0.2)]
+    summary = run_ablation(config, ["train.steps=20"], tmp_path / "ablate", seeds=2, grid=grid)
+    out = tmp_path / "ablate"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 6 and {r["setting"] for r in rows} == {g.name for g in grid}
+    assert set(METRICS) <= set(rows[0])
+    table = (out / "results.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 4 and "± " in table  # header + 3 rows
+    assert [s["seeds"] for s in summary] == [2, 2, 2]
+    assert (out / "r_at_k_vs_sigma.png").stat().st_size > 1000 and (out / "r_at_k_vs_alpha.png").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dirs = sorted((out / "runs").iterdir())
+    assert len(run_dirs) == 6
+    for run_dir in run_dirs:  # one TensorBoard hparams entry per run
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    # Reruns are skipped: the summaries exist.
+    before = (out / "results.csv").read_text()
+    run_ablation(config, ["train.steps=20"], out, seeds=2, grid=grid)
+    assert (out / "results.csv").read_text() == before
+
+
+def test_extract_then_cached_training_then_eval(tmp_path):
+    towers = make_tiny_towers(tmp_path)
+    write_image_shards(tmp_path / "train", [24] * 4, captions_per_sample=2)
+    write_image_shards(tmp_path / "test", [16], start=1000)
+    config = tmp_path / "towers.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"image_tower": {"name": towers["vit"], "pooling": "mean"},
+                  "text_tower": {"name": towers["bert"], "max_length": 16}},
+        "data": {"image_size": 16}, "train": {"steps": 1}}))
+    extract = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+               "alignvl_scale.cli", "extract", "--config", str(config), "--batch-size", "8"]
+    for split in ("train", "test"):
+        subprocess.run([*extract, "--data", str(tmp_path / split), "--out", str(tmp_path / "f" / split)], check=True,
+                       cwd=ROOT, env=env(), capture_output=True)
+    manifest = json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())
+    assert manifest["samples"] == 96 and [s["samples"] for s in manifest["shards"]] == [24] * 4
+    assert manifest["image_dim"] == manifest["text_dim"] == 32 and manifest["towers"]["image"]["name"] == towers["vit"]
+    # ZeRO-3: towers partitioned across the 2 ranks, run in lockstep; the test split has one
+    # shard, so rank 1 only keeps rank 0's forwards company. Same features as unpartitioned.
+    subprocess.run([*extract, "--data", str(tmp_path / "test"), "--out", str(tmp_path / "f" / "test_zero3"),
+                    "engine.ds_config=ds_configs/zero3.json"], check=True, cwd=ROOT, env=env(), capture_output=True)
+    plain, zero3 = (load_retrieval_set(str(tmp_path / "f" / name)) for name in ("test", "test_zero3"))
+    assert len(zero3.images) == 16
+    np.testing.assert_allclose(np.stack(zero3.images), np.stack(plain.images), atol=2e-3)
+    np.testing.assert_allclose(np.stack(zero3.texts), np.stack(plain.texts), atol=2e-3)
+    # Idempotent: a rerun finds every shard done and rewrites none.
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "f" / "train").glob("*.tar"))]
+    subprocess.run([*extract, "--data", str(tmp_path / "train"), "--out", str(tmp_path / "f" / "train")],
+                   check=True, cwd=ROOT, env=env(), capture_output=True)
+    assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "f" / "train").glob("*.tar"))]
+
+    # Cached-feature training, 2 ranks, ZeRO-2: adapters + loss only.
+    run_dir = tmp_path / "run"
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update({"model": {**cfg["model"], "embed_dim": 16, "noise_sigma": 0.0},
+                "data": {"kind": "features", "train": [str(tmp_path / "f" / "train")], "batch_size": 8,
+                         "workers": 1},
+                "train": {"steps": 40, "lr": 0.003, "log_every": 4}, "eval": {"data": [str(tmp_path / "f" / "test")]},
+                "run_dir": str(run_dir)})
+    train_config = tmp_path / "train.yaml"
+    train_config.write_text(yaml.safe_dump(cfg))
+    run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "launchers/train.py"), "--config", str(train_config)], run_dir)
+    losses = list(logged(run_dir, "train/loss").values())
+    assert losses[-1] < losses[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    # The exported model runs the towers itself: eval on the raw test images and captions
+    # matches the in-training eval on their cached features (float16 features aside).
+    raw = export_and_eval(run_dir, tmp_path, tmp_path / "test")
+    for key in ("i2t_R@5", "t2i_R@5"):
+        assert raw[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=13), key
