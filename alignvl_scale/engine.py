@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
 
 from alignvl_scale.config import ConfigError, RunConfig
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for one-machine process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:

@@ -26,7 +26,7 @@ from alignvl_scale.checkpoint import load_checkpoint, resolve_resume, save_check
 from alignvl_scale.config import RunConfig, load_config
 from alignvl_scale.data.reader import FeatureDecoder, ImageTextDecoder, TrainStream
 from alignvl_scale.data.samples import SKIP_REASONS, DecodeLimits
-from alignvl_scale.engine import fill_ds_config, make_accelerator, zero3_init
+from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init
 from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
@@ -93,12 +93,8 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 def single_process_env() -> None:
     """Without a launcher: the environment of a one-rank launch (DeepSpeed wants a process group)."""
     if "WORLD_SIZE" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
 
 
 class Trainer:

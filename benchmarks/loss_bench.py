@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from alignvl_scale.engine import free_port
 from alignvl_scale.loss import align_vl_loss
 
 GIB = 2**30
@@ -72,17 +72,11 @@ def worker(n: int, dim: int, chunk: int | None, reps: int, smoothing: float) -> 
         print(json.dumps({"seconds": statistics.median(times), "peak_gib": peak.item() / GIB}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cell(n: int, world: int, chunk: int | None, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--sizes", str(n), "--dim", str(args.dim),
            "--chunk", str(chunk or 0), "--reps", str(args.reps if n < 65536 else 1),
            "--smoothing", str(args.smoothing)]
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={
         **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})

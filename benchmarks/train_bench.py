@@ -23,22 +23,15 @@ from pathlib import Path
 
 import yaml
 
+from alignvl_scale.engine import free_port
 from alignvl_scale.synthetic import make_tiny_towers, write_image_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def torchrun(world: int, script: str, config: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", free_port(), str(ROOT / script), "--config", str(config), *overrides]
+           "127.0.0.1", "--master_port", str(free_port()), str(ROOT / script), "--config", str(config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

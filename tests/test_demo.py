@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from distributed import free_port
 from test_train import BIN, ROOT, env, export_and_eval, logged, run
 
 from alignvl_scale.ablate import METRICS, Setting, run_ablation
 from alignvl_scale.data.evalsets import load_retrieval_set
 from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.demo import build_demo_data, emoji_entries, is_test
+from alignvl_scale.engine import free_port
 from alignvl_scale.synthetic import make_tiny_towers, write_image_shards
 
 # Documented in docs/demo.md; they change only with the emoji package's data.

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_tiny_towers, write_image_shards
-from distributed import free_port
+
+from alignvl_scale.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
