@@ -109,16 +109,13 @@ def _extract_shard(url: str, target: Path, towers: TowerPair, limits: DecodeLimi
 
     with wds.TarWriter(str(tmp), encoder=False) as writer:
         for raw in raw_samples(url):
-            counts.unsafe_members += raw.unsafe
             try:
-                if raw.reason is not None:
-                    raise SkipSample(raw.reason, raw.detail)
-                captions, _ = decode_captions(raw.members, limits)  # the checks training makes
+                captions, _ = decode_captions(raw.check(), limits)  # the checks training makes
                 image = decode_image(raw.members, limits)
             except SkipSample as skip:
-                counts.record(skip)
+                counts.record(skip, raw.unsafe)
                 continue
-            counts.record(image)
+            counts.record(image, raw.unsafe)
             pending.append((raw.key, image, captions))
             if len(pending) == batch_size:
                 flush(writer)

@@ -9,7 +9,6 @@ checkpointed with `rng_state()` / `load_rng_state()`.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -207,17 +206,14 @@ def adopt_feature_manifest(cfg: RunConfig) -> None:
     import dataclasses
 
     from alignvl_scale.config import TowerConfig
-    from alignvl_scale.data.shards import DataSourceError, read_manifest
+    from alignvl_scale.data.shards import DataSourceError, manifest_of
 
     if cfg.model.image_dim is not None and cfg.model.text_dim is not None:
         return
-    for spec in cfg.data.train or cfg.eval.data:
-        folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
-        if (folder / "manifest.json").exists():
-            manifest = read_manifest(folder)
-            break
-    else:
-        raise DataSourceError(f"data.kind=features needs a feature manifest in one of {cfg.data.train}")
+    specs = cfg.data.train or cfg.eval.data
+    manifest = next(filter(None, map(manifest_of, specs)), None)
+    if manifest is None:
+        raise DataSourceError(f"data.kind=features needs a feature manifest in one of {specs}")
     cfg.model.image_dim, cfg.model.text_dim = manifest["image_dim"], manifest["text_dim"]
     towers = manifest.get("towers", {})
     if "image" in towers:

@@ -10,7 +10,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from alignvl_scale.data.shards import MANIFEST_FORMAT, SHARD_PATTERN, sample_members, write_json_atomic
+from alignvl_scale.data.shards import MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN, sample_members, write_json_atomic
 
 
 def png_bytes(seed: int, size: int = 8) -> bytes:
@@ -34,7 +34,7 @@ def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int 
                 firsts.append(captions[0])
                 index += 1
         shards.append({"name": name, "samples": size})
-    write_json_atomic(folder / "manifest.json", {"format": MANIFEST_FORMAT, "kind": "image-text",
+    write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "kind": "image-text",
                                                  "shards": shards, "samples": index - start})
     return firsts
 

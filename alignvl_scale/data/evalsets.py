@@ -7,7 +7,6 @@ are skipped and counted, as in training. Feature shards give pre-extracted featu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ from alignvl_scale.data.samples import (
     decode_captions,
     decode_features,
     decode_image,
+    image_member,
 )
-from alignvl_scale.data.shards import DataSourceError, iter_caption_rows, resolve_spec
+from alignvl_scale.data.shards import DataSourceError, iter_caption_rows, manifest_of, resolve_spec
 
 
 @dataclass
@@ -61,33 +61,26 @@ def _from_jsonl(path: Path, limits: DecodeLimits) -> RetrievalSet:
             decode_image({ext if ext != "jpeg" else "jpg": data}, limits)
             out.add(data, clean_captions(row.get("captions", row.get("caption")), limits))
         except SkipSample as skip:
-            out.counts.skipped[skip.reason] += 1
+            out.counts.record(skip)
     return out
 
 
 def _from_shards(spec: str, limits: DecodeLimits) -> RetrievalSet:
-    shards = resolve_spec(spec)
-    kind = "image-text"
-    folder = Path(spec if Path(spec).is_dir() else Path(spec).parent)
-    if (folder / "manifest.json").exists():
-        kind = json.loads((folder / "manifest.json").read_text()).get("kind", kind)
-    out = RetrievalSet(kind=kind)
-    for shard in shards:
+    manifest = manifest_of(spec) or {}
+    out = RetrievalSet(kind=manifest.get("kind", "image-text"))
+    for shard in resolve_spec(spec):
         for raw in raw_samples(shard.url):
-            out.counts.unsafe_members += raw.unsafe
             try:
-                if raw.reason is not None:
-                    raise SkipSample(raw.reason, raw.detail)
-                if kind == "features":
-                    image, text = decode_features(raw.members)
+                if out.kind == "features":
+                    image, text = decode_features(raw.check())
                     out.add(image.astype(np.float32), list(np.atleast_2d(text).astype(np.float32)))
                 else:
-                    captions, _ = decode_captions(raw.members, limits)
+                    captions, _ = decode_captions(raw.check(), limits)
                     decode_image(raw.members, limits)  # checked now, decoded again when encoded
-                    ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in raw.members)
-                    out.add(raw.members[ext], captions)
+                    out.add(image_member(raw.members), captions)
             except SkipSample as skip:
-                out.counts.skipped[skip.reason] += 1
+                out.counts.record(skip)
+            out.counts.unsafe_members += raw.unsafe
     return out
 
 

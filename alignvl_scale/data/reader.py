@@ -61,6 +61,12 @@ class RawSample:
     detail: str = ""
     unsafe: int = 0  # members never opened because of their extension
 
+    def check(self) -> dict[str, bytes]:
+        """The members, or the SkipSample this sample is already known to be."""
+        if self.reason is not None:
+            raise SkipSample(self.reason, self.detail or f"key {self.key!r}")
+        return self.members
+
 
 def raw_samples(url: str) -> Iterator[RawSample]:
     """Group a tar stream's members by key. A broken stream ends the shard with one
@@ -113,8 +119,7 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
         if consumed <= start:
             continue
         try:
-            if raw.reason is not None:
-                raise SkipSample(raw.reason, raw.detail or f"key {raw.key!r}")
+            raw.check()
             yield consumed, decode(raw), raw.unsafe
         except SkipSample as skip:
             yield consumed, skip, raw.unsafe

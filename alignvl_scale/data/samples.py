@@ -134,11 +134,16 @@ def decode_captions(members: dict[str, bytes], limits: DecodeLimits) -> tuple[li
     return clean_captions(meta.get("captions"), limits), meta
 
 
-def decode_image(members: dict[str, bytes], limits: DecodeLimits) -> Image.Image:
+def image_member(members: dict[str, bytes]) -> bytes:
+    """The raw bytes of a sample's image member (the first of IMAGE_EXTENSIONS present)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
         raise SkipSample("missing_image")
-    data = members[ext]
+    return members[ext]
+
+
+def decode_image(members: dict[str, bytes], limits: DecodeLimits) -> Image.Image:
+    data = image_member(members)
     if len(data) > limits.max_image_bytes:
         raise SkipSample("oversized_image", f"{len(data)} bytes")
     try:

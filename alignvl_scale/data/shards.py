@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from alignvl_scale.data.samples import DecodeLimits, SkipSample, clean_captions
+from alignvl_scale.data.samples import IMAGE_EXTENSIONS, DecodeLimits, SkipSample, clean_captions
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "alignvl-shards/1"
@@ -94,6 +94,13 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def manifest_of(spec: str) -> dict | None:
+    """The manifest of the folder a spec names (a folder, its manifest.json, or files in it)."""
+    path = Path(spec)
+    folder = path if path.is_dir() else path.parent
+    return read_manifest(folder) if not spec.startswith("pipe:") and (folder / MANIFEST).exists() else None
+
+
 def resolve_spec(spec: str, samples_per_shard: int | None = None) -> list[Shard]:
     """Shards of one source spec: a folder or manifest.json written by `shards`, or a
     brace-expanded list of urls (`/data/s-{000..099}.tar`, `pipe:aws s3 cp s3://b/s-{0..9}.tar -`).
@@ -127,7 +134,7 @@ def _encode_image(image: object, source: str) -> tuple[bytes, str]:
             data = path.read_bytes()
         except OSError as exc:
             raise DataSourceError(f"{source}: cannot read image {path}: {exc}") from None
-        return data, ext if ext in ("jpg", "jpeg", "png", "webp") else "png"
+        return data, ext if ext in IMAGE_EXTENSIONS else "png"
     if isinstance(image, bytes):
         with Image.open(io.BytesIO(image)) as img:
             fmt = (img.format or "png").lower()
