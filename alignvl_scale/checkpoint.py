@@ -20,19 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from alignvl_scale.distributed import barrier, broadcast_from_rank0, rank_world
 
 TAG = "state"
 LATEST = "latest"
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state(random_modules: dict) -> dict:
@@ -63,50 +55,48 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
                     keep: int, config_yaml: str) -> Path:
     """Every rank calls this (ZeRO shards live on every rank). The run config is saved
     with it, so that a checkpoint exports and evaluates on its own."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     root = Path(run_dir) / "checkpoints"
     path = root / f"step_{step:08d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a save of this step that died earlier; `latest` never pointed here
             shutil.rmtree(path)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(path), tag=TAG)
     (path / f"rank_{rank}.json").write_text(json.dumps({**trainer_state, "step": step, "world": world}))
     torch.save(rng_state(random_modules), path / f"rng_{rank}.pt")
     if rank == 0:
         (path / "config.yaml").write_text(config_yaml)
-    _barrier()
+    barrier()
     if rank == 0:
         tmp = root / f".{LATEST}.tmp"
         tmp.write_text(path.name)
         os.replace(tmp, root / LATEST)
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return path
 
 
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     """'latest' -> the checkpoint `latest` names (None when there is none yet); else a path.
     Decided on rank 0 and broadcast, so every rank loads the same one."""
-    rank, _ = _rank_world()
-    choice = [None]
-    if rank == 0:
+    choice = None
+    if rank_world()[0] == 0:
         if resume == "latest":
             pointer = Path(run_dir) / "checkpoints" / LATEST
-            choice[0] = str(pointer.parent / pointer.read_text().strip()) if pointer.exists() else None
+            choice = str(pointer.parent / pointer.read_text().strip()) if pointer.exists() else None
         else:
-            choice[0] = str(Path(resume))
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    if choice[0] is not None and not Path(choice[0], TAG).is_dir():
-        raise FileNotFoundError(f"--resume {resume}: {choice[0]} is not a checkpoint (no {TAG}/ inside)")
-    return Path(choice[0]) if choice[0] else None
+            choice = str(Path(resume))
+    choice = broadcast_from_rank0(choice)
+    if choice is not None and not Path(choice, TAG).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: {choice} is not a checkpoint (no {TAG}/ inside)")
+    return Path(choice) if choice else None
 
 
 def load_checkpoint(engine, path: Path, random_modules: dict) -> dict:
-    rank, world = _rank_world()
+    rank, world = rank_world()
     state = json.loads((path / f"rank_{rank}.json").read_text())
     if state["world"] != world:
         raise RuntimeError(f"{path} was written by {state['world']} ranks, this run has {world}: the data position "

@@ -116,15 +116,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    import torch
     import torch.distributed as dist
 
     from alignvl_scale.config import load_config
+    from alignvl_scale.distributed import backend
     from alignvl_scale.extract import extract
 
     cfg = load_config(args.config, args.overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / deepspeed
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend())
     manifest = extract(cfg, args.data, args.out, args.batch_size)
     if manifest is not None:
         print(f"{manifest['samples']} samples -> {args.out} (image dim {manifest['image_dim']}, "

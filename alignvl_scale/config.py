@@ -43,6 +43,7 @@ class TowerConfig:
     kind: str = "hf"  # a name in alignvl_scale.towers.TOWERS
     name: str = ""  # HF hub name or local path (hf), ignored by kinds that need none
     pooling: str = "auto"  # auto | cls | mean | last_token | pooler
+    init: str = "pretrained"  # pretrained: the weights at `name`; random: its architecture, freshly initialized
     trainable: bool = False
     gradient_checkpointing: bool = False
     max_length: int = 77  # text towers: tokens per caption
@@ -51,6 +52,9 @@ class TowerConfig:
         _require(self.pooling in ("auto", "cls", "mean", "last_token", "pooler"), f"{key}.pooling",
                  "one of auto, cls, mean, last_token, pooler", self.pooling)
         _require(self.max_length >= 1, f"{key}.max_length", ">= 1", self.max_length)
+        _require(self.init in ("pretrained", "random"), f"{key}.init", "pretrained or random", self.init)
+        _require(self.init == "pretrained" or self.trainable, f"{key}.init", "pretrained unless the tower is "
+                 "trainable (a frozen random tower teaches the adapters nothing)", self.init)
 
 
 @dataclass

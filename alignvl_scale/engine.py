@@ -13,9 +13,8 @@ import socket
 from contextlib import nullcontext
 from datetime import timedelta
 
-import torch
-
 from alignvl_scale.config import ConfigError, RunConfig
+from alignvl_scale.distributed import backend
 
 
 def free_port() -> int:
@@ -42,11 +41,16 @@ def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
         elif ds[key] != value:
             raise ConfigError(f"{path}: {key} is {ds[key]} but the run config implies {value}; "
                               "set it to \"auto\"")
-    bf16 = cfg.train.precision == "bf16"
-    ds.setdefault("bf16", {})["enabled"] = bf16
-    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{path}: fp16 is not supported; use train.precision=bf16")
-    ds.pop("fp16", None)
+    for key in ("fp16", "bf16", "torch_autocast"):
+        if ds.get(key, {}).get("enabled") not in (None, False, "auto"):
+            raise ConfigError(f"{path}: {key} is set by train.precision (bf16 runs under torch autocast "
+                              "with fp32 parameters); set it to \"auto\" or remove it")
+        ds.pop(key, None)
+    # bf16 = autocast with fp32 parameters and master weights (open_clip's amp_bf16), not
+    # DeepSpeed's bf16 mode: that casts every parameter to bf16, so the temperature would
+    # move in 1.5% jumps and the head's inputs lose the Random Perturbation noise
+    # (docs/training.md, "Precision").
+    ds["torch_autocast"] = {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"}
     return ds
 
 
@@ -79,9 +83,7 @@ def make_accelerator(ds_config: dict):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    # gloo on CPU: without it Accelerate picks a backend DeepSpeed's CPU accelerator cannot use.
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(seconds=int(os.environ.get("ALIGNVL_DIST_TIMEOUT_S", "1800")))
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-    return Accelerator(deepspeed_plugin=plugin, mixed_precision="bf16" if ds_config["bf16"]["enabled"] else "no",
-                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
+    return Accelerator(deepspeed_plugin=plugin, mixed_precision="no",  # autocast is DeepSpeed's (fill_ds_config)
+                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), timeout=timeout)])

@@ -20,6 +20,7 @@ class Encoder:
     """Images and captions -> joint embeddings through towers + head (no noise, no mixup).
 
     `image_transform` / `tokenize` come from the towers; feature inputs need neither.
+    dtype bfloat16 runs the towers under autocast, as training does (the head is fp32).
     """
 
     def __init__(self, model: AlignVLModel, image_transform: Callable | None, tokenize: Callable | None,
@@ -39,8 +40,9 @@ class Encoder:
             pil = [Image.open(io.BytesIO(i)).convert("RGB") if isinstance(i, bytes) else i.convert("RGB")
                    for i in images]
             pixels = torch.stack([self.image_transform(p) for p in pil])
-            x = self.image_tower(pixel_values=pixels.to(self.device, self.dtype))
-        return self.model.head.encode_image(x.to(self.device, self.dtype)).float()
+            with self.autocast():
+                x = self.image_tower(pixel_values=pixels.to(self.device))
+        return self.model.head.encode_image(x.to(self.device))
 
     @torch.no_grad()
     def encode_texts(self, texts: list) -> torch.Tensor:
@@ -49,8 +51,12 @@ class Encoder:
             y = torch.stack([torch.as_tensor(t) for t in texts])
         else:
             tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts)).items()}
-            y = self.text_tower(**tokens)
-        return self.model.head.encode_text(y.to(self.device, self.dtype)).float()
+            with self.autocast():
+                y = self.text_tower(**tokens)
+        return self.model.head.encode_text(y.to(self.device))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
 def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:

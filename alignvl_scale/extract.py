@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from tqdm import tqdm
 
@@ -30,6 +29,7 @@ from alignvl_scale.config import RunConfig
 from alignvl_scale.data.reader import raw_samples
 from alignvl_scale.data.samples import DecodeLimits, SkipCounts, SkipSample, decode_captions, decode_image
 from alignvl_scale.data.shards import MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN, resolve_spec, write_json_atomic
+from alignvl_scale.distributed import any_rank, barrier, rank_world
 from alignvl_scale.engine import fill_ds_config, zero3_init, zero_stage
 from alignvl_scale.model import build_towers
 from alignvl_scale.towers import set_train_mode
@@ -69,9 +69,7 @@ class TowerPair:
     def _agree(self, have_work: bool) -> bool:
         if not self.lockstep:
             return have_work
-        flag = torch.tensor([float(have_work)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(have_work, self.device)
 
     def encode(self, pending: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
         """[(key, PIL image, captions)] -> (image features, text features of all captions)."""
@@ -136,7 +134,7 @@ def _first_image(shards: list, limits: DecodeLimits):
 
 def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int = 64) -> dict | None:
     """Every rank calls this; returns the manifest on rank 0 (None elsewhere)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +152,7 @@ def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int =
         if towers.dummy is None:  # nothing to encode here: borrow a sample for the dummy forwards
             towers.dummy = [("", next(_first_image(shards, limits)), ["a"])]
         towers.finish()
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if rank != 0:
         return None
     entries, total = [], SkipCounts()

@@ -28,18 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignvl_scale.distributed import rank_world
+
 
 @dataclass
 class LossOutput:
     loss: Tensor  # global loss value, local-share gradient (see module docstring)
     i2t_accuracy: Tensor  # in-batch top-1 over the global batch, no grad
     t2i_accuracy: Tensor
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -53,7 +49,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        rank, world = _world()
+        rank, world = rank_world()
         ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
@@ -72,7 +68,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     Local batch sizes must agree across ranks: a mismatch is detected on every rank (so
     every rank raises, none hangs at a later collective).
     """
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return x
     sizes = torch.tensor([x.shape[0]], device=x.device)
@@ -161,7 +157,7 @@ def align_vl_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: T
                              smoothing: float = 0.0, chunk_size: int | None = None) -> LossOutput:
     """The loss plus in-batch top-1 accuracies, see `align_vl_loss`."""
     _validate(image_emb, text_emb, smoothing, chunk_size)
-    rank, world = _world()
+    rank, world = rank_world()
     # fp32 math whatever the towers run in: bf16 logits lose the ranking at large N.
     u, v = image_emb.float(), text_emb.float()
     scale = logit_scale.float().reshape(())

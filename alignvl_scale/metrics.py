@@ -5,8 +5,11 @@ An image has one or more captions (`caption_to_image[t]` names caption t's image
   when some caption of the image is in the top K.
 - text -> image: exactly one correct image per caption.
 Ties count against the model: every wrong candidate scoring >= the correct one is ranked
-ahead of it. Scores are computed in (row chunk x column chunk) tiles, so 100k images x
-500k captions never materialize as one matrix.
+ahead of it. For that to hold on duplicated images or captions, the correct and the wrong
+scores come out of the same computation: the same (query chunk x key chunk) tiles, each
+tile a float64 product rounded to float32, so that equal dot products are equal numbers
+whatever order the matrix multiply summed them in. Tiles keep 100k images x 500k captions
+from ever materializing as one matrix.
 """
 
 from __future__ import annotations
@@ -17,18 +20,27 @@ from torch import Tensor
 RECALL_KS = (1, 5, 10)
 
 
-def _count_better(queries: Tensor, keys: Tensor, threshold: Tensor, own: Tensor, key_owner: Tensor,
-                  chunk: int) -> Tensor:
-    """For each query q: #{keys k not owned by q with q . k >= threshold[q]}.
-
-    `own[q]` is the id that marks q's correct keys; `key_owner[k]` the id of key k.
-    """
-    counts = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+def _score_tiles(queries: Tensor, keys: Tensor, chunk: int):
+    """(start, scores of queries against keys[start:start + chunk]); the same tiles every call."""
+    queries = queries.double()
     for start in range(0, keys.shape[0], chunk):
-        scores = queries @ keys[start:start + chunk].T
-        wrong = own[:, None] != key_owner[None, start:start + chunk]
-        counts += ((scores >= threshold[:, None]) & wrong).sum(dim=1)
-    return counts
+        yield start, (queries @ keys[start:start + chunk].double().T).float()
+
+
+def _ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, chunk: int) -> Tensor:
+    """1 + #{keys not owned by q scoring >= q's best key among those it owns}, per query q.
+
+    `query_owner[q]` is the id that marks q's correct keys; `key_owner[k]` the id of key k.
+    """
+    best = torch.full((queries.shape[0],), float("-inf"), device=queries.device)
+    for start, scores in _score_tiles(queries, keys, chunk):
+        correct = query_owner[:, None] == key_owner[None, start:start + chunk]
+        best = torch.maximum(best, scores.masked_fill(~correct, float("-inf")).amax(dim=1))
+    better = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start, scores in _score_tiles(queries, keys, chunk):
+        wrong = query_owner[:, None] != key_owner[None, start:start + chunk]
+        better += ((scores >= best[:, None]) & wrong).sum(dim=1)
+    return 1 + better
 
 
 def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
@@ -62,20 +74,9 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
     captions_per_image = torch.bincount(caption_to_image, minlength=n_images)
     if (captions_per_image == 0).any():
         raise ValueError(f"{int((captions_per_image == 0).sum())} images have no caption")
-    image_emb, text_emb = image_emb.float(), text_emb.float()
     image_ids = torch.arange(n_images, device=image_emb.device)
-
-    # Score of every caption with its own image, and each image's best caption score.
-    positive = (text_emb * image_emb[caption_to_image]).sum(dim=1)
-    best_positive = torch.full((n_images,), float("-inf"), device=image_emb.device)
-    best_positive.scatter_reduce_(0, caption_to_image, positive, reduce="amax")
-
-    t2i = torch.cat([
-        1 + _count_better(text_emb[s:s + chunk_size], image_emb, positive[s:s + chunk_size],
-                          caption_to_image[s:s + chunk_size], image_ids, chunk_size)
-        for s in range(0, n_texts, chunk_size)])
-    i2t = torch.cat([
-        1 + _count_better(image_emb[s:s + chunk_size], text_emb, best_positive[s:s + chunk_size],
-                          image_ids[s:s + chunk_size], caption_to_image, chunk_size)
-        for s in range(0, n_images, chunk_size)])
+    t2i = torch.cat([_ranks(text_emb[s:s + chunk_size], image_emb, caption_to_image[s:s + chunk_size], image_ids,
+                            chunk_size) for s in range(0, n_texts, chunk_size)])
+    i2t = torch.cat([_ranks(image_emb[s:s + chunk_size], text_emb, image_ids[s:s + chunk_size], caption_to_image,
+                            chunk_size) for s in range(0, n_images, chunk_size)])
     return {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}

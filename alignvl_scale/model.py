@@ -65,14 +65,16 @@ class RandomPerturbation(_Seeded):
         self.mode = mode
 
     def forward(self, x: Tensor) -> Tensor:
+        """fp32 out whatever comes in: noise at sigma = 0.01 on bf16 features of magnitude ~4
+        is below bf16's resolution (2**-6 there), so casting back would drop most of it."""
+        x = x.float()
         if not self.training or self.sigma == 0:
             return x
-        # Noise drawn in fp32 so that bf16 inputs get the same distribution.
         eps = torch.randn(x.shape, device=x.device, dtype=torch.float32, generator=self.generator(x.device))
         level = self.sigma
         if self.mode == "relative":
-            level = self.sigma * x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
-        return (x.float() + level * eps).to(x.dtype)
+            level = self.sigma * x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return x + level * eps
 
 
 class LatentMixup(_Seeded):
@@ -91,7 +93,7 @@ class LatentMixup(_Seeded):
         gen = self.generator(x.device)
         # Beta(a, a) as G1 / (G1 + G2) with Gamma(a) draws: torch's Beta takes no generator.
         gammas = torch._standard_gamma(torch.full((2,), float(self.alpha), device=x.device), generator=gen)
-        lam = (gammas[0] / gammas.sum()).to(x.dtype)
+        lam = gammas[0] / gammas.sum()
         perm = torch.randperm(x.shape[0], device=x.device, generator=gen)
         return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
@@ -118,12 +120,35 @@ def build_adapter(kind: str, in_dim: int, out_dim: int, depth: int = 2, expansio
     raise ValueError(f"adapter kind must be 'mlp' or 'linear', got {kind!r}")
 
 
+class _ClampMaxComeBack(torch.autograd.Function):
+    """min(x, limit) whose gradient above the limit still lets x come down.
+
+    A plain clamp has zero gradient above the limit, so a parameter that overshoots stays
+    there for ever. Here, above the limit, a gradient that would lower x (positive, under
+    gradient descent) passes through and one that would raise x further is dropped.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, limit: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.limit = limit
+        return x.clamp(max=limit)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        above = x > ctx.limit
+        return torch.where(above & (grad < 0), torch.zeros_like(grad), grad), None
+
+
 class Temperature(nn.Module):
-    """Learnable log temperature t; forward gives exp(t) clamped to MAX_LOGIT_SCALE.
+    """Learnable log temperature t; forward gives exp(t), at most MAX_LOGIT_SCALE.
 
     The parameter is 1-D (shape [1]): DeepSpeed 0.19 crashes on 0-dim parameters. The clamp
-    is in forward because under ZeRO an in-place clamp after the step would touch the bf16
-    copy, not the fp32 master weights.
+    is in forward (under ZeRO the optimizer updates fp32 master copies, not the module's
+    parameter), with a gradient that lets an overshooting t come back down
+    (`_ClampMaxComeBack`). Under bf16 the parameter stays fp32 (autocast), so t moves with
+    fp32 resolution.
     """
 
     def __init__(self, init: float = TEMPERATURE_INIT, max_scale: float = MAX_LOGIT_SCALE) -> None:
@@ -132,13 +157,20 @@ class Temperature(nn.Module):
         self.max_scale = max_scale
 
     def forward(self) -> Tensor:
-        return self.log_scale.float().exp().clamp(max=self.max_scale)
+        return _ClampMaxComeBack.apply(self.log_scale.float().exp(), self.max_scale)
+
+
+def _fp32(device: torch.device):
+    """Autocast off: the head's numbers at fp32 resolution whatever the towers run in."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class AlignVLHead(nn.Module):
     """Tower outputs (x, y) -> normalized joint embeddings (u, v) and the logit scale.
 
-    mixup -> Random Perturbation (independent noise per modality) -> adapters -> L2 norm.
+    mixup -> Random Perturbation (independent noise per modality) -> adapters -> L2 norm,
+    all in fp32 with autocast off (the head is small next to the towers; in bf16 the noise
+    at sigma = 0.01 would fall below the resolution of features of magnitude ~4).
     """
 
     def __init__(self, image_dim: int, text_dim: int, embed_dim: int, adapter: str = "mlp",
@@ -156,14 +188,17 @@ class AlignVLHead(nn.Module):
         self.temperature = Temperature()
 
     def encode_image(self, x: Tensor) -> Tensor:
-        return F.normalize(self.image_adapter(self.image_noise(x)), dim=-1)
+        with _fp32(x.device):
+            return F.normalize(self.image_adapter(self.image_noise(x.float())), dim=-1)
 
     def encode_text(self, y: Tensor) -> Tensor:
-        return F.normalize(self.text_adapter(self.text_noise(y)), dim=-1)
+        with _fp32(y.device):
+            return F.normalize(self.text_adapter(self.text_noise(y.float())), dim=-1)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = self.mixup(x, y)
-        return self.encode_image(x), self.encode_text(y), self.temperature()
+        with _fp32(x.device):
+            x, y = self.mixup(x.float(), y.float())
+            return self.encode_image(x), self.encode_text(y), self.temperature()
 
     def random_modules(self) -> dict[str, _Seeded]:
         return {"mixup": self.mixup, "image_noise": self.image_noise, "text_noise": self.text_noise}

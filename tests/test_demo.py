@@ -2,7 +2,6 @@
 demo's data builder."""
 
 import csv
-import io
 import json
 import subprocess
 from pathlib import Path
@@ -14,10 +13,9 @@ from test_train import BIN, ROOT, env, export_and_eval, logged, run
 
 from alignvl_scale.ablate import METRICS, Setting, run_ablation
 from alignvl_scale.data.evalsets import load_retrieval_set
-from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.demo import build_demo_data, emoji_entries, is_test
 from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import make_tiny_towers, write_image_shards
+from alignvl_scale.synthetic import make_tiny_towers, write_feature_shards, write_image_shards
 
 # Documented in docs/demo.md; they change only with the emoji package's data.
 DEMO_COUNTS = {"train": 1522, "test": 392, "not_in_font": 9}
@@ -35,28 +33,6 @@ def test_demo_data_builder_yields_its_documented_counts(tmp_path):
     assert build_demo_data(tmp_path) == {k: v for k, v in DEMO_COUNTS.items() if k != "not_in_font"}
 
 
-def _npy(a):
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
-def synthetic_features(folder: Path, n: int, dim: int = 24, seed: int = 0, shards: int = 4) -> None:
-    """Pairs whose text feature is a fixed linear map of the image feature, plus noise:
-    something adapters can learn. Two caption rows per sample."""
-    rng = np.random.default_rng(seed)
-    mix = np.random.default_rng(99).normal(size=(dim, dim)).astype(np.float32)
-    samples = []
-    for i in range(n):
-        image = rng.normal(size=dim).astype(np.float32)
-        texts = np.stack([image @ mix + 0.1 * rng.normal(size=dim) for _ in range(2)]).astype(np.float16)
-        samples.append(sample_members(f"{seed}_{i:05d}", **{"img.npy": _npy(image.astype(np.float16)),
-                                                             "txt.npy": _npy(texts)}))
-    manifest = write_shards(iter(samples), folder, -(-n // shards), kind="features", progress=False,
-                            extra={"image_dim": dim, "text_dim": dim})
-    assert manifest["samples"] == n
-
-
 def feature_config(tmp_path: Path, train: Path, test: Path) -> Path:
     path = tmp_path / "features.yaml"
     path.write_text(yaml.safe_dump({
@@ -68,8 +44,8 @@ def feature_config(tmp_path: Path, train: Path, test: Path) -> Path:
 
 
 def test_ablate_tiny_grid_writes_every_file(tmp_path):
-    synthetic_features(tmp_path / "train", 256)
-    synthetic_features(tmp_path / "test", 64, seed=1, shards=1)
+    write_feature_shards(tmp_path / "train", 256)
+    write_feature_shards(tmp_path / "test", 64, seed=1, shards=1)
     config = feature_config(tmp_path, tmp_path / "train", tmp_path / "test")
     grid = [Setting("baseline", "baseline", 0.0, 0.0), Setting("sigma=0.01 (paper default)", "sigma", 0.01, 0.0),
             Setting("alpha=0.2", "alpha", 0.01, 0.2)]

@@ -7,8 +7,10 @@ from alignvl_scale.metrics import retrieval_metrics
 
 
 def brute_force(image_emb, text_emb, caption_to_image):
-    """Rank every candidate by full sort, ties against the model, one query at a time."""
-    scores = (image_emb @ text_emb.T).tolist()
+    """Rank every candidate by full sort, ties against the model, one query at a time.
+    Each score is one float64 dot product of its two vectors alone, so equal vectors give
+    equal scores."""
+    scores = [[float(torch.dot(i.double(), t.double())) for t in text_emb] for i in image_emb]
     owner = caption_to_image.tolist()
     i2t, t2i = [], []
     for i, row in enumerate(scores):
@@ -66,3 +68,29 @@ def test_bad_metric_inputs():
         retrieval_metrics(torch.eye(3), torch.ones(3, 2), torch.arange(3))
     with pytest.raises(ValueError, match="outside"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_duplicated_images_and_captions_are_ties_against_the_model(seed):
+    """Real-valued embeddings, every image and every caption present twice. Each query's
+    correct key has an exact twin among the wrong ones, so R@1 must be 0 both ways, and the
+    ranks must equal a brute force whose scores depend only on the two vectors. (Taking the
+    positive's score from an elementwise product while its competitors come from a matmul
+    rounds them differently and gave R@1 of 6-13% here.)"""
+    g = torch.Generator().manual_seed(seed)
+    n_images, dim = 40, 96
+    images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=1)
+    captions = torch.nn.functional.normalize(images.repeat_interleave(2, dim=0)
+                                             + 0.7 * torch.randn(2 * n_images, dim, generator=g), dim=1)
+    caption_to_image = torch.arange(n_images).repeat_interleave(2)
+    # Image k + n is a copy of image k; caption j + 2n a copy of caption j, owned by the copy.
+    image_emb = torch.cat([images, images])
+    text_emb = torch.cat([captions, captions])
+    caption_to_image = torch.cat([caption_to_image, caption_to_image + n_images])
+    order = torch.randperm(len(text_emb), generator=g)  # twins land in different chunks
+    text_emb, caption_to_image = text_emb[order], caption_to_image[order]
+    got = retrieval_metrics(image_emb, text_emb, caption_to_image, chunk_size=33)
+    assert got["i2t_R@1"] == 0 and got["t2i_R@1"] == 0
+    want = brute_force(image_emb, text_emb, caption_to_image)
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key

@@ -109,9 +109,40 @@ def test_temperature_is_1d_and_clamped_in_forward():
 
 
 @pytest.mark.parametrize("adapter", ["mlp", "linear"])
-def test_head_outputs_unit_embeddings_in_bf16(adapter):
-    head = AlignVLHead(24, 40, 16, adapter=adapter, noise_sigma=0.05, mixup_alpha=0.5).to(torch.bfloat16)
-    u, v, scale = head(torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16))
-    assert u.shape == v.shape == (6, 16)
-    torch.testing.assert_close(u.float().norm(dim=1), torch.ones(6), rtol=1e-2, atol=1e-2)
-    assert scale.dtype == torch.float32 and scale.shape == (1,)
+def test_head_runs_in_fp32_on_bf16_tower_outputs_under_autocast(adapter):
+    head = AlignVLHead(24, 40, 16, adapter=adapter, noise_sigma=0.05, mixup_alpha=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, v, scale = head(torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16))
+    assert u.dtype == v.dtype == scale.dtype == torch.float32
+    assert u.shape == v.shape == (6, 16) and scale.shape == (1,)
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_noise_on_low_precision_features_keeps_its_level(dtype):
+    """sigma = 0.01 on features of magnitude ~4: below bf16's resolution there (2**-6), so
+    noise added and cast back to bf16 would mostly vanish. The noise actually added (output
+    minus input) must have RMS sigma within 2%."""
+    x = (4 + torch.rand(512, 256, generator=torch.Generator().manual_seed(0))).to(dtype)
+    rp = RandomPerturbation(0.01, seed=3)
+    added = rp(x) - x.float()
+    assert added.pow(2).mean().sqrt().item() == pytest.approx(0.01, rel=0.02)
+
+
+def test_temperature_above_the_maximum_comes_back_when_the_loss_asks():
+    """A plain clamp has zero gradient above the limit: an overshooting scale stays there."""
+    t = Temperature()
+    with torch.no_grad():
+        t.log_scale.fill_(math.log(120.0))
+    optimizer = torch.optim.AdamW(t.parameters(), lr=0.05, weight_decay=0.0)
+    for _ in range(20):  # a loss that wants a smaller scale
+        optimizer.zero_grad()
+        t().sum().backward()
+        optimizer.step()
+    assert t.log_scale.exp().item() < MAX_LOGIT_SCALE < 120.0
+    # Above the limit, a gradient that would raise the scale further is dropped.
+    with torch.no_grad():
+        t.log_scale.fill_(math.log(120.0))
+    t.log_scale.grad = None
+    (-t()).sum().backward()
+    assert t.log_scale.grad.item() == 0.0

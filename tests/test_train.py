@@ -13,7 +13,10 @@ import pytest
 import yaml
 from conftest import make_tiny_towers, write_image_shards
 
+from alignvl_scale.config import config_from_dict
 from alignvl_scale.engine import free_port
+from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.train import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,7 +45,8 @@ def write_config(assets, run_dir: Path, text_tower: str = "bert", **sections) ->
                   "text_tower": {"name": towers[text_tower], "max_length": 16},
                   "embed_dim": 16, "adapter_depth": 1, "noise_sigma": 0.0},
         "data": {"train": [str(root / "train")], "batch_size": 4, "workers": 1, "image_size": 16},
-        "train": {"steps": 30, "lr": 0.003, "min_lr_ratio": 1.0, "log_every": 2},
+        # A decaying schedule: a constant one hid a schedule running world_size times too fast.
+        "train": {"steps": 30, "lr": 0.003, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 2},
         "eval": {"data": [str(root / "eval")], "batch_size": 8},
         "run_dir": str(run_dir),
     }
@@ -53,17 +57,17 @@ def write_config(assets, run_dir: Path, text_tower: str = "bert", **sections) ->
     return path
 
 
-def launch_cmd(launcher: str, stage: int, config: Path, *args: str) -> list[str]:
+def launch_cmd(launcher: str, stage: int, config: Path, *args: str, ranks: int = 2) -> list[str]:
     port = str(free_port())
     train = [str(ROOT / "launchers" / "train.py"), "--config", str(config), *args]
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port,
-                *train, f"engine.ds_config=ds_configs/zero{stage}.json"]
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                "--master_port", port, *train, f"engine.ds_config=ds_configs/zero{stage}.json"]
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, *train,
+        return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, *train,
                 f"engine.ds_config=ds_configs/zero{stage}.json"]
     return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / f"launchers/accelerate/zero{stage}.yaml"),
-            "--main_process_port", port, *train]
+            "--num_processes", str(ranks), "--main_process_port", port, *train]
 
 
 def env() -> dict:
@@ -86,6 +90,16 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
         if key in record:
             out[record["step"]] = record[key]
     return out
+
+
+def assert_lr_follows_the_schedule(run_dir: Path) -> None:
+    """`train/lr` (read back from the optimizer DeepSpeed steps) at every logged step s is
+    the schedule's value for the optimizer step that made s: warmup, then cosine."""
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), validate=False)
+    lrs = logged(run_dir, "train/lr")
+    assert lrs, "no train/lr logged"
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(learning_rate(cfg, step - 1, cfg.train.steps), rel=1e-6), (step, lrs)
 
 
 def tensorboard_tags(run_dir: Path) -> set[str]:
@@ -141,6 +155,7 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
 
     losses = list(logged(run_dir, "train/loss").values())
     assert len(losses) == 15
+    assert_lr_follows_the_schedule(run_dir)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses  # it learns
     assert logged(run_dir, "train/contrastive_batch")[30] == 8
     assert REQUIRED_SCALARS <= tensorboard_tags(run_dir)
@@ -187,6 +202,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(assets, tmp_path):
                                                                    rel=1e-4)
     for s in steps:
         assert resumed[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), s
+    assert_lr_follows_the_schedule(killed_dir)  # through the resume
     kept = sorted(p.name for p in (killed_dir / "checkpoints").glob("step_*"))
     assert len(kept) == 2 and kept[-1] == "step_00000080"
 
@@ -210,6 +226,7 @@ def test_two_nodes_on_loopback(assets, tmp_path):
     ("loss.smoothing=1.5", "loss.smoothing: must be in [0, 1), got 1.5"),
     ("data.batchsize=4", "data.batchsize: unknown key"),
     ("train.accumulation=4", "train.accumulation: must be 1"),
+    ("train.precision=fp16", "train.precision: must be fp32 or bf16"),
     ("engine.ds_config=nope.json", "engine.ds_config: must be an existing DeepSpeed JSON file"),
 ])
 def test_bad_config_fails_before_any_process_group(assets, tmp_path, override, message):
@@ -231,3 +248,64 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path):
     assert proc.returncode != 0
     assert "non-finite loss, step skipped" in proc.stdout
     assert "3 non-finite losses in a row" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_learning_rate_schedule_is_one_step_per_optimizer_step_on_any_number_of_ranks(tmp_path, ranks):
+    """Warmup + cosine on 1, 2 and 3 ranks (cached features: no towers, fast). Through
+    `accelerate prepare`, a scheduler stepped world_size times per step reached its floor
+    after 1/world of the run."""
+    write_feature_shards(tmp_path / "features", 6 * 32, shards=6)
+    run_dir = tmp_path / "run"
+    config = run_dir.parent / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"embed_dim": 16, "adapter": "linear", "noise_sigma": 0.01},
+        "data": {"kind": "features", "train": [str(tmp_path / "features")], "batch_size": 8, "workers": 1},
+        "train": {"steps": 16, "lr": 0.01, "warmup_steps": 4, "min_lr_ratio": 0.0, "log_every": 1},
+        "run_dir": str(run_dir)}))
+    run(launch_cmd("torchrun", 1, config, ranks=ranks), run_dir)
+    assert_lr_follows_the_schedule(run_dir)
+    lrs = logged(run_dir, "train/lr")
+    assert lrs[4] == pytest.approx(0.01) and lrs[11] == pytest.approx(0.005)  # mid-cosine, not at its floor
+
+
+def test_bf16_logit_scale_and_loss_follow_the_fp32_run(assets, tmp_path):
+    """bf16 (autocast towers, fp32 head and temperature) tracks fp32 at every step while
+    the temperature moves by more than 5%. With bf16 parameters the scale moved in ~1.5%
+    jumps (bf16 spacing of log 14.3) and missed by up to 0.8%."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        run_dir = tmp_path / precision
+        config = write_config(assets, run_dir, model={"noise_sigma": 0.01},
+                              train={"precision": precision, "steps": 40, "lr": 0.005, "log_every": 1},
+                              loss={"smoothing": 0.5}, eval={"data": []})
+        run(launch_cmd("torchrun", 2, config), run_dir)
+        curves[precision] = (logged(run_dir, "train/logit_scale"), logged(run_dir, "train/loss"))
+    (scale32, loss32), (scale16, loss16) = curves["fp32"], curves["bf16"]
+    assert abs(scale32[40] / scale32[1] - 1) > 0.05, scale32
+    for step in scale32:
+        assert scale16[step] == pytest.approx(scale32[step], rel=5e-3), step
+        assert loss16[step] == pytest.approx(loss32[step], rel=2e-2), step
+
+
+def test_post_ln_tower_from_random_weights_at_a_high_lr_is_warned_about(assets):
+    from alignvl_scale.config import DataConfig, TowerConfig
+    from alignvl_scale.towers import build_tower, tower_warnings
+
+    towers = assets[1]
+    data = DataConfig(image_size=16)
+    bert = build_tower(TowerConfig(name=towers["bert"], init="random", trainable=True), "text", data)
+    assert "post-LN encoder (bert)" in tower_warnings(bert, "text", 5e-4)[0]
+    assert tower_warnings(bert, "text", 1e-4) == []  # a rate such towers learn at
+    llama = build_tower(TowerConfig(name=towers["llama"], init="random", trainable=True), "text", data)
+    assert tower_warnings(llama, "text", 5e-4) == []  # pre-norm
+    pretrained = build_tower(TowerConfig(name=towers["bert"], trainable=True), "text", data)
+    assert tower_warnings(pretrained, "text", 5e-4) == []
+
+
+def test_tiny_towers_are_the_same_every_time(tmp_path):
+    """Unseeded towers made the margins of the "it learns" checks change from run to run."""
+    first, second = make_tiny_towers(tmp_path / "a"), make_tiny_towers(tmp_path / "b")
+    for name in first:
+        a, b = (Path(p, "model.safetensors").read_bytes() for p in (first[name], second[name]))
+        assert a == b, name

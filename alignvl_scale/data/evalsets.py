@@ -27,6 +27,7 @@ from alignvl_scale.data.samples import (
     image_member,
 )
 from alignvl_scale.data.shards import DataSourceError, iter_caption_rows, manifest_of, resolve_spec
+from alignvl_scale.distributed import rank_world
 
 
 @dataclass
@@ -106,8 +107,7 @@ def encode_sharded(n_items: int, encode: Callable[[list[int]], torch.Tensor], ba
     the same size (the last padded with a repeat), so ZeRO-3's gathered forwards and the
     all_gather never wait on a rank that stopped early.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = rank_world()
     per_rank = -(-n_items // world)
     mine = [min(i, n_items - 1) for i in range(rank, per_rank * world, world)]
     parts = []
