@@ -4,7 +4,6 @@ forward (the work is split with `encode_sharded`), every rank gets the metrics."
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,20 +11,20 @@ from PIL import Image
 
 from alignvl_scale.data.evalsets import RetrievalSet, encode_sharded, load_retrieval_set
 from alignvl_scale.metrics import retrieval_metrics
-from alignvl_scale.model import AlignVLModel
+from alignvl_scale.model import AlignVLModel, Preprocessing
 from alignvl_scale.towers import set_train_mode
 
 
 class Encoder:
     """Images and captions -> joint embeddings through towers + head (no noise, no mixup).
 
-    `image_transform` / `tokenize` come from the towers; feature inputs need neither.
+    `preprocessing` (the towers' image transform and tokenizer) may be None for feature inputs.
     dtype bfloat16 runs the towers under autocast, as training does (the head is fp32).
     """
 
-    def __init__(self, model: AlignVLModel, image_transform: Callable | None, tokenize: Callable | None,
-                 device: torch.device, dtype: torch.dtype, image_tower=None, text_tower=None) -> None:
-        self.model, self.image_transform, self.tokenize = model, image_transform, tokenize
+    def __init__(self, model: AlignVLModel, preprocessing: Preprocessing | None, device: torch.device,
+                 dtype: torch.dtype, image_tower=None, text_tower=None) -> None:
+        self.model, self.preprocessing = model, preprocessing
         self.device, self.dtype = device, dtype
         # Towers kept outside the trained model (cached-feature runs) encode raw inputs here.
         self.image_tower = image_tower or model.image_tower
@@ -39,7 +38,7 @@ class Encoder:
         else:
             pil = [Image.open(io.BytesIO(i)).convert("RGB") if isinstance(i, bytes) else i.convert("RGB")
                    for i in images]
-            pixels = torch.stack([self.image_transform(p) for p in pil])
+            pixels = torch.stack([self.preprocessing.image_transform(p) for p in pil])
             with self.autocast():
                 x = self.image_tower(pixel_values=pixels.to(self.device))
         return self.model.head.encode_image(x.to(self.device))
@@ -50,7 +49,7 @@ class Encoder:
         if isinstance(texts[0], np.ndarray | torch.Tensor):
             y = torch.stack([torch.as_tensor(t) for t in texts])
         else:
-            tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts)).items()}
+            tokens = {k: v.to(self.device) for k, v in self.preprocessing.tokenize(list(texts)).items()}
             with self.autocast():
                 y = self.text_tower(**tokens)
         return self.model.head.encode_text(y.to(self.device))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from alignvl_scale.checkpoint import TAG
 from alignvl_scale.config import RunConfig, config_from_dict
 from alignvl_scale.evaluate import Encoder
-from alignvl_scale.model import build_model, build_towers
+from alignvl_scale.model import build_model, build_preprocessing, build_towers
 from alignvl_scale.towers import HFTower, save_tower_files
 
 CONFIG = "config.yaml"
@@ -53,14 +53,16 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     state = consolidated_state_dict(checkpoint)
     if cfg.data.kind != "features":  # towers are in the weights: keep their files beside them
         towers = build_towers(cfg, load_weights=True)
+        preprocessing = build_preprocessing(cfg)
         # ZeRO 1/2 checkpoints keep only optimized parameters in fp32; frozen tower weights
         # never change, so they come from the towers' own pretrained files.
         for prefix, tower in zip(("image_tower.", "text_tower."), towers, strict=True):
             for key, value in tower.state_dict().items():
                 state.setdefault(prefix + key, value.float().contiguous())
-        for modality, tower in zip(("image", "text"), towers, strict=True):
+        for modality, tower, prep in zip(("image", "text"), towers, (preprocessing.image_transform,
+                                                                   preprocessing.tokenize), strict=True):
             if isinstance(tower, HFTower):
-                save_tower_files(tower, out / f"{modality}_tower")
+                save_tower_files(tower, prep, out / f"{modality}_tower")
                 getattr(cfg.model, f"{modality}_tower").name = f"{modality}_tower"
     save_file(state, str(out / WEIGHTS))
     (out / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -86,5 +88,5 @@ def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
     model.load_state_dict(state, strict=True)
     for module in (model, image_tower, text_tower):
         module.to(device).eval()
-    return Encoder(model, image_tower.image_transform, text_tower.tokenize, torch.device(device), torch.float32,
+    return Encoder(model, build_preprocessing(cfg), torch.device(device), torch.float32,
                    image_tower, text_tower)

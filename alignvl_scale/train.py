@@ -31,7 +31,7 @@ from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, ze
 from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
-from alignvl_scale.model import AlignVLModel, build_model
+from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
 from alignvl_scale.towers import set_train_mode, tower_warnings
 
 
@@ -76,11 +76,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_decoder(cfg: RunConfig, model: AlignVLModel):
-    if cfg.data.kind == "features":
+def make_decoder(cfg: RunConfig, preprocessing: Preprocessing | None):
+    if preprocessing is None:
         return FeatureDecoder(cfg.seed)
     limits = DecodeLimits(cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.max_caption_chars)
-    return ImageTextDecoder(limits, model.image_tower.image_transform, model.text_tower.tokenize, cfg.seed)
+    return ImageTextDecoder(limits, preprocessing.image_transform, preprocessing.tokenize, cfg.seed)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -109,6 +109,8 @@ class Trainer:
         self.device = self.accelerator.device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run_dir)
+        # Only parameters inside zero.Init: its tensors land on the accelerator (issue 14).
+        preprocessing = None if cfg.data.kind == "features" else build_preprocessing(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
         with zero3_init(self.ds_config):
             model = build_model(cfg, self.rank)
@@ -117,7 +119,7 @@ class Trainer:
         for modality, tower in (("image", model.image_tower), ("text", model.text_tower)):
             for warning in tower_warnings(tower, modality, cfg.train.lr):
                 self.log(warning)
-        self.stream = TrainStream(cfg.data, make_decoder(cfg, model), self.rank, self.world, cfg.seed)
+        self.stream = TrainStream(cfg.data, make_decoder(cfg, preprocessing), self.rank, self.world, cfg.seed)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.batches_per_epoch
         # DeepSpeed steps this optimizer on its fp32 partitions; its param_groups' "lr" is
         # what every step uses, set by set_learning_rate() before each step.
@@ -129,9 +131,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         self.step, self.bad_steps_in_a_row, self.skipped_steps = 0, 0, 0
         self.eval_cache: dict = {}
-        image_tower, text_tower = self.model.image_tower, self.model.text_tower  # None on cached features
-        self.encoder = Encoder(self.model, image_tower and image_tower.image_transform,
-                               text_tower and text_tower.tokenize, self.device, self.dtype)
+        self.encoder = Encoder(self.model, preprocessing, self.device, self.dtype)  # features: no preprocessing
 
     # -- state -----------------------------------------------------------------------------
     def trainer_state(self) -> dict:

@@ -309,3 +309,30 @@ def test_tiny_towers_are_the_same_every_time(tmp_path):
     for name in first:
         a, b = (Path(p, "model.safetensors").read_bytes() for p in (first[name], second[name]))
         assert a == b, name
+
+
+def test_zero3_builds_only_parameters_inside_zero_init(assets, tmp_path):
+    """ZeRO-3 on a GPU died at its first batch: the image transform's mean/std were made
+    inside zero.Init (so on cuda:0) and a DataLoader worker mixed them with CPU pixels.
+    tests/scripts/zero3_scope.py records every tensor created inside zero.Init and checks
+    the decoder's, then trains through the real reader with 2 workers."""
+    run_dir = tmp_path / "run"
+    config = write_config(assets, run_dir, data={"workers": 2}, train={"steps": 2, "log_every": 1},
+                          eval={"data": []})
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/zero3_scope.py"), "--config", str(config),
+                           "engine.ds_config=ds_configs/zero3.json"], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert "ZERO3-SCOPE-OK" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0 and len(logged(run_dir, "train/loss")) == 2, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gpu_smoke_grid_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_smoke.py, one cell of its grid plus export and eval, on 2 CPU ranks."""
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_smoke.py"), "--ranks", "2", "--steps", "2",
+                           "--launchers", "torchrun", "--ds-configs", "zero3", "--out", str(out)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert [c["ok"] for c in result["cells"]] == [True] and result["export_eval"]["eval"]
