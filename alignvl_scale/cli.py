@@ -42,7 +42,7 @@ def _shards(args: argparse.Namespace) -> int:
     from alignvl_scale.data.shards import folder_samples, hf_samples, write_shards
 
     if args.source == "folder":
-        samples, total = folder_samples(args.captions, args.image_root), None
+        samples, total = folder_samples(args.captions, args.image_root, args.allow_outside_root), None
     else:
         samples, total = hf_samples(args.dataset, args.image_column, args.caption_column, args.split, args.data_dir)
     manifest = write_shards(samples, args.out, args.samples_per_shard, total=total)
@@ -60,6 +60,11 @@ def _data_check(args: argparse.Namespace) -> int:
         print(f"FAIL: skip fraction {total.skip_fraction:.2%} > --max-skip-fraction {args.max_skip_fraction:.2%}",
               file=sys.stderr)
         return 1
+    missing = total.skipped.get("missing_samples", 0)
+    if missing:
+        print(f"{'FAIL' if args.strict else 'WARNING'}: the shards hold {missing} samples fewer than their manifests "
+              "say (a cut tar, or a wrong count)", file=sys.stderr)
+        return 1 if args.strict else 0
     return 0
 
 
@@ -69,6 +74,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     folder = source.add_parser("folder", help="images in a folder + a CSV or JSONL of captions")
     folder.add_argument("--captions", required=True, help="CSV (image,caption) or JSONL (image, captions)")
     folder.add_argument("--image-root", help="folder the image paths are relative to (default: the caption file's)")
+    folder.add_argument("--allow-outside-root", action="store_true",
+                        help="read images outside the image root too (absolute paths, ../, links out)")
     hf = source.add_parser("hf", help="a Hugging Face datasets dataset (save_to_disk folder or local builder)")
     hf.add_argument("--dataset", required=True, help="save_to_disk folder, or a builder such as imagefolder")
     hf.add_argument("--data-dir", help="data_dir for load_dataset builders")
@@ -87,13 +94,14 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--samples-per-shard", type=int)
     check.add_argument("--max-skip-fraction", type=float, default=0.05)
     check.add_argument("--json", help="also write the counts here")
+    check.add_argument("--strict", action="store_true", help="fail when a shard disagrees with its manifest")
     check.set_defaults(func=_data_check)
 
 
 def _export(args: argparse.Namespace) -> int:
     from alignvl_scale.export import export
 
-    print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out)}")
+    print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out, args.trust_checkpoint)}")
     return 0
 
 
@@ -103,7 +111,8 @@ def _eval(args: argparse.Namespace) -> int:
     from alignvl_scale.evaluate import evaluate_specs
     from alignvl_scale.export import load_encoder
 
-    results = evaluate_specs(load_encoder(args.checkpoint), args.data, args.batch_size)
+    results = evaluate_specs(load_encoder(args.checkpoint, trust_checkpoint=args.trust_checkpoint), args.data,
+                             args.batch_size, allow_outside=args.allow_outside_paths)
     for spec, metrics in results.items():
         print(spec)
         for direction in ("i2t", "t2i"):
@@ -153,6 +162,10 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUST_HELP = ("unpickle a training checkpoint in full (only for files you trust: by default anything beyond tensors "
+              "and DeepSpeed's own types is refused, since unpickling can run code)")
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     # `train` hands its arguments to alignvl_scale.train as they are (see main).
     sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
@@ -160,12 +173,16 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config")
     export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
     export.add_argument("--out", required=True)
+    export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     export.set_defaults(func=_export)
     evaluate = sub.add_parser("eval", help="retrieval R@1/5/10 of an exported model or a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="an export folder or RUN_DIR/checkpoints/step_N")
     evaluate.add_argument("--data", required=True, nargs="+", help="eval sets: shard specs or .jsonl files")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--json", help="also write the metrics here")
+    evaluate.add_argument("--allow-outside-paths", action="store_true",
+                          help="let a JSONL set name images outside its folder")
+    evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate.set_defaults(func=_eval)
     extract = sub.add_parser("extract", help="tower outputs -> feature shards (run under torchrun for many ranks)")
     extract.add_argument("--config", required=True, help="run YAML naming the towers")

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from alignvl_scale.data.samples import DecodeLimits
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -111,15 +113,17 @@ class DataConfig:
     image_size: int = 224
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    max_image_bytes: int = 50 * 2**20
-    max_image_pixels: int = 64 * 2**20
-    max_caption_chars: int = 4096
+    # Per-sample bounds (defaults in alignvl_scale.data.samples.DecodeLimits).
+    max_image_bytes: int = DecodeLimits.max_image_bytes
+    max_image_pixels: int = DecodeLimits.max_image_pixels
+    max_caption_chars: int = DecodeLimits.max_caption_chars
+    max_member_bytes: int = DecodeLimits.max_member_bytes
 
     def validate(self, key: str) -> None:
         _require(self.kind in ("image-text", "features"), f"{key}.kind", "image-text or features", self.kind)
         _require(self.mode in ("epoch", "resampled"), f"{key}.mode", "epoch or resampled", self.mode)
         for name in ("batch_size", "shuffle_window", "image_size", "max_image_bytes", "max_image_pixels",
-                     "max_caption_chars"):
+                     "max_caption_chars", "max_member_bytes"):
             _require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1", getattr(self, name))
         _require(self.workers >= 0, f"{key}.workers", ">= 0", self.workers)
         _require(0 <= self.max_skip_fraction <= 1, f"{key}.max_skip_fraction", "in [0, 1]",
@@ -135,6 +139,9 @@ class DataConfig:
                      self.train_weights)
         for name in ("image_mean", "image_std"):
             _require(len(getattr(self, name)) == 3, f"{key}.{name}", "3 numbers", getattr(self, name))
+
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_image_bytes, self.max_image_pixels, self.max_caption_chars, self.max_member_bytes)
 
 
 @dataclass
@@ -215,6 +222,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations; 0: only at the end
     at_start: bool = False  # also evaluate the untrained model (step 0)
     batch_size: int = 64
+    allow_outside_paths: bool = False  # JSONL sets: read images outside the set's folder
 
     def validate(self, key: str) -> None:
         _require(self.every >= 0, f"{key}.every", ">= 0", self.every)

@@ -3,13 +3,11 @@ forward (the work is split with `encode_sharded`), every rank gets the metrics."
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image
 
 from alignvl_scale.data.evalsets import RetrievalSet, encode_sharded, load_retrieval_set
+from alignvl_scale.data.samples import open_image
 from alignvl_scale.metrics import retrieval_metrics
 from alignvl_scale.model import AlignVLModel, Preprocessing
 from alignvl_scale.towers import set_train_mode
@@ -36,8 +34,7 @@ class Encoder:
         if isinstance(images[0], np.ndarray | torch.Tensor):
             x = torch.stack([torch.as_tensor(i) for i in images])
         else:
-            pil = [Image.open(io.BytesIO(i)).convert("RGB") if isinstance(i, bytes) else i.convert("RGB")
-                   for i in images]
+            pil = [open_image(i).convert("RGB") if isinstance(i, bytes) else i.convert("RGB") for i in images]
             pixels = torch.stack([self.preprocessing.image_transform(p) for p in pil])
             with self.autocast():
                 x = self.image_tower(pixel_values=pixels.to(self.device))
@@ -72,12 +69,13 @@ def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> di
 
 
 def evaluate_specs(encoder: Encoder, specs: list[str], batch_size: int,
-                   cache: dict[str, RetrievalSet] | None = None) -> dict[str, dict[str, float]]:
+                   cache: dict[str, RetrievalSet] | None = None, allow_outside: bool = False
+                   ) -> dict[str, dict[str, float]]:
     """Metrics per eval spec; `cache` keeps loaded sets between evaluations of one run."""
     cache = {} if cache is None else cache
     results = {}
     for spec in specs:
         if spec not in cache:
-            cache[spec] = load_retrieval_set(spec)
+            cache[spec] = load_retrieval_set(spec, allow_outside=allow_outside)
         results[spec] = evaluate_set(encoder, cache[spec], batch_size)
     return results

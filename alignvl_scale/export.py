@@ -5,8 +5,10 @@
     EXPORT/config.yaml          the run config, tower names pointing at EXPORT/*_tower
     EXPORT/image_tower/, EXPORT/text_tower/   architecture and preprocessing files (HF towers)
 
-Nothing here unpickles a file a user may have downloaded: weights are safetensors, the
-config is YAML, the tower files are JSON and tokenizer files.
+Nothing here runs code from a file a user may have been handed: exports are safetensors,
+the config is YAML, the tower files are JSON and tokenizer files, and a training
+checkpoint is read with weights_only=True (`weights_only_loads`), also where DeepSpeed's
+zero_to_fp32 asks for a full unpickle, unless the user passes --trust-checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from alignvl_scale.checkpoint import TAG
+from alignvl_scale.checkpoint import TAG, weights_only_loads
 from alignvl_scale.config import RunConfig, config_from_dict
 from alignvl_scale.evaluate import Encoder
 from alignvl_scale.model import build_model, build_preprocessing, build_towers
@@ -35,22 +37,22 @@ def read_run_config(folder: Path) -> RunConfig:
     return config_from_dict(yaml.safe_load((folder / CONFIG).read_text()), validate=False)
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(checkpoint: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (1-3), gathered offline."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+    with redirect_stdout(io.StringIO()), weights_only_loads(trust):  # it prints per-tensor progress
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
+def export(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / TAG).is_dir():
         raise FileNotFoundError(f"{checkpoint}: not a training checkpoint (no {TAG}/ inside)")
     cfg = read_run_config(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    state = consolidated_state_dict(checkpoint)
+    state = consolidated_state_dict(checkpoint, trust)
     if cfg.data.kind != "features":  # towers are in the weights: keep their files beside them
         towers = build_towers(cfg, load_weights=True)
         preprocessing = build_preprocessing(cfg)
@@ -69,15 +71,18 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def load_encoder(path: str | Path, device: str = "cpu") -> Encoder:
+def load_encoder(path: str | Path, device: str = "cpu", trust_checkpoint: bool = False) -> Encoder:
     """An exported model (or a training checkpoint, consolidated on the fly) ready to
-    `encode_images` / `encode_texts`."""
+    `encode_images` / `encode_texts`. trust_checkpoint: see `weights_only_loads`."""
     path = Path(path)
     cfg = read_run_config(path)
     for tower in (cfg.model.image_tower, cfg.model.text_tower):  # names relative to the export
         if tower.name and not Path(tower.name).is_absolute() and (path / tower.name).is_dir():
             tower.name = str(path / tower.name)
-    state = load_file(str(path / WEIGHTS)) if (path / WEIGHTS).exists() else consolidated_state_dict(path)
+    if (path / WEIGHTS).exists():
+        state = load_file(str(path / WEIGHTS))
+    else:
+        state = consolidated_state_dict(path, trust_checkpoint)
     if cfg.data.kind == "features":
         # Cached-feature runs train the head only; the towers keep their pretrained weights.
         image_tower, text_tower = build_towers(cfg, load_weights=True)

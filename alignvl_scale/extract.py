@@ -141,7 +141,7 @@ def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int =
     out.mkdir(parents=True, exist_ok=True)
     shards = [shard for spec in specs for shard in resolve_spec(spec)]
     towers = TowerPair(cfg, world, device)
-    limits = DecodeLimits(cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.max_caption_chars)
+    limits = cfg.data.limits()
     mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
     for i, shard in tqdm(mine, desc=f"extract -> {out}", unit="shard", disable=rank != 0):
         target, sidecar = out / SHARD_PATTERN.format(i), out / f".{SHARD_PATTERN.format(i)}.json"

@@ -12,6 +12,7 @@ plain picklable callables, built outside that context (`build_preprocessing`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from alignvl_scale.config import DataConfig, TowerConfig
+from alignvl_scale.config import ConfigError, DataConfig, TowerConfig
 from alignvl_scale.data.reader import ImageTransform
 
 
@@ -50,6 +51,32 @@ def build_tower(cfg: TowerConfig, modality: str, data: DataConfig, load_weights:
     tower.requires_grad_(cfg.trainable)
     tower.trainable = cfg.trainable
     return tower
+
+
+def check_tower_source(cfg: TowerConfig, key: str) -> None:
+    """Fail early, naming the key, when an HF tower's weights cannot be found: a path that
+    does not exist (else transformers reports a failed connection to the Hub), or a Hub id
+    that is not in the local cache while HF_HUB_OFFLINE is set."""
+    if cfg.kind not in TOWERS:
+        raise ConfigError(f"{key}.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
+    if cfg.kind != "hf":
+        return
+    if not cfg.name:
+        raise ConfigError(f"{key}.name: a hub name or local path is required for kind 'hf'")
+    path = Path(cfg.name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}.name: {cfg.name} has no config.json (not a transformers model folder)")
+        return
+    looks_like_path = cfg.name.startswith(("/", ".", "~")) or cfg.name.count("/") > 1
+    if looks_like_path:
+        raise ConfigError(f"{key}.name: {cfg.name} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(cfg.name, "config.json"), str):
+            raise ConfigError(f"{key}.name: {cfg.name} is neither a local folder nor in the Hugging Face cache "
+                              "(HF_HUB_OFFLINE is set)")
 
 
 def build_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:

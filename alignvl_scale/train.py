@@ -22,23 +22,40 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from alignvl_scale.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from alignvl_scale.config import RunConfig, load_config
-from alignvl_scale.data.reader import FeatureDecoder, ImageTextDecoder, TrainStream
-from alignvl_scale.data.samples import SKIP_REASONS, DecodeLimits
+from alignvl_scale.checkpoint import (
+    CheckpointError,
+    demote_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from alignvl_scale.config import ConfigError, RunConfig, load_config
+from alignvl_scale.data.reader import (
+    DataError,
+    FeatureDecoder,
+    ImageTextDecoder,
+    TrainStream,
+    batches_per_epoch,
+    load_sources,
+)
+from alignvl_scale.data.samples import SKIP_REASONS
+from alignvl_scale.data.shards import DataSourceError, resolve_spec
 from alignvl_scale.distributed import all_reduce_floats, every_rank
 from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init
 from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
-from alignvl_scale.towers import set_train_mode, tower_warnings
+from alignvl_scale.rundir import RunDirError, claim_run_dir
+from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Align-VL training")
     parser.add_argument("--config", help="run YAML (configs/); key=value overrides follow")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run_dir that holds an earlier run (deletes its checkpoints and logs)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
@@ -79,8 +96,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def make_decoder(cfg: RunConfig, preprocessing: Preprocessing | None):
     if preprocessing is None:
         return FeatureDecoder(cfg.seed)
-    limits = DecodeLimits(cfg.data.max_image_bytes, cfg.data.max_image_pixels, cfg.data.max_caption_chars)
-    return ImageTextDecoder(limits, preprocessing.image_transform, preprocessing.tokenize, cfg.seed)
+    return ImageTextDecoder(cfg.data.limits(), preprocessing.image_transform, preprocessing.tokenize, cfg.seed)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -166,6 +182,17 @@ class Trainer:
         batch = next(batches, None)
         return batch if every_rank(batch is not None, self.device) else None
 
+    def next_epoch(self):
+        """The next epoch's batches; an epoch that gave no batch at all stops the run (it
+        would spin for ever). `batches` is the same on every rank: they stop together."""
+        if self.stream.state.batches == 0:
+            counts = self.stream.counts
+            raise DataError(f"epoch {self.stream.state.epoch} of {self.cfg.data.train} gave rank {self.rank} no batch "
+                            f"of data.batch_size={self.cfg.data.batch_size}: {counts.good} good samples so far, "
+                            f"skipped {dict(counts.skipped)} (see `alignvl-scale data check`)")
+        self.stream.next_epoch()
+        return iter(self.stream)
+
     def set_learning_rate(self) -> None:
         lr = learning_rate(self.cfg, self.step, self.total_steps)
         for group in self.base_optimizer.param_groups:
@@ -183,8 +210,9 @@ class Trainer:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
             if self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
+                demoted = demote_checkpoint(self.run_dir, self.step) if self.rank == 0 else ""
                 raise FloatingPointError(f"{self.bad_steps_in_a_row} non-finite losses in a row at step {self.step} "
-                                         f"(train.max_bad_steps); lower train.lr or check the data")
+                                         f"(train.max_bad_steps); lower train.lr or check the data. {demoted}")
             self.log(f"step {self.step}: non-finite loss, step skipped ({self.skipped_steps} so far)")
             return None
         self.bad_steps_in_a_row = 0
@@ -208,7 +236,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.cfg.eval.data:
             return {}
-        results = evaluate_specs(self.encoder, self.cfg.eval.data, self.cfg.eval.batch_size, self.eval_cache)
+        results = evaluate_specs(self.encoder, self.cfg.eval.data, self.cfg.eval.batch_size, self.eval_cache,
+                                 self.cfg.eval.allow_outside_paths)
         flat = {}
         for spec, metrics in results.items():
             name = Path(spec).stem if len(results) > 1 else ""
@@ -238,8 +267,7 @@ class Trainer:
             batch = self.next_batch(batches)
             data_time += time.perf_counter() - fetch_start
             if batch is None:  # end of epoch, agreed by all ranks
-                self.stream.next_epoch()
-                batches = iter(self.stream)
+                batches = self.next_epoch()
                 continue
             scalars = self.train_step(batch)
             if scalars is None:
@@ -293,12 +321,46 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Everything a run needs that can be checked without a process group, so that a typo
+    fails in a second with its key named, not after the engine starts (or after training,
+    for an eval set): shards and their manifests, the batches an epoch gives each rank, eval
+    sets, tower folders. (The DeepSpeed JSON is checked with the config.)"""
+    sources = load_sources(cfg.data)
+    if cfg.data.mode == "epoch":
+        batches_per_epoch(sources, int(os.environ.get("WORLD_SIZE", "1")), cfg.data.workers, cfg.data.batch_size,
+                          cfg.seed)
+    for spec in cfg.eval.data:
+        if Path(spec).suffix.lower() == ".jsonl":
+            if not Path(spec).is_file():
+                raise DataSourceError(f"eval.data: {spec} is not a file")
+        else:
+            resolve_spec(spec)
+    if cfg.data.kind != "features":
+        for modality in ("image", "text"):
+            check_tower_source(getattr(cfg.model, f"{modality}_tower"), f"model.{modality}_tower")
+
+
+USER_ERRORS = (ConfigError, DataSourceError, DataError, RunDirError, CheckpointError)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Train. A user's mistake (bad config, data, run folder or checkpoint) ends the process
+    with one line naming it, not a traceback per rank."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)  # validated before any process group exists
-    trainer = Trainer(cfg)
-    if args.resume:
-        trainer.resume(args.resume)
-    summary = trainer.run()
+    trainer = None
+    try:
+        cfg = load_config(args.config, args.overrides)  # validated before any process group exists
+        check_inputs(cfg)
+        claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
+        trainer = Trainer(cfg)
+        if args.resume:
+            trainer.resume(args.resume)
+        summary = trainer.run()
+    except USER_ERRORS as exc:
+        print(f"[alignvl-scale] error: {exc}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
     trainer.close()
     return summary

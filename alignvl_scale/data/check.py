@@ -14,13 +14,14 @@ from alignvl_scale.data.shards import resolve_spec
 def check_shards(specs: list[str], kind: str = "image-text", limits: DecodeLimits | None = None,
                  samples_per_shard: int | None = None) -> dict[str, SkipCounts]:
     """Counts per shard url, decoding exactly as training does (transforms aside)."""
-    decode = FeatureDecoder() if kind == "features" else ImageTextDecoder(limits or DecodeLimits())
+    limits = limits or DecodeLimits()
+    decode = FeatureDecoder(limits=limits) if kind == "features" else ImageTextDecoder(limits)
     report = {}
     for spec in specs:
         for shard in resolve_spec(spec, samples_per_shard):
             counts = SkipCounts()
             # window 1: file order; the check needs no shuffling
-            for _, example, unsafe in shard_examples(shard.url, decode, 1, random.Random(0)):
+            for _, example, unsafe in shard_examples(shard.url, decode, 1, random.Random(0), expected=shard.samples):
                 counts.record(example, unsafe)
             counts.skipped = +counts.skipped  # drop zero entries
             report[shard.url] = counts

@@ -25,6 +25,7 @@ from alignvl_scale.data.samples import (
     decode_features,
     decode_image,
     image_member,
+    read_image_file,
 )
 from alignvl_scale.data.shards import DataSourceError, iter_caption_rows, manifest_of, resolve_spec
 from alignvl_scale.distributed import rank_world
@@ -48,18 +49,13 @@ class RetrievalSet:
         self.counts.good += 1
 
 
-def _from_jsonl(path: Path, limits: DecodeLimits) -> RetrievalSet:
+def _from_jsonl(path: Path, limits: DecodeLimits, allow_outside: bool) -> RetrievalSet:
     out = RetrievalSet()
     for row, where in iter_caption_rows(path):
         try:
             if not isinstance(row.get("image"), str):
                 raise SkipSample("missing_image", where)
-            image_path = path.parent / row["image"]
-            if not image_path.exists():
-                raise SkipSample("missing_image", f"{where}: {image_path} not found")
-            data = image_path.read_bytes()
-            ext = image_path.suffix.lower().lstrip(".")
-            decode_image({ext if ext != "jpeg" else "jpg": data}, limits)
+            _, data = read_image_file(path.parent / row["image"], path.parent, limits, allow_outside)
             out.add(data, clean_captions(row.get("captions", row.get("caption")), limits))
         except SkipSample as skip:
             out.counts.record(skip)
@@ -70,7 +66,7 @@ def _from_shards(spec: str, limits: DecodeLimits) -> RetrievalSet:
     manifest = manifest_of(spec) or {}
     out = RetrievalSet(kind=manifest.get("kind", "image-text"))
     for shard in resolve_spec(spec):
-        for raw in raw_samples(shard.url):
+        for raw in raw_samples(shard.url, limits.max_member_bytes):
             try:
                 if out.kind == "features":
                     image, text = decode_features(raw.check())
@@ -78,21 +74,22 @@ def _from_shards(spec: str, limits: DecodeLimits) -> RetrievalSet:
                 else:
                     captions, _ = decode_captions(raw.check(), limits)
                     decode_image(raw.members, limits)  # checked now, decoded again when encoded
-                    out.add(image_member(raw.members), captions)
+                    out.add(image_member(raw.members)[1], captions)
             except SkipSample as skip:
                 out.counts.record(skip)
             out.counts.unsafe_members += raw.unsafe
     return out
 
 
-def load_retrieval_set(spec: str, limits: DecodeLimits | None = None) -> RetrievalSet:
-    """An eval set from a `.jsonl` file or from shards; raises if nothing usable is left."""
+def load_retrieval_set(spec: str, limits: DecodeLimits | None = None, allow_outside: bool = False) -> RetrievalSet:
+    """An eval set from a `.jsonl` file or from shards; raises if nothing usable is left.
+    A JSONL set's images must lie inside its folder unless `allow_outside`."""
     limits = limits or DecodeLimits()
     path = Path(spec)
     if path.suffix.lower() == ".jsonl":
-        if not path.exists():
+        if not path.is_file():
             raise DataSourceError(f"{spec}: eval JSONL not found")
-        out = _from_jsonl(path, limits)
+        out = _from_jsonl(path, limits, allow_outside)
     else:
         out = _from_shards(spec, limits)
     if not out.images:

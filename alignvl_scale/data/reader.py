@@ -49,6 +49,11 @@ class DataError(RuntimeError):
     """The data cannot be trained on (too many bad samples, too few shards)."""
 
 
+# A worker that skipped this many samples without filling a batch reports the counts (a
+# count-only item), so the skip-fraction stop fires even when bad data never yields a batch.
+REPORT_SKIPS_EVERY = 256
+
+
 def seeded_rng(*parts: object) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
@@ -68,9 +73,12 @@ class RawSample:
         return self.members
 
 
-def raw_samples(url: str) -> Iterator[RawSample]:
+def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes) -> Iterator[RawSample]:
     """Group a tar stream's members by key. A broken stream ends the shard with one
-    'truncated_tar' item; a key seen twice yields a 'duplicate_key' item for the copy."""
+    'truncated_tar' item; a key seen twice yields a 'duplicate_key' item for the copy.
+    A member is read only when its header declares at most `max_member_bytes` and it is
+    not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
+    'oversized_member' skip and the stream moves past the member without keeping it."""
     seen: set[str] = set()
     current: RawSample | None = None
     try:
@@ -86,6 +94,10 @@ def raw_samples(url: str) -> Iterator[RawSample]:
                     seen.add(key)
                 if ext.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS:
                     current.unsafe += 1  # not even read: a shard is untrusted input
+                    continue
+                if info.size > max_member_bytes or info.issparse():
+                    current.reason = current.reason or "oversized_member"
+                    current.detail = f"{url}: {info.name} declares {info.size} bytes"
                     continue
                 if ext in current.members:
                     current.reason = "duplicate_key"
@@ -112,10 +124,14 @@ def window_shuffle(items: Iterator[RawSample], window: int, rng: random.Random) 
 
 
 def shard_examples(url: str, decode: Callable[[RawSample], object], window: int, rng: random.Random,
-                   start: int = 0) -> Iterator[tuple[int, object | SkipSample, int]]:
+                   start: int = 0, expected: int | None = None) -> Iterator[tuple[int, object | SkipSample, int]]:
     """(raw items consumed so far, example or SkipSample, unsafe members) for one shard,
-    skipping the first `start` raw items undecoded."""
-    for consumed, raw in enumerate(window_shuffle(raw_samples(url), window, rng), start=1):
+    skipping the first `start` raw items undecoded. With `expected` (the manifest's count),
+    a shard that ends early yields one 'missing_samples' skip per missing sample: a tar cut
+    at a block boundary reads as a shorter, valid tar, and would otherwise lose them silently."""
+    consumed = 0
+    for consumed, raw in enumerate(window_shuffle(raw_samples(url, decode.limits.max_member_bytes), window, rng),
+                                   start=1):
         if consumed <= start:
             continue
         try:
@@ -123,6 +139,8 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
             yield consumed, decode(raw), raw.unsafe
         except SkipSample as skip:
             yield consumed, skip, raw.unsafe
+    for missing in range(max(consumed, start) + 1, (expected or 0) + 1):
+        yield missing, SkipSample("missing_samples", f"{url}: manifest says {expected}, shard holds {consumed}"), 0
 
 
 class ImageTransform:
@@ -170,8 +188,8 @@ class ImageTextDecoder:
 class FeatureDecoder:
     """Feature shard sample -> (image feature, text feature); one caption row by (seed, epoch, key)."""
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed, self.epoch = seed, 0
+    def __init__(self, seed: int = 0, limits: DecodeLimits | None = None) -> None:
+        self.seed, self.epoch, self.limits = seed, 0, limits or DecodeLimits()
 
     def __call__(self, raw: RawSample) -> tuple:
         image, text = decode_features(raw.members)
@@ -191,14 +209,16 @@ class StreamState:
     epoch: int = 0
     batches: int = 0  # handed to the trainer in this epoch
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (shard place, raw consumed)
+    items: int = 0  # DataLoader items received in this epoch: batches and count-only reports
 
     def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches,
+        return {"epoch": self.epoch, "batches": self.batches, "items": self.items,
                 "positions": {str(w): list(p) for w, p in self.positions.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
-        return cls(d["epoch"], d["batches"], {int(w): (p[0], p[1]) for w, p in d["positions"].items()})
+        return cls(d["epoch"], d["batches"], {int(w): (p[0], p[1]) for w, p in d["positions"].items()},
+                   d.get("items", d["batches"]))
 
 
 class ShardStream(IterableDataset):
@@ -223,28 +243,44 @@ class ShardStream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 1
         # Resuming mid-epoch: rotate so that physical worker 0 serves the logical worker whose
-        # turn it is in the DataLoader's round robin; the batch order then matches a run
+        # turn it is in the DataLoader's round robin; the item order then matches a run
         # that never stopped.
-        worker = ((info.id if info else 0) + self.state.batches) % workers
+        worker = ((info.id if info else 0) + self.state.items) % workers
         self.decode.epoch = self.state.epoch
         place0, start0 = self.state.positions.get(worker, (0, 0))
         batch, counts = [], SkipCounts()
+        # Where a resume restarts this worker: just after its last batch. Count-only reports
+        # carry it too, so that the samples pending in an unfinished batch are not skipped.
+        committed = (place0, start0)
         for place, shard in enumerate(self.worker_shards(worker, workers)):
             if place < place0:
                 continue
             rng = seeded_rng(self.seed, self.state.epoch, self.rank, worker, place)
             start = start0 if place == place0 else 0
             for consumed, example, unsafe in shard_examples(shard.url, self.decode, self.cfg.shuffle_window, rng,
-                                                            start):
+                                                            start, shard.samples):
                 if not counts.record(example, unsafe):
+                    if counts.total >= REPORT_SKIPS_EVERY:  # skips with no batch in sight: report them
+                        yield self._item(None, worker, committed, shard, counts)
+                        counts = SkipCounts()
                     continue
                 batch.append(example)
                 if len(batch) == self.cfg.batch_size:
-                    yield {"batch": self.decode.collate(batch), "worker": worker, "position": (place, consumed),
-                           "shard": shard.url, "counts": counts.as_dict()}
+                    committed = (place, consumed)
+                    yield self._item(self.decode.collate(batch), worker, committed, shard, counts)
                     batch, counts = [], SkipCounts()
+            if counts.total > counts.good:  # a shard's skips reach the trainer even if no batch follows
+                yield self._item(None, worker, committed, shard, counts)
+                counts = SkipCounts()
         # A worker's last partial batch is dropped (fewer than batch_size samples per
         # worker per epoch): ranks must stay equal.
+
+    @staticmethod
+    def _item(batch: dict | None, worker: int, position: tuple[int, int], shard: Shard, counts: SkipCounts) -> dict:
+        """What a worker hands the trainer: a batch (or None: a count-only report), where a
+        resume restarts the worker, and the samples it counted since its last item."""
+        return {"batch": batch, "worker": worker, "position": position, "shard": shard.url,
+                "counts": counts.as_dict()}
 
 
 def load_sources(cfg: DataConfig) -> list[list[Shard]]:
@@ -271,6 +307,12 @@ def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batc
     for rank in range(world):
         mine = shards[rank::world]
         per_rank.append(sum(sum(s.samples for s in mine[w::workers]) // batch_size for w in range(workers)))
+    if min(per_rank) == 0:
+        rank = per_rank.index(0)
+        samples = [sum(s.samples for s in shards[rank::world][w::workers]) for w in range(workers)]
+        raise DataSourceError(f"data.batch_size={batch_size} per rank: rank {rank} of {world} gets "
+                              f"{sum(samples)} samples per epoch ({samples} over its {workers} DataLoader workers), "
+                              "and no worker can fill one batch; lower data.batch_size or data.workers, or add data")
     return min(per_rank)
 
 
@@ -316,9 +358,12 @@ class TrainStream:
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])
-            self.state.batches += 1
+            self.state.items += 1
             self.counts.add(SkipCounts.from_dict(item["counts"]))
             self._check_skips(item["shard"])
+            if item["batch"] is None:
+                continue
+            self.state.batches += 1
             yield item["batch"]
             if self.epoch_done():
                 return

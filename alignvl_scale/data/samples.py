@@ -1,22 +1,29 @@
 """What a shard sample is, and how one is decoded safely (docs/data.md).
 
 A shard is untrusted input: members are decoded by explicit extension handlers only
-(images through Pillow, text as UTF-8, json, npy without pickle). Anything else, pickle
-and `.pyd` included, is never decoded. Every sample that cannot be used is skipped and
-counted under one of SKIP_REASONS; nothing is dropped silently.
+(images through Pillow in the one format their extension names, text as UTF-8, json with
+a bounded depth, npy without pickle). Anything else, pickle and `.pyd` included, is never
+decoded, and no member is read before its declared size is checked. Every sample that
+cannot be used is skipped and counted under one of SKIP_REASONS; nothing is dropped
+silently.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# The only image formats decoded, and the Pillow plugin each extension may use: EPS
+# content named `.png` must not reach Pillow's Ghostscript plugin.
+IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 FEATURE_IMAGE, FEATURE_TEXT = "img.npy", "txt.npy"
 # Members that deserialize code or arbitrary objects: never opened, counted when seen.
 UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "mp", "msgpack")
@@ -31,6 +38,9 @@ SKIP_REASONS = (
     "bad_json",
     "oversized_image",
     "oversized_caption",
+    "oversized_member",   # a member declared larger than data.max_member_bytes (or sparse): never read
+    "missing_samples",    # the manifest promised more samples than the shard holds (a cut tar reads as shorter)
+    "outside_path",       # an eval-set entry naming a file outside the set's folder
     "duplicate_key",      # a key seen twice in a row group; the later copy is skipped
     "bad_features",
 )
@@ -45,9 +55,12 @@ class SkipSample(Exception):
 
 @dataclass(frozen=True)
 class DecodeLimits:
+    """The bounds on what one sample may cost; the defaults of the `data.max_*` keys."""
+
     max_image_bytes: int = 50 * 2**20
     max_image_pixels: int = 64 * 2**20
     max_caption_chars: int = 4096
+    max_member_bytes: int = 64 * 2**20  # any tar member, checked on its header before it is read
 
 
 @dataclass
@@ -127,6 +140,8 @@ def decode_captions(members: dict[str, bytes], limits: DecodeLimits) -> tuple[li
             meta = json.loads(_utf8(members["json"]))
         except json.JSONDecodeError as exc:
             raise SkipSample("bad_json", str(exc)) from None
+        except RecursionError:  # 200,000 nested "[": the C parser stops at the recursion limit
+            raise SkipSample("bad_json", "nested too deeply") from None
         if not isinstance(meta, dict):
             raise SkipSample("bad_json", "top level is not an object")
     if "txt" in members:
@@ -134,20 +149,50 @@ def decode_captions(members: dict[str, bytes], limits: DecodeLimits) -> tuple[li
     return clean_captions(meta.get("captions"), limits), meta
 
 
-def image_member(members: dict[str, bytes]) -> bytes:
-    """The raw bytes of a sample's image member (the first of IMAGE_EXTENSIONS present)."""
+def image_member(members: dict[str, bytes]) -> tuple[str, bytes]:
+    """(extension, raw bytes) of a sample's image member (the first of IMAGE_EXTENSIONS present)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
         raise SkipSample("missing_image")
-    return members[ext]
+    return ext, members[ext]
+
+
+def open_image(data: bytes, ext: str | None = None) -> Image.Image:
+    """Pillow on bytes, allowed only the format `ext` names (any of IMAGE_FORMATS when None)."""
+    formats = [IMAGE_FORMATS[ext]] if ext else sorted(set(IMAGE_FORMATS.values()))
+    return Image.open(io.BytesIO(data), formats=formats)
+
+
+def read_image_file(path: Path, root: Path, limits: DecodeLimits, allow_outside: bool = False) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file a caption list names, read safely: inside `root`
+    once links are resolved (unless allow_outside), a regular file (a FIFO would block, a
+    device never end), no larger than max_image_bytes before a byte is read, and decodable
+    as the format its extension names."""
+    resolved = path.resolve()
+    if not allow_outside and not resolved.is_relative_to(root.resolve()):
+        raise SkipSample("outside_path", f"{path} is outside {root}")
+    try:
+        info = resolved.stat()
+    except OSError as exc:
+        raise SkipSample("missing_image", f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SkipSample("missing_image", f"{path} is not a regular file")
+    if info.st_size > limits.max_image_bytes:
+        raise SkipSample("oversized_image", f"{path}: {info.st_size} bytes")
+    ext = resolved.suffix.lower().lstrip(".")
+    if ext not in IMAGE_FORMATS:
+        raise SkipSample("undecodable_image", f"{path}: not one of {', '.join(IMAGE_EXTENSIONS)}")
+    data = resolved.read_bytes()
+    decode_image({ext: data}, limits)  # raises SkipSample unless it is an image of that format
+    return ext, data
 
 
 def decode_image(members: dict[str, bytes], limits: DecodeLimits) -> Image.Image:
-    data = image_member(members)
+    ext, data = image_member(members)
     if len(data) > limits.max_image_bytes:
         raise SkipSample("oversized_image", f"{len(data)} bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data, ext) as img:
             if img.width * img.height > limits.max_image_pixels:
                 raise SkipSample("oversized_image", f"{img.width}x{img.height}")
             return img.convert("RGB")

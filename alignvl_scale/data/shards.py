@@ -23,7 +23,14 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from alignvl_scale.data.samples import IMAGE_EXTENSIONS, DecodeLimits, SkipSample, clean_captions
+from alignvl_scale.data.samples import (
+    DecodeLimits,
+    SkipSample,
+    clean_captions,
+    decode_image,
+    open_image,
+    read_image_file,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "alignvl-shards/1"
@@ -87,10 +94,25 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard
 
 
 def read_manifest(folder: str | Path) -> dict:
+    """A shard folder's manifest, checked: every shard a plain file name in the folder with a
+    positive sample count (a zero or negative count made epochs without batches)."""
     path = Path(folder) / MANIFEST
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataSourceError(f"{path}: not an alignvl-scale manifest (format {manifest.get('format')!r})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataSourceError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataSourceError(f"{path}: not an alignvl-scale manifest (format "
+                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise DataSourceError(f"{path}: 'shards' must be a non-empty list")
+    for i, entry in enumerate(shards):
+        name, samples = (entry.get("name"), entry.get("samples")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise DataSourceError(f"{path}: shards[{i}].name must be a file name inside the folder, got {name!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise DataSourceError(f"{path}: shards[{i}].samples must be a positive integer, got {samples!r}")
     return manifest
 
 
@@ -123,22 +145,26 @@ def resolve_spec(spec: str, samples_per_shard: int | None = None) -> list[Shard]
     return [Shard(u, counts.get(u, samples_per_shard)) for u in urls]
 
 
-def _encode_image(image: object, source: str) -> tuple[bytes, str]:
-    """Raw bytes and extension of an image given as a path, bytes, a datasets dict or PIL."""
+def _encode_image(image: object, source: str, root: Path | None = None, allow_outside: bool = False
+                  ) -> tuple[bytes, str]:
+    """Raw bytes and extension of an image given as a path (inside `root` unless
+    allow_outside), bytes, a datasets dict or PIL; checked to be an image as training
+    decodes it, so that no other file (/etc/passwd named .png) goes into a shard."""
     if isinstance(image, dict):  # datasets' Image feature with decode=False
         image = image.get("bytes") or image.get("path")
-    if isinstance(image, str | Path):
-        path = Path(image)
-        ext = path.suffix.lower().lstrip(".")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DataSourceError(f"{source}: cannot read image {path}: {exc}") from None
-        return data, ext if ext in IMAGE_EXTENSIONS else "png"
-    if isinstance(image, bytes):
-        with Image.open(io.BytesIO(image)) as img:
-            fmt = (img.format or "png").lower()
-        return image, {"jpeg": "jpg"}.get(fmt, fmt)
+    try:
+        if isinstance(image, str | Path):
+            path = Path(image)
+            ext, data = read_image_file(path, root or path.parent, DecodeLimits(), allow_outside or root is None)
+            return data, ext
+        if isinstance(image, bytes):
+            with open_image(image) as img:
+                fmt = img.format.lower()
+            ext = {"jpeg": "jpg"}.get(fmt, fmt)
+            decode_image({ext: image}, DecodeLimits())
+            return image, ext
+    except (SkipSample, OSError) as exc:
+        raise DataSourceError(f"{source}: {exc}") from None
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
@@ -153,10 +179,12 @@ def _captions(value: object, source: str) -> list[str]:
         raise DataSourceError(f"{source}: {exc}") from None
 
 
-def folder_samples(caption_file: str | Path, image_root: str | Path | None = None) -> Iterator[dict]:
+def folder_samples(caption_file: str | Path, image_root: str | Path | None = None,
+                   allow_outside: bool = False) -> Iterator[dict]:
     """(a) Images in a folder with a CSV (columns image, caption) or JSONL
     ({"image": path, "captions": [...]} or {"image": path, "caption": "..."}) of captions;
-    image paths relative to image_root (default: the caption file's folder)."""
+    image paths relative to image_root (default: the caption file's folder), and inside it
+    (links resolved) unless allow_outside."""
     caption_file = Path(caption_file)
     root = Path(image_root) if image_root else caption_file.parent
     if not caption_file.exists():
@@ -164,7 +192,7 @@ def folder_samples(caption_file: str | Path, image_root: str | Path | None = Non
     for index, (row, where) in enumerate(iter_caption_rows(caption_file)):
         if "image" not in row or not ({"caption", "captions"} & set(row)):
             raise DataSourceError(f"{where}: needs an 'image' and a 'caption' or 'captions' field, has {sorted(row)}")
-        image, ext = _encode_image(root / row["image"], where)
+        image, ext = _encode_image(root / str(row["image"]), where, root, allow_outside)
         captions = _captions(row.get("captions", row.get("caption")), where)
         yield sample_members(f"{index:09d}", image, ext, captions)
 

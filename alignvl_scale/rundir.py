@@ -1,0 +1,71 @@
+"""The run folder: what a run writes there, one run at a time (a lock), and no silent
+second run on top of an earlier one (as the HF Trainer refuses a non-empty output folder).
+
+    RUN_DIR/config.yaml  metrics.jsonl  tb/  summary.json  checkpoints/  .lock
+
+`claim_run_dir` runs before any process group, on the launch's rank 0 only (the folder is
+on storage every node sees, so one rank decides); it holds the lock until the process ends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+RUN_OUTPUTS = (CONFIG, METRICS, TENSORBOARD, SUMMARY, CHECKPOINTS)
+
+_held_locks: list = []  # open lock files, kept for the life of the process
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used as asked; the message says what to do instead."""
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (before any process group)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _lock(run_dir: Path) -> None:
+    handle = (run_dir / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown process"
+        handle.close()
+        raise RunDirError(f"run_dir {run_dir} is in use by another run ({holder}); wait for it to end or set "
+                          "another run_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def claim_run_dir(run_dir: str | Path, resume: str | None, overwrite: bool) -> None:
+    """Lock RUN_DIR for this run. Without --resume, a folder that already holds a run is
+    refused, unless `overwrite` (then its outputs are deleted first)."""
+    if launch_rank() != 0:
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _lock(run_dir)
+    earlier = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise RunDirError(f"run_dir {run_dir} already holds a run ({', '.join(earlier)}): continue it with "
+                          "--resume latest, start over with --overwrite (deletes those), or set another run_dir")
+    for name in earlier:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
