@@ -156,7 +156,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 turns clipping off
     precision: str = "fp32"  # fp32 | bf16
-    accumulation: int = 1
+    accumulation: int = 1  # K micro-batches per step, one contrastive batch of batch_size x K x world (GradCache)
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
     log_every: int = 10
 
@@ -176,11 +176,7 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         _require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0", self.grad_clip)
         _require(self.precision in ("fp32", "bf16"), f"{key}.precision", "fp32 or bf16", self.precision)
-        # DeepSpeed's accumulation averages gradients of separate micro batches: each one a
-        # smaller contrastive problem with fewer negatives. Until feature-cache accumulation
-        # (GradCache) lands, raise the micro batch or the number of ranks instead.
-        _require(self.accumulation == 1, f"{key}.accumulation", "1 (accumulation would shrink the set of "
-                 "negatives; raise data.batch_size or add ranks; see docs/training.md)", self.accumulation)
+        _require(self.accumulation >= 1, f"{key}.accumulation", ">= 1", self.accumulation)
         _require(self.max_bad_steps >= 1, f"{key}.max_bad_steps", ">= 1", self.max_bad_steps)
         _require(self.log_every >= 1, f"{key}.log_every", ">= 1", self.log_every)
 

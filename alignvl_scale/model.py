@@ -46,7 +46,10 @@ class _Seeded(nn.Module):
         return self._generator.get_state() if self._generator is not None else self._pending_state
 
     def load_rng_state(self, state: Tensor | None) -> None:
-        if self._generator is not None and state is not None:
+        """None (a state taken before the first draw) restarts the stream from the seed."""
+        if state is None:
+            self._generator, self._pending_state = None, None
+        elif self._generator is not None:
             self._generator.set_state(state)
         else:
             self._pending_state = state

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from alignvl_scale.accumulate import accumulated_backward
 from alignvl_scale.checkpoint import (
     CheckpointError,
     demote_checkpoint,
@@ -41,7 +43,7 @@ from alignvl_scale.data.reader import (
 from alignvl_scale.data.samples import SKIP_REASONS
 from alignvl_scale.data.shards import DataSourceError, resolve_spec
 from alignvl_scale.distributed import all_reduce_floats, every_rank
-from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init
+from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init, zero_stage
 from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
@@ -136,7 +138,8 @@ class Trainer:
             for warning in tower_warnings(tower, modality, cfg.train.lr):
                 self.log(warning)
         self.stream = TrainStream(cfg.data, make_decoder(cfg, preprocessing), self.rank, self.world, cfg.seed)
-        self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.batches_per_epoch
+        steps_per_epoch = (self.stream.batches_per_epoch or 0) // cfg.train.accumulation  # None: resampled
+        self.total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
         # DeepSpeed steps this optimizer on its fp32 partitions; its param_groups' "lr" is
         # what every step uses, set by set_learning_rate() before each step.
         self.base_optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
@@ -176,11 +179,17 @@ class Trainer:
             print(f"[alignvl-scale] {message}", flush=True)
 
     # -- pieces of a step ------------------------------------------------------------------
-    def next_batch(self, batches):
-        """The next batch on every rank, or None on every rank when any rank is out of data
-        (so no rank waits in a collective the others left)."""
-        batch = next(batches, None)
-        return batch if every_rank(batch is not None, self.device) else None
+    def next_micro_batches(self, batches) -> list[dict] | None:
+        """The next train.accumulation batches on every rank, or None on every rank when any
+        rank runs out of data (so no rank waits in a collective the others left); an
+        incomplete accumulation cycle at the end of an epoch is dropped, like a partial batch."""
+        micro = []
+        for _ in range(self.cfg.train.accumulation):
+            batch = next(batches, None)
+            if not every_rank(batch is not None, self.device):
+                return None
+            micro.append(_to_device(batch, self.device))
+        return micro
 
     def next_epoch(self):
         """The next epoch's batches; an epoch that gave no batch at all stops the run (it
@@ -198,15 +207,49 @@ class Trainer:
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, batch: dict) -> dict | None:
-        """One optimizer step; returns the step's scalars as tensors (read only when logged,
-        so that no step waits on a device-to-host copy), or None for a skipped step."""
-        u, v, scale = self.engine(_to_device(batch, self.device))
+    def loss(self, u, v, scale):
+        """The Align-VL loss over the contrastive batch; None when it is not finite (decided
+        on the gathered batch, so on every rank alike)."""
         try:
             out = align_vl_loss_with_stats(u, v, scale, self.cfg.loss.smoothing, self.cfg.loss.chunk_size)
-        except FloatingPointError:  # raised on every rank alike: checked on gathered embeddings
-            out = None
-        if out is None or not torch.isfinite(out.loss):
+        except FloatingPointError:
+            return None
+        return out if torch.isfinite(out.loss) else None
+
+    def backward(self, loss) -> None:
+        """Gradients accumulate in the engine until its step at the end of the cycle;
+        no 1/K scaling (the contrastive loss is already the whole batch's)."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # an optimizer step only at the end of an accumulation cycle
+
+    def forward_for_accumulation(self, micro: list[dict]):
+        """The forward the accumulation replays. With both towers frozen (or cached features)
+        the towers run once, here, and only the head runs in both passes: the fast path."""
+        if not all(getattr(t, "trainable", False) is False for t in (self.model.image_tower, self.model.text_tower)):
+            return micro, self.engine
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            cached = [dict(zip(("image_features", "text_features"), self.model.tower_features(b), strict=True))
+                      for b in micro]
+        return cached, self.engine
+
+    def train_step(self, micro: list[dict]) -> dict | None:
+        """One optimizer step over train.accumulation micro-batches; returns the step's
+        scalars as tensors (read only when logged, so that no step waits on a device-to-host
+        copy), or None for a skipped step."""
+        self.set_learning_rate()
+        if len(micro) == 1:
+            u, v, scale = self.engine(micro[0])
+            out = self.loss(u, v, scale)
+            if out is not None:
+                self.backward(out.loss)
+        else:
+            inputs, forward = self.forward_for_accumulation(micro)
+            try:
+                out, scale = accumulated_backward(inputs, forward, self.loss_or_raise, self.backward,
+                                                  self.random_modules)
+            except FloatingPointError:
+                out = None
+        if out is None:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
             if self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
@@ -216,14 +259,16 @@ class Trainer:
             self.log(f"step {self.step}: non-finite loss, step skipped ({self.skipped_steps} so far)")
             return None
         self.bad_steps_in_a_row = 0
-        self.set_learning_rate()
-        self.accelerator.backward(out.loss)  # under DeepSpeed this also takes the optimizer step
-        self.optimizer.step()
-        self.optimizer.zero_grad()
         # The rate the step used, read back from the optimizer DeepSpeed stepped (not recomputed).
         lr = self.optimizer.param_groups[0]["lr"]
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
                 "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach(), "train/lr": lr}
+
+    def loss_or_raise(self, u, v, scale):
+        out = self.loss(u, v, scale)
+        if out is None:
+            raise FloatingPointError("non-finite contrastive loss")
+        return out
 
     def data_scalars(self) -> dict:
         counts = self.stream.counts
@@ -253,45 +298,38 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
-        global_batch = cfg.data.batch_size * self.world
-        self.log(f"{self.world} ranks x {cfg.data.batch_size} = contrastive batch {global_batch}; "
-                 f"{self.total_steps} steps; ZeRO stage {self.ds_config['zero_optimization'].get('stage', 0)}")
+        global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world
+        self.log(f"{self.world} ranks x {cfg.data.batch_size} x {cfg.train.accumulation} accumulated = contrastive "
+                 f"batch {global_batch}; {self.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)
         progress = _progress(self.total_steps, self.step, enabled=self.rank == 0)
         batches = iter(self.stream)
-        window_start, data_time, window_steps, last = time.perf_counter(), 0.0, 0, {}
+        window, last = MetricsWindow(), {}
         while self.step < self.total_steps:
-            fetch_start = time.perf_counter()
-            batch = self.next_batch(batches)
-            data_time += time.perf_counter() - fetch_start
-            if batch is None:  # end of epoch, agreed by all ranks
+            with window.waiting_for_data():
+                micro = self.next_micro_batches(batches)
+            if micro is None:  # end of epoch, agreed by all ranks
                 batches = self.next_epoch()
                 continue
-            scalars = self.train_step(batch)
+            scalars = self.train_step(micro)
             if scalars is None:
                 continue
             self.step += 1
-            window_steps += 1
+            window.steps += 1
             progress.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
+            if due(self.step, cfg.train.log_every, self.total_steps) or self.step == self.total_steps:
                 grad_norm = self.engine.get_global_grad_norm()
-                last = {**{k: float(v) for k, v in scalars.items()},
+                last = {**{k: float(v) for k, v in scalars.items()}, **window.close(global_batch, self.world),
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "train/contrastive_batch": global_batch,
-                        "perf/samples_per_s": window_steps * global_batch / elapsed,
-                        "perf/samples_per_s_per_rank": window_steps * cfg.data.batch_size / elapsed,
-                        "perf/data_wait_fraction": data_time / elapsed,
-                        "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.state.epoch,
-                        **self.data_scalars()}
+                        "train/contrastive_batch": global_batch, "train/skipped_steps": self.skipped_steps,
+                        "train/epoch": self.stream.state.epoch, **self.data_scalars()}
                 self.logger.scalars(self.step, last)
                 progress.set_postfix(loss=f"{last['train/loss']:.4f}")
-                window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+            if due(self.step, cfg.checkpoint.every, self.total_steps):
                 self.save()
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+            if due(self.step, cfg.eval.every, self.total_steps):
                 self.evaluate()
         progress.close()
         self.save()
@@ -313,6 +351,34 @@ class Trainer:
         dist.destroy_process_group()
 
 
+def due(step: int, every: int, total_steps: int) -> bool:
+    """Is it time for a periodic job (log, checkpoint, eval) after `step`? Every `every`
+    steps (0: never), and not at the last step, which the run ends with anyway."""
+    return every > 0 and step % every == 0 and step < total_steps
+
+
+class MetricsWindow:
+    """Throughput and data wait since the last log line."""
+
+    def __init__(self) -> None:
+        self.start, self.data_time, self.steps = time.perf_counter(), 0.0, 0
+
+    @contextmanager
+    def waiting_for_data(self):
+        start = time.perf_counter()
+        yield
+        self.data_time += time.perf_counter() - start
+
+    def close(self, global_batch: int, world: int) -> dict[str, float]:
+        """The window's scalars; a new window starts."""
+        elapsed = time.perf_counter() - self.start
+        out = {"perf/samples_per_s": self.steps * global_batch / elapsed,
+               "perf/samples_per_s_per_rank": self.steps * global_batch / world / elapsed,
+               "perf/data_wait_fraction": self.data_time / elapsed}
+        self.__init__()
+        return out
+
+
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
@@ -328,8 +394,11 @@ def check_inputs(cfg: RunConfig) -> None:
     sets, tower folders. (The DeepSpeed JSON is checked with the config.)"""
     sources = load_sources(cfg.data)
     if cfg.data.mode == "epoch":
-        batches_per_epoch(sources, int(os.environ.get("WORLD_SIZE", "1")), cfg.data.workers, cfg.data.batch_size,
-                          cfg.seed)
+        per_epoch = batches_per_epoch(sources, int(os.environ.get("WORLD_SIZE", "1")), cfg.data.workers,
+                                      cfg.data.batch_size, cfg.seed)
+        if per_epoch < cfg.train.accumulation:
+            raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives each rank only "
+                                  f"{per_epoch} batches of data.batch_size={cfg.data.batch_size}")
     for spec in cfg.eval.data:
         if Path(spec).suffix.lower() == ".jsonl":
             if not Path(spec).is_file():

@@ -28,6 +28,7 @@ from alignvl_scale.data.check import check_shards
 from alignvl_scale.data.evalsets import load_retrieval_set
 from alignvl_scale.data.samples import DecodeLimits, SkipSample, decode_captions, decode_image
 from alignvl_scale.data.shards import MANIFEST, DataSourceError, folder_samples
+from alignvl_scale.engine import free_port
 from alignvl_scale.synthetic import write_feature_shards
 
 
@@ -357,7 +358,7 @@ def test_13_shards_folder_copies_only_images_inside_the_root(tmp_path):
 def test_14_paths_are_checked_before_any_process_group(tmp_path, features, override, message):
     config, run_dir = run_config(tmp_path, features)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "0", str(ROOT / "launchers/train.py"), "--config", str(config), override],
+                           str(free_port()), str(ROOT / "launchers/train.py"), "--config", str(config), override],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "[alignvl-scale] error:" in line]

@@ -1,0 +1,161 @@
+"""Contrastive gradient accumulation (GradCache) against the reference it must equal: the
+K micro-batches forwarded in one autograd graph, the loss on their concatenation, one
+backward. Noise, dropout and mixup are on, so the RNG replay matters; 1 and 2 gloo ranks,
+plain and chunked loss. Then the trainer: K micro-batches of B give the same losses and
+updates as one batch of K x B under ZeRO 1, 2 and 3, and a resume stays exact."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from distributed import run_ranks
+from test_train import ROOT, env, logged
+
+import alignvl_scale.accumulate as accumulate
+from alignvl_scale.accumulate import accumulated_backward
+from alignvl_scale.engine import free_port
+from alignvl_scale.loss import align_vl_loss_with_stats
+from alignvl_scale.model import AlignVLHead
+from alignvl_scale.synthetic import write_feature_shards
+
+K, B, DIM = 3, 4, 12
+
+
+def _head(rank: int) -> AlignVLHead:
+    torch.manual_seed(0)
+    head = AlignVLHead(DIM, DIM, 8, adapter="mlp", adapter_depth=1, dropout=0.3, noise_sigma=0.2, mixup_alpha=0.5,
+                       seed=5, rank=rank)
+    return head.train()
+
+
+def _micro_batches(rank: int) -> list[dict]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return [{"x": torch.randn(B, DIM, generator=g), "y": torch.randn(B, DIM, generator=g)} for _ in range(K)]
+
+
+def _grads(head) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in head.named_parameters()}
+
+
+def _compare(rank: int, world: int, chunk: int | None, sabotage: str) -> dict:
+    if sabotage == "no_rng_replay":
+        accumulate.rng_restore = lambda state, modules: None
+    batches = _micro_batches(rank)
+
+    def loss_fn(u, v, scale):
+        return align_vl_loss_with_stats(u, v, scale, smoothing=0.2, chunk_size=chunk)
+
+    torch.manual_seed(1000 + rank)  # dropout stream, the same start for both computations
+    reference = _head(rank)
+    outs = [reference(b["x"], b["y"]) for b in batches]
+    want = loss_fn(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[-1][2])
+    want.loss.backward()
+
+    torch.manual_seed(1000 + rank)
+    head = _head(rank)
+
+    def backward(surrogate):
+        (surrogate * (2.0 if sabotage == "double_scale" else 1.0)).backward()
+
+    got, _ = accumulated_backward(batches, lambda b: head(b["x"], b["y"]), loss_fn, backward, head.random_modules())
+    return {"loss": (got.loss.item(), want.loss.item()), "got": _grads(head), "want": _grads(reference)}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_accumulation_equals_one_graph_over_the_concatenated_batch(tmp_path, world, chunk):
+    for result in run_ranks(_compare, world, tmp_path, chunk, "none"):
+        assert "error" not in result, result.get("traceback")
+        assert result["loss"][0] == pytest.approx(result["loss"][1], rel=1e-6)
+        for name, want in result["want"].items():
+            torch.testing.assert_close(result["got"][name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("sabotage", ["no_rng_replay", "double_scale"])
+def test_the_equivalence_check_catches_a_broken_replay_or_scaling(tmp_path, sabotage):
+    (result,) = run_ranks(_compare, 1, tmp_path, None, sabotage)
+    assert "error" not in result, result.get("traceback")
+    assert any(not torch.allclose(result["got"][n], w, rtol=1e-5, atol=1e-7) for n, w in result["want"].items())
+
+
+# -- the trainer ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    root = tmp_path_factory.mktemp("acc")
+    write_feature_shards(root / "f", 8 * 32, shards=8)
+    return root / "f"
+
+
+NOISY = {"noise_sigma": 0.05, "dropout": 0.2, "mixup_alpha": 0.5}
+
+
+def _train(tmp_path: Path, features: Path, name: str, stage: int, accumulation: int, batch: int, ranks: int,
+           *args: str, model: dict | None = None) -> Path:
+    run_dir = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.0, "dropout": 0.0,
+                  **(model or {})},
+        "data": {"kind": "features", "train": [str(features)], "batch_size": batch, "workers": 1},
+        "train": {"steps": 6, "lr": 0.01, "warmup_steps": 2, "log_every": 1, "accumulation": accumulation},
+        "loss": {"smoothing": 0.1}, "checkpoint": {"every": 2, "keep": 3}, "run_dir": str(run_dir)}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                           "--master_port", str(free_port()), str(ROOT / "launchers/train.py"), "--config", str(config),
+                           f"engine.ds_config=ds_configs/zero{stage}.json", *args],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("stage,ranks", [pytest.param(1, 2, marks=pytest.mark.slow), (2, 1), (3, 2)])
+def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features, stage, ranks):
+    """Noise, dropout and mixup off (their draws depend on how a batch is cut); the data
+    order is the same because the in-shard shuffle does not depend on the batch size."""
+    one = logged(_train(tmp_path, features, "one", stage, 1, 16, ranks), "train/loss")
+    accumulated = _train(tmp_path, features, "acc", stage, 4, 4, ranks)
+    assert logged(accumulated, "train/contrastive_batch")[6] == 16 * ranks
+    assert logged(accumulated, "train/loss") == pytest.approx(one, rel=1e-5)
+
+
+def test_resume_falls_on_optimizer_steps_and_stays_exact(tmp_path, features):
+    """Checkpoints are taken after whole accumulation cycles; resuming from one continues
+    with the same losses (data position, RNG) as the run that never stopped."""
+    run_dir = _train(tmp_path, features, "run", 2, 2, 8, 1, model=NOISY)
+    reference = logged(run_dir, "train/loss")
+    state = json.loads((run_dir / "checkpoints/step_00000004/rank_0.json").read_text())
+    assert state["step"] == 4 and state["data"]["stream"]["batches"] == 8  # 4 steps x 2 micro-batches
+    resumed = _train(tmp_path, features, "run", 2, 2, 8, 1, "--resume", str(run_dir / "checkpoints/step_00000004"),
+                     model=NOISY)
+    again = logged(resumed, "train/loss")
+    for step in (5, 6):
+        assert again[step] == pytest.approx(reference[step], rel=1e-6)
+
+
+def test_trainable_tower_is_re_run_and_still_equals_one_large_batch(tmp_path):
+    """A trainable image tower (no fast path: the whole model runs twice per micro-batch).
+    ViT's dropout is 0 by default and the adapters' is set to 0, so one batch of 8 and two
+    micro-batches of 4 must give the same losses."""
+    from conftest import make_tiny_towers, write_image_shards
+
+    towers = make_tiny_towers(tmp_path / "towers")
+    write_image_shards(tmp_path / "shards", [16] * 4)
+    losses = {}
+    for accumulation, batch in ((1, 8), (2, 4)):
+        run_dir = tmp_path / f"run{accumulation}"
+        config = tmp_path / f"run{accumulation}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": {"image_tower": {"name": towers["vit"], "pooling": "mean", "trainable": True},
+                      "text_tower": {"name": towers["bert"], "max_length": 8}, "embed_dim": 16, "adapter_depth": 1,
+                      "noise_sigma": 0.0, "dropout": 0.0},
+            "data": {"train": [str(tmp_path / "shards")], "batch_size": batch, "workers": 1, "image_size": 16},
+            "train": {"steps": 4, "lr": 0.003, "log_every": 1, "accumulation": accumulation},
+            "run_dir": str(run_dir)}))
+        proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config)],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[accumulation] = logged(run_dir, "train/loss")
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
