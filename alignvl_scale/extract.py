@@ -14,7 +14,6 @@ shard). Rank 0 writes the manifest (towers, dims, counts) once every rank is don
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from contextlib import nullcontext
@@ -27,18 +26,19 @@ from tqdm import tqdm
 
 from alignvl_scale.config import RunConfig
 from alignvl_scale.data.reader import raw_samples
-from alignvl_scale.data.samples import DecodeLimits, SkipCounts, SkipSample, decode_captions, decode_image
+from alignvl_scale.data.samples import (
+    DecodeLimits,
+    SkipCounts,
+    SkipSample,
+    decode_captions,
+    decode_image,
+    encode_npy,
+)
 from alignvl_scale.data.shards import MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN, resolve_spec, write_json_atomic
 from alignvl_scale.distributed import any_rank, barrier, rank_world
 from alignvl_scale.engine import fill_ds_config, zero3_init, zero_stage
 from alignvl_scale.model import build_preprocessing, build_towers
 from alignvl_scale.towers import set_train_mode
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 class TowerPair:
@@ -100,8 +100,8 @@ def _extract_shard(url: str, target: Path, towers: TowerPair, limits: DecodeLimi
         image_features, text_features = towers.encode(pending)
         row = 0
         for (key, _, caps), image_feature in zip(pending, image_features, strict=True):
-            writer.write({"__key__": key, "img.npy": _npy(image_feature.astype(np.float16)),
-                          "txt.npy": _npy(text_features[row:row + len(caps)].astype(np.float16)),
+            writer.write({"__key__": key, "img.npy": encode_npy(image_feature.astype(np.float16)),
+                          "txt.npy": encode_npy(text_features[row:row + len(caps)].astype(np.float16)),
                           "json": json.dumps({"captions": caps}).encode("utf-8")})
             row += len(caps)
         pending.clear()

@@ -10,6 +10,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from alignvl_scale.data.samples import encode_npy
 from alignvl_scale.data.shards import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -46,12 +47,6 @@ def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int 
     return firsts
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_feature_shards(folder: Path, n: int, dim: int = 24, seed: int = 0, shards: int = 4) -> None:
     """Cached-feature shards whose text feature is a fixed linear map of the image feature,
     plus noise: something adapters can learn. Two caption rows per sample, float16."""
@@ -61,8 +56,8 @@ def write_feature_shards(folder: Path, n: int, dim: int = 24, seed: int = 0, sha
     for i in range(n):
         image = rng.normal(size=dim).astype(np.float32)
         texts = np.stack([image @ mix + 0.1 * rng.normal(size=dim) for _ in range(2)]).astype(np.float16)
-        samples.append(sample_members(f"{seed}_{i:05d}", **{"img.npy": _npy(image.astype(np.float16)),
-                                                             "txt.npy": _npy(texts)}))
+        samples.append(sample_members(f"{seed}_{i:05d}", **{"img.npy": encode_npy(image.astype(np.float16)),
+                                                             "txt.npy": encode_npy(texts)}))
     write_shards(iter(samples), folder, -(-n // shards), kind="features", progress=False,
                  extra={"image_dim": dim, "text_dim": dim})
 

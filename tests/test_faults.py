@@ -68,6 +68,23 @@ def user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return line
 
 
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, features):
+    """One finished 6-step run (checkpoints at 2, 4, 6; keep 2), trained once per module."""
+    tmp = tmp_path_factory.mktemp("base")
+    config, run_dir = run_config(tmp, features)
+    proc = train(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def copy_of(base_run: Path, tmp_path: Path, features: Path) -> tuple[Path, Path]:
+    """A private copy of the base run and its config (same settings, its own run_dir)."""
+    config, run_dir = run_config(tmp_path, features)
+    shutil.copytree(base_run, run_dir)
+    return config, run_dir
+
+
 def checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
 
@@ -88,9 +105,8 @@ def test_1_retention_never_deletes_the_checkpoint_just_saved(tmp_path, features)
     assert train(config2, "--resume", "latest").returncode == 0  # latest names a complete checkpoint
 
 
-def test_1_resaving_a_step_replaces_it_whole(tmp_path, features):
-    config, run_dir = run_config(tmp_path, features)
-    assert train(config).returncode == 0
+def test_1_resaving_a_step_replaces_it_whole(tmp_path, features, base_run):
+    config, run_dir = copy_of(base_run, tmp_path, features)
     proc = train(config, "--resume", str(run_dir / "checkpoints/step_00000004"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000006"
@@ -98,9 +114,8 @@ def test_1_resaving_a_step_replaces_it_whole(tmp_path, features):
     assert not list((run_dir / "checkpoints").glob(".step_*"))  # no partial or old copy left behind
 
 
-def test_2_a_second_run_in_a_used_run_dir_is_refused(tmp_path, features):
-    config, run_dir = run_config(tmp_path, features)
-    assert train(config).returncode == 0
+def test_2_a_second_run_in_a_used_run_dir_is_refused(tmp_path, features, base_run):
+    config, run_dir = copy_of(base_run, tmp_path, features)
     before = (run_dir / "metrics.jsonl").read_text()
     user_error(train(config), "already holds a run", "--resume latest", "--overwrite")
     assert (run_dir / "metrics.jsonl").read_text() == before
@@ -120,9 +135,8 @@ def test_3_two_runs_on_one_run_dir_at_once(tmp_path, features):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
-def test_4_a_garbage_latest_or_a_truncated_state_file_is_named(tmp_path, features):
-    config, run_dir = run_config(tmp_path, features)
-    assert train(config).returncode == 0
+def test_4_a_garbage_latest_or_a_truncated_state_file_is_named(tmp_path, features, base_run):
+    config, run_dir = copy_of(base_run, tmp_path, features)
     latest = run_dir / "checkpoints/latest"
     latest.write_bytes(b"\xff\xfe\x00garbage")
     user_error(train(config, "--resume", "latest"), str(latest), "step_00000006")
@@ -302,9 +316,8 @@ class Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_12_a_checkpoint_with_code_in_it_runs_nothing(tmp_path, features):
-    config, run_dir = run_config(tmp_path, features)
-    assert train(config).returncode == 0
+def test_12_a_checkpoint_with_code_in_it_runs_nothing(tmp_path, features, base_run):
+    config, run_dir = copy_of(base_run, tmp_path, features)
     checkpoint = run_dir / "checkpoints/step_00000006"
     marker = tmp_path / "pwned"
     for name in ("state/mp_rank_00_model_states.pt", "state/zero_pp_rank_0_mp_rank_00_optim_states.pt"):

@@ -202,6 +202,13 @@ def decode_image(members: dict[str, bytes], limits: DecodeLimits) -> Image.Image
         raise SkipSample("undecodable_image", f"{type(exc).__name__}: {exc}") from None
 
 
+def encode_npy(array: np.ndarray) -> bytes:
+    """A feature member's bytes (what `decode_features` reads back), no pickle."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def decode_features(members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
     """(image feature (d,), text features (k, d) or (d,)) from npy members, no pickle."""
     out = []
