@@ -53,7 +53,8 @@ def run_one(config: Path, overrides: list[str], setting: Setting, seed: int, out
     if not summary.exists():
         cmd = [sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config), *overrides,
                f"model.noise_sigma={setting.sigma}", f"loss.smoothing={setting.alpha}", f"seed={seed}",
-               f"run_dir={run_dir}", "eval.every=0", "train.log_every=1000000"]
+               f"run_dir={run_dir}", "eval.every=0", "train.log_every=1000000",
+               "--overwrite"]  # no summary: a cell that died earlier starts over
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 and not summary.exists():
             raise RuntimeError(f"ablation run {run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

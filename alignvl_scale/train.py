@@ -299,8 +299,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
         global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world
-        self.log(f"{self.world} ranks x {cfg.data.batch_size} x {cfg.train.accumulation} accumulated = contrastive "
-                 f"batch {global_batch}; {self.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
+        accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
+        self.log(f"{self.world} ranks x {cfg.data.batch_size}{accumulated} = contrastive batch {global_batch}; "
+                 f"{self.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)

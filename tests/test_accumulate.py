@@ -108,6 +108,7 @@ def _train(tmp_path: Path, features: Path, name: str, stage: int, accumulation: 
                            f"engine.ds_config=ds_configs/zero{stage}.json", *args],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / f"{name}.out").write_text(proc.stdout)
     return run_dir
 
 
@@ -118,6 +119,8 @@ def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features
     one = logged(_train(tmp_path, features, "one", stage, 1, 16, ranks), "train/loss")
     accumulated = _train(tmp_path, features, "acc", stage, 4, 4, ranks)
     assert logged(accumulated, "train/contrastive_batch")[6] == 16 * ranks
+    start_line = f"{ranks} ranks x 4 x 4 accumulated = contrastive batch {16 * ranks}"
+    assert start_line in (tmp_path / "acc.out").read_text()
     assert logged(accumulated, "train/loss") == pytest.approx(one, rel=1e-5)
 
 

@@ -225,7 +225,7 @@ def test_two_nodes_on_loopback(assets, tmp_path):
     ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
     ("loss.smoothing=1.5", "loss.smoothing: must be in [0, 1), got 1.5"),
     ("data.batchsize=4", "data.batchsize: unknown key"),
-    ("train.accumulation=4", "train.accumulation: must be 1"),
+    ("train.accumulation=0", "train.accumulation: must be >= 1, got 0"),
     ("train.precision=fp16", "train.precision: must be fp32 or bf16"),
     ("engine.ds_config=nope.json", "engine.ds_config: must be an existing DeepSpeed JSON file"),
 ])
