@@ -111,10 +111,14 @@ def _eval(args: argparse.Namespace) -> int:
     from alignvl_scale.evaluate import evaluate_specs
     from alignvl_scale.export import load_encoder
 
+    sets: dict = {}
     results = evaluate_specs(load_encoder(args.checkpoint, trust_checkpoint=args.trust_checkpoint), args.data,
-                             args.batch_size, allow_outside=args.allow_outside_paths)
+                             args.batch_size, sets, allow_outside=args.allow_outside_paths)
     for spec, metrics in results.items():
-        print(spec)
+        evalset = sets[spec]
+        skipped = dict(evalset.counts.skipped)
+        print(f"{spec}: {len(evalset.images)} images, {len(evalset.texts)} captions"
+              + (f" (skipped {skipped})" if skipped else ""))
         for direction in ("i2t", "t2i"):
             print(f"  {direction}: " + "  ".join(f"R@{k} {metrics[f'{direction}_R@{k}']:6.2f}" for k in (1, 5, 10))
                   + f"  median rank {metrics[f'{direction}_median_rank']:.0f}")

@@ -9,6 +9,7 @@ Unknown keys and bad values raise ConfigError naming the key and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -297,7 +298,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{key}: unknown key; {prefix or 'top level'} takes {', '.join(sorted(names))}")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: unknown key{hint}; {prefix or 'top level'} takes {', '.join(sorted(names))}")
     kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
     return cls(**kwargs)
 

@@ -3,8 +3,11 @@ forward (the work is split with `encode_sharded`), every rank gets the metrics."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
 from alignvl_scale.data.evalsets import RetrievalSet, encode_sharded, load_retrieval_set
 from alignvl_scale.data.samples import open_image
@@ -29,20 +32,26 @@ class Encoder:
         self.text_tower = text_tower or model.text_tower
 
     @torch.no_grad()
-    def encode_images(self, images: list) -> torch.Tensor:
-        """PIL images, raw image bytes, or tower feature vectors."""
+    def encode_images(self, images) -> torch.Tensor:
+        """Image file paths, PIL images, raw image bytes, or tower feature vectors; one of
+        them alone counts as a list of one."""
+        if not isinstance(images, list | tuple):
+            images = [images]
         if isinstance(images[0], np.ndarray | torch.Tensor):
             x = torch.stack([torch.as_tensor(i) for i in images])
         else:
-            pil = [open_image(i).convert("RGB") if isinstance(i, bytes) else i.convert("RGB") for i in images]
+            pil = [_as_pil(i).convert("RGB") for i in images]
             pixels = torch.stack([self.preprocessing.image_transform(p) for p in pil])
             with self.autocast():
                 x = self.image_tower(pixel_values=pixels.to(self.device))
         return self.model.head.encode_image(x.to(self.device))
 
     @torch.no_grad()
-    def encode_texts(self, texts: list) -> torch.Tensor:
-        """Caption strings, or tower feature vectors."""
+    def encode_texts(self, texts) -> torch.Tensor:
+        """Caption strings, or tower feature vectors; one caption alone is a list of one
+        (not one caption per character)."""
+        if isinstance(texts, str) or not isinstance(texts, list | tuple):
+            texts = [texts]
         if isinstance(texts[0], np.ndarray | torch.Tensor):
             y = torch.stack([torch.as_tensor(t) for t in texts])
         else:
@@ -53,6 +62,14 @@ class Encoder:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, bytes):
+        return open_image(image)
+    if isinstance(image, str | Path):
+        return open_image(Path(image).read_bytes())  # only JPEG, PNG and WebP are decoded
+    return image
 
 
 def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:

@@ -74,3 +74,16 @@ def test_exponent_floats_without_a_dot(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  steps: 1\n  lr: 1e-4\n")
     assert load_config(path).train.lr == 1e-4
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.batchsize: unknown key \(did you mean 'batch_size'\?\)"):
+        load_config(write(tmp_path, {"data": {"batchsize": 4}, "train": {"steps": 1}}))
+
+
+def test_public_api():
+    import alignvl_scale
+
+    assert alignvl_scale.align_vl_loss.__module__ == "alignvl_scale.loss"
+    assert {"retrieval_metrics", "load_encoder", "load_config", "RunConfig"} <= set(alignvl_scale.__all__)
+    assert alignvl_scale.load_config is load_config

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import make_tiny_towers, write_image_shards
+from conftest import make_tiny_towers, png_bytes, write_image_shards
 
 from alignvl_scale.config import config_from_dict
 from alignvl_scale.engine import free_port
@@ -134,8 +135,18 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path) -> dict:
     subprocess.run([*cli, "export", "--checkpoint", str(checkpoint), "--out", str(export_dir)], check=True, cwd=ROOT,
                    env=env(), capture_output=True)
     assert (export_dir / "model.safetensors").exists() and not list(export_dir.rglob("*.pt"))
-    subprocess.run([*cli, "eval", "--checkpoint", str(export_dir), "--data", str(eval_data),
-                    "--json", str(tmp_path / "eval.json")], check=True, cwd=ROOT, env=env(), capture_output=True)
+    proc = subprocess.run([*cli, "eval", "--checkpoint", str(export_dir), "--data", str(eval_data),
+                           "--json", str(tmp_path / "eval.json")], check=True, cwd=ROOT, env=env(), capture_output=True,
+                          text=True)
+    assert f"{eval_data}: 16 images, 16 captions" in proc.stdout
+    # The Python API: one caption is one caption (not one per character); images by path.
+    from alignvl_scale import load_encoder
+
+    encoder = load_encoder(export_dir)
+    one = encoder.encode_texts("a cat")
+    assert one.shape[0] == 1 and torch.equal(one, encoder.encode_texts(["a cat"]))
+    (tmp_path / "cat.png").write_bytes(png_bytes(7))
+    assert encoder.encode_images(tmp_path / "cat.png").shape == one.shape
     return json.loads((tmp_path / "eval.json").read_text())[str(eval_data)]
 
 
