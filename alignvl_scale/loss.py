@@ -1,7 +1,7 @@
 """The Align-VL contrastive objective: symmetric InfoNCE with Embedding Smoothing over the
 global batch, embeddings gathered from every rank with gradient.
 
-Notation (design.md): N pairs in the global batch, B = N / world on each rank, s_ij the
+Notation (docs/design.md): N pairs in the global batch, B = N / world on each rank, s_ij the
 scaled cosine similarity of image i and text j, alpha the smoothing. Per row
 
     l_i = -sum_j q_ij log softmax_j(s_i.),   q_ij = (1 - alpha) [i == j] + alpha / N

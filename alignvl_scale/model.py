@@ -1,5 +1,5 @@
 """The parts of Align-VL that sit on top of the towers: FuseMix latent mixup, Random
-Perturbation, the V-L adapters and the learnable temperature (design.md, steps 2-5).
+Perturbation, the V-L adapters and the learnable temperature (docs/design.md, steps 2-5).
 
 Mixup and noise draw from their own `torch.Generator`, seeded from (run seed, rank), so
 every rank perturbs independently, a run is reproducible, and the generator state can be

@@ -1,10 +1,14 @@
 """Contrastive gradient accumulation (GradCache) against the reference it must equal: the
 K micro-batches forwarded in one autograd graph, the loss on their concatenation, one
-backward. Noise, dropout and mixup are on, so the RNG replay matters; 1 and 2 gloo ranks,
-plain and chunked loss. Then the trainer: K micro-batches of B give the same losses and
-updates as one batch of K x B under ZeRO 1, 2 and 3, and a resume stays exact."""
+backward. Noise, dropout and mixup are on, so the RNG replay matters: plain autograd on 1
+and 2 gloo ranks, plain and chunked loss; then inside DeepSpeed engines under ZeRO 1, 2
+and 3 (the parameter update). Then the trainer: K micro-batches of B give the same losses
+as one batch of K x B (noise, dropout and mixup off: their draws depend on how a batch is
+cut), with frozen and trainable towers, and a resume stays exact. ZeRO-1 cells and the
+2-rank ZeRO-3 trainer run are marked slow."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +116,8 @@ def _train(tmp_path: Path, features: Path, name: str, stage: int, accumulation: 
     return run_dir
 
 
-@pytest.mark.parametrize("stage,ranks", [pytest.param(1, 2, marks=pytest.mark.slow), (2, 1), (3, 2)])
+@pytest.mark.parametrize("stage,ranks", [pytest.param(1, 2, marks=pytest.mark.slow), (2, 1),
+                                         pytest.param(3, 2, marks=pytest.mark.slow)])
 def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features, stage, ranks):
     """Noise, dropout and mixup off (their draws depend on how a batch is cut); the data
     order is the same because the in-shard shuffle does not depend on the batch size."""
@@ -162,3 +167,58 @@ def test_trainable_tower_is_re_run_and_still_equals_one_large_batch(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses[accumulation] = logged(run_dir, "train/loss")
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _engine_update(rank: int, world: int, stage: int, chunk: int | None, cached: bool) -> dict:
+    """One optimizer step of a DeepSpeed engine (ZeRO `stage`) on the head, with noise,
+    dropout and mixup on: either the K micro-batches forwarded in one graph (micro batch K x B,
+    no accumulation), or accumulated_backward (micro batch B, K accumulation steps)."""
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what a launcher sets
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's view of the group run_ranks made
+    torch.manual_seed(1000 + rank)
+    ds_config = {"train_micro_batch_size_per_gpu": B if cached else K * B, "gradient_accumulation_steps": K if cached
+                 else 1, "train_batch_size": K * B * world, "gradient_clipping": 0.0, "zero_allow_untested_optimizer":
+                 True, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
+        head = _head(rank)
+    torch.manual_seed(1000 + rank)  # the same dropout stream for both
+    engine, *_ = deepspeed.initialize(model=head, config=ds_config,
+                                      optimizer=torch.optim.AdamW(head.parameters(), lr=1e-2))
+    engine.train()
+    batches = _micro_batches(rank)
+
+    def loss_fn(u, v, scale):
+        return align_vl_loss_with_stats(u, v, scale, smoothing=0.2, chunk_size=chunk)
+
+    if cached:
+        def backward(surrogate):
+            engine.backward(surrogate, scale_wrt_gas=False)
+            engine.step()
+
+        out, _ = accumulated_backward(batches, lambda b: engine(b["x"], b["y"]), loss_fn, backward,
+                                      head.random_modules())
+    else:
+        outs = [engine(b["x"], b["y"]) for b in batches]
+        out = loss_fn(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[-1][2])
+        engine.backward(out.loss)
+        engine.step()
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+        return {"loss": out.loss.item(), "params": {n: p.detach().clone() for n, p in params}}
+
+
+@pytest.mark.parametrize("stage,world,chunk", [pytest.param(1, 2, None, marks=pytest.mark.slow), (2, 1, 5),
+                                               (3, 2, 5)])
+def test_engine_update_with_noise_dropout_and_mixup_equals_one_graph(tmp_path, stage, world, chunk):
+    """The issue's equivalence inside DeepSpeed: the parameter update and the loss of one
+    accumulated step equal those of the K micro-batches in one graph, under ZeRO 1, 2, 3."""
+    reference = run_ranks(_engine_update, world, tmp_path, stage, chunk, False)
+    (tmp_path / "cached").mkdir()
+    accumulated = run_ranks(_engine_update, world, tmp_path / "cached", stage, chunk, True)
+    for want, got in zip(reference, accumulated, strict=True):
+        assert "error" not in want and "error" not in got, (want.get("traceback"), got.get("traceback"))
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        for name, value in want["params"].items():
+            torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-7, msg=name)
