@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignvl_scale.rundir import SUMMARY
+
 METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
 SIGMAS = (0.01, 0.05, 0.1, 0.5)
 ALPHAS = (0.1, 0.2, 0.5, 0.8)
@@ -49,7 +51,7 @@ def default_grid(sigmas=SIGMAS, alphas=ALPHAS) -> list[Setting]:
 
 def run_one(config: Path, overrides: list[str], setting: Setting, seed: int, out: Path) -> dict:
     run_dir = out / "runs" / f"{setting.study}-sigma{setting.sigma:g}-alpha{setting.alpha:g}-seed{seed}"
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY
     if not summary.exists():
         cmd = [sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config), *overrides,
                f"model.noise_sigma={setting.sigma}", f"loss.smoothing={setting.alpha}", f"seed={seed}",

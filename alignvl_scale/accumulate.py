@@ -17,7 +17,7 @@ Memory stays that of one micro-batch's graph plus K x B embeddings; the cost is 
 forward per micro-batch. Under ZeRO-3 that second forward gathers the parameters again
 (one more all-gather of the trained weights per micro-batch). When both towers are frozen
 (the paper's setting), `forward` can run the towers once and hand the head their cached
-outputs; then only the head runs twice (see `Trainer.accumulated_step`).
+outputs; then only the head runs twice (see `Trainer.accumulation_inputs`).
 
 The gradient convention is the loss's (alignvl_scale.loss): each rank's gradient is that of
 its local share, so after the engine averages over ranks the update equals one step on the

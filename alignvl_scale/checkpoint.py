@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from alignvl_scale.distributed import barrier, broadcast_from_rank0, rank_world
+from alignvl_scale.rundir import CHECKPOINTS, CONFIG
 
 TAG = "state"
 LATEST = "latest"
@@ -110,7 +111,7 @@ def problems(path: Path) -> list[str]:
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """The run's complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     found = [p for p in root.glob("step_*") if p.is_dir() and step_of(p) is not None] if root.is_dir() else []
     return [p for p in sorted(found, key=step_of) if not problems(p)]
 
@@ -154,7 +155,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
     """Every rank calls this (ZeRO shards live on every rank). The run config is saved
     with it, so that a checkpoint exports and evaluates on its own."""
     rank, world = rank_world()
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
     (partial / f"rank_{rank}.json").write_text(json.dumps({**trainer_state, "step": step, "world": world}))
     torch.save(rng_state(random_modules), partial / f"rng_{rank}.pt")
     if rank == 0:
-        (partial / "config.yaml").write_text(config_yaml)
+        (partial / CONFIG).write_text(config_yaml)
     barrier()
     if rank == 0:
         if final.exists():  # the same step saved by an earlier run: replace it, not merge into it
@@ -183,7 +184,7 @@ def demote_checkpoint(run_dir: str | Path, step: int) -> str:
     checkpoint may hold the diverged weights (finite, ~1e30), so it moves aside to
     `suspect_step_N` and `latest` names the newest complete one before it. Returns the
     sentence to tell the user."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     path = root / f"step_{step:08d}"
     if not path.is_dir():
         return ""
@@ -204,25 +205,29 @@ def demote_checkpoint(run_dir: str | Path, step: int) -> str:
 
 def _choose(run_dir: Path, resume: str) -> Path | None:
     """Rank 0's decision for --resume (raises CheckpointError with what to do instead)."""
-    root = run_dir / "checkpoints"
-    complete = complete_checkpoints(run_dir)
-    offer = (f"; complete checkpoints: {', '.join(p.name for p in complete)} (resume one with --resume "
-             f"{complete[-1]})" if complete else "; there is no complete checkpoint to offer")
+    root = run_dir / CHECKPOINTS
+
+    def offer() -> str:
+        """The complete checkpoints, for an error message only: checking them reads every file."""
+        complete = complete_checkpoints(run_dir)
+        return (f"; complete checkpoints: {', '.join(p.name for p in complete)} (resume one with --resume "
+                f"{complete[-1]})" if complete else "; there is no complete checkpoint to offer")
+
     if resume != "latest":
         path = Path(resume)
     else:
         pointer = root / LATEST
         if not pointer.exists():
-            if complete:
-                raise CheckpointError(f"--resume latest: {pointer} is missing" + offer)
+            if complete_checkpoints(run_dir):
+                raise CheckpointError(f"--resume latest: {pointer} is missing" + offer())
             return None
         name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
         if STEP_DIR.fullmatch(name) is None:
-            raise CheckpointError(f"--resume latest: {pointer} does not name a checkpoint ({name[:40]!r})" + offer)
+            raise CheckpointError(f"--resume latest: {pointer} does not name a checkpoint ({name[:40]!r})" + offer())
         path = root / name
     found = problems(path)
     if found:
-        raise CheckpointError(f"--resume {resume}: {found[0]}" + offer)
+        raise CheckpointError(f"--resume {resume}: {found[0]}" + offer())
     return path
 
 

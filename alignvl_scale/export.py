@@ -26,9 +26,9 @@ from alignvl_scale.checkpoint import TAG, weights_only_loads
 from alignvl_scale.config import RunConfig, config_from_dict
 from alignvl_scale.evaluate import Encoder
 from alignvl_scale.model import build_model, build_preprocessing, build_towers
+from alignvl_scale.rundir import CONFIG
 from alignvl_scale.towers import HFTower, save_tower_files
 
-CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 
 

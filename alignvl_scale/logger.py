@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from alignvl_scale.rundir import METRICS, TENSORBOARD
+
 
 class RunLogger:
     def __init__(self, run_dir: str | Path, enabled: bool) -> None:
@@ -15,8 +17,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
-            self.jsonl = (Path(run_dir) / "metrics.jsonl").open("a")
+            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
+            self.jsonl = (Path(run_dir) / METRICS).open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

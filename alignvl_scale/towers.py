@@ -37,9 +37,10 @@ def register_tower(kind: str, build: Callable[..., nn.Module], preprocessing: Ca
     TOWERS[kind] = TowerKind(build, preprocessing)
 
 
-def _kind(cfg: TowerConfig, modality: str) -> TowerKind:
+def _kind(cfg: TowerConfig, key: str) -> TowerKind:
+    """The registered kind of tower config `key` (model.image_tower, model.text_tower)."""
     if cfg.kind not in TOWERS:
-        raise ValueError(f"model.{modality}_tower.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
+        raise ConfigError(f"{key}.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
     return TOWERS[cfg.kind]
 
 
@@ -47,7 +48,7 @@ def build_tower(cfg: TowerConfig, modality: str, data: DataConfig, load_weights:
     """modality: 'image' or 'text'. Frozen towers have requires_grad off and stay in eval
     mode (see `set_train_mode`). load_weights=False builds the architecture only (weights
     then come from an export)."""
-    tower = _kind(cfg, modality).build(cfg, modality, data, load_weights)
+    tower = _kind(cfg, f"model.{modality}_tower").build(cfg, modality, data, load_weights)
     tower.requires_grad_(cfg.trainable)
     tower.trainable = cfg.trainable
     return tower
@@ -57,8 +58,7 @@ def check_tower_source(cfg: TowerConfig, key: str) -> None:
     """Fail early, naming the key, when an HF tower's weights cannot be found: a path that
     does not exist (else transformers reports a failed connection to the Hub), or a Hub id
     that is not in the local cache while HF_HUB_OFFLINE is set."""
-    if cfg.kind not in TOWERS:
-        raise ConfigError(f"{key}.kind: unknown tower {cfg.kind!r}; known: {sorted(TOWERS)}")
+    _kind(cfg, key)
     if cfg.kind != "hf":
         return
     if not cfg.name:
@@ -82,7 +82,7 @@ def check_tower_source(cfg: TowerConfig, key: str) -> None:
 def build_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
     """The tower's image transform (image) or tokenizer (text). Never call this inside
     `zero.Init` (module docstring)."""
-    return _kind(cfg, modality).preprocessing(cfg, modality, data)
+    return _kind(cfg, f"model.{modality}_tower").preprocessing(cfg, modality, data)
 
 
 def set_train_mode(model: nn.Module, training: bool) -> None:

@@ -48,7 +48,7 @@ from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
-from alignvl_scale.rundir import RunDirError, claim_run_dir
+from alignvl_scale.rundir import CONFIG, SUMMARY, RunDirError, claim_run_dir
 from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warnings
 
 
@@ -208,13 +208,12 @@ class Trainer:
             group["lr"] = lr
 
     def loss(self, u, v, scale):
-        """The Align-VL loss over the contrastive batch; None when it is not finite (decided
-        on the gathered batch, so on every rank alike)."""
-        try:
-            out = align_vl_loss_with_stats(u, v, scale, self.cfg.loss.smoothing, self.cfg.loss.chunk_size)
-        except FloatingPointError:
-            return None
-        return out if torch.isfinite(out.loss) else None
+        """The Align-VL loss over the contrastive batch. FloatingPointError when it is not
+        finite (decided on the gathered batch, so on every rank alike)."""
+        out = align_vl_loss_with_stats(u, v, scale, self.cfg.loss.smoothing, self.cfg.loss.chunk_size)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError("non-finite contrastive loss")
+        return out
 
     def backward(self, loss) -> None:
         """Gradients accumulate in the engine until its step at the end of the cycle;
@@ -222,33 +221,31 @@ class Trainer:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # an optimizer step only at the end of an accumulation cycle
 
-    def forward_for_accumulation(self, micro: list[dict]):
-        """The forward the accumulation replays. With both towers frozen (or cached features)
-        the towers run once, here, and only the head runs in both passes: the fast path."""
-        if not all(getattr(t, "trainable", False) is False for t in (self.model.image_tower, self.model.text_tower)):
-            return micro, self.engine
+    def accumulation_inputs(self, micro: list[dict]) -> list[dict]:
+        """What the accumulation forwards (twice) through the engine. With no trainable tower
+        (frozen towers, or cached features) the towers run once, here, and the engine gets
+        their outputs, so only the head runs in both passes: the fast path."""
+        if any(getattr(t, "trainable", False) for t in (self.model.image_tower, self.model.text_tower)):
+            return micro
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            cached = [dict(zip(("image_features", "text_features"), self.model.tower_features(b), strict=True))
-                      for b in micro]
-        return cached, self.engine
+            return [dict(zip(("image_features", "text_features"), self.model.tower_features(b), strict=True))
+                    for b in micro]
 
     def train_step(self, micro: list[dict]) -> dict | None:
         """One optimizer step over train.accumulation micro-batches; returns the step's
         scalars as tensors (read only when logged, so that no step waits on a device-to-host
         copy), or None for a skipped step."""
         self.set_learning_rate()
-        if len(micro) == 1:
-            u, v, scale = self.engine(micro[0])
-            out = self.loss(u, v, scale)
-            if out is not None:
+        try:
+            if len(micro) == 1:
+                u, v, scale = self.engine(micro[0])
+                out = self.loss(u, v, scale)
                 self.backward(out.loss)
-        else:
-            inputs, forward = self.forward_for_accumulation(micro)
-            try:
-                out, scale = accumulated_backward(inputs, forward, self.loss_or_raise, self.backward,
-                                                  self.random_modules)
-            except FloatingPointError:
-                out = None
+            else:
+                out, scale = accumulated_backward(self.accumulation_inputs(micro), self.engine, self.loss,
+                                                  self.backward, self.random_modules)
+        except FloatingPointError:  # raised before any backward, on every rank alike
+            out = None
         if out is None:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
@@ -263,12 +260,6 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
                 "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach(), "train/lr": lr}
-
-    def loss_or_raise(self, u, v, scale):
-        out = self.loss(u, v, scale)
-        if out is None:
-            raise FloatingPointError("non-finite contrastive loss")
-        return out
 
     def data_scalars(self) -> dict:
         counts = self.stream.counts
@@ -296,7 +287,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            (self.run_dir / CONFIG).write_text(self.config_yaml)
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
         global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world
         accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
@@ -342,7 +333,7 @@ class Trainer:
                              "mixup_alpha": cfg.model.mixup_alpha, "seed": cfg.seed, "lr": cfg.train.lr,
                              "contrastive_batch": global_batch}, {f"hparams/{k}": v for k, v in final.items()})
         if self.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
         self.logger.close()
         return summary
 
@@ -418,7 +409,6 @@ def main(argv: list[str] | None = None) -> dict:
     """Train. A user's mistake (bad config, data, run folder or checkpoint) ends the process
     with one line naming it, not a traceback per rank."""
     args = parse_args(argv)
-    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)  # validated before any process group exists
         check_inputs(cfg)
