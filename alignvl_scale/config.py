@@ -91,12 +91,18 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     smoothing: float = 0.0  # Embedding Smoothing alpha
-    chunk_size: int | None = None  # None: plain B x N logits
+    chunk_size: int | None = None  # None: plain B x N logits per direction; int: fused tiles of this many columns
+    matmul_precision: str = "fp32"  # fused tiles' matmuls: fp32 | tf32 | bf16 (split bf16, fp32 accumulation)
 
     def validate(self, key: str) -> None:
         _require(0 <= self.smoothing < 1, f"{key}.smoothing", "in [0, 1)", self.smoothing)
         _require(self.chunk_size is None or self.chunk_size >= 1, f"{key}.chunk_size", "null or >= 1",
                  self.chunk_size)
+        _require(self.matmul_precision in ("fp32", "tf32", "bf16"), f"{key}.matmul_precision",
+                 "one of fp32, tf32, bf16", self.matmul_precision)
+        _require(self.matmul_precision == "fp32" or self.chunk_size is not None, f"{key}.matmul_precision",
+                 "fp32 unless loss.chunk_size is set (only the fused path has low-precision tiles)",
+                 self.matmul_precision)
 
 
 @dataclass
@@ -160,6 +166,9 @@ class TrainConfig:
     accumulation: int = 1  # K micro-batches per step, one contrastive batch of batch_size x K x world (GradCache)
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
     log_every: int = 10
+    peak_tflops: float | None = None  # per-device peak for perf/mfu; null: dense bf16 peak looked up by device name
+    profile_steps: int = 0  # > 0: torch.profiler over this many steps (traces in RUN_DIR/profile)
+    profile_start: int = 10  # ... starting after this many steps (past the warm-up)
 
     def validate(self, key: str, data: DataConfig) -> None:
         _require((self.steps is None) != (self.epochs is None), f"{key}.steps", "set, or train.epochs set (one of "
@@ -180,6 +189,10 @@ class TrainConfig:
         _require(self.accumulation >= 1, f"{key}.accumulation", ">= 1", self.accumulation)
         _require(self.max_bad_steps >= 1, f"{key}.max_bad_steps", ">= 1", self.max_bad_steps)
         _require(self.log_every >= 1, f"{key}.log_every", ">= 1", self.log_every)
+        _require(self.peak_tflops is None or self.peak_tflops > 0, f"{key}.peak_tflops", "null or > 0",
+                 self.peak_tflops)
+        _require(self.profile_steps >= 0, f"{key}.profile_steps", ">= 0", self.profile_steps)
+        _require(self.profile_start >= 0, f"{key}.profile_start", ">= 0", self.profile_start)
 
 
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"

@@ -1,7 +1,7 @@
 """The run folder: what a run writes there, one run at a time (a lock), and no silent
 second run on top of an earlier one (as the HF Trainer refuses a non-empty output folder).
 
-    RUN_DIR/config.yaml  metrics.jsonl  tb/  summary.json  checkpoints/  .lock
+    RUN_DIR/config.yaml  metrics.jsonl  tb/  summary.json  checkpoints/  profile/  .lock
 
 `claim_run_dir` runs before any process group, on the launch's rank 0 only (the folder is
 on storage every node sees, so one rank decides); it holds the lock until the process ends.
@@ -20,8 +20,9 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+PROFILE = "profile"
 LOCK = ".lock"
-RUN_OUTPUTS = (CONFIG, METRICS, TENSORBOARD, SUMMARY, CHECKPOINTS)
+RUN_OUTPUTS = (CONFIG, METRICS, TENSORBOARD, SUMMARY, CHECKPOINTS, PROFILE)
 
 _held_locks: list = []  # open lock files, kept for the life of the process
 

@@ -48,7 +48,8 @@ from alignvl_scale.evaluate import Encoder, evaluate_specs
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
-from alignvl_scale.rundir import CONFIG, SUMMARY, RunDirError, claim_run_dir
+from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
+from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError, claim_run_dir
 from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warnings
 
 
@@ -149,6 +150,10 @@ class Trainer:
         self.model: AlignVLModel = self.engine.module
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         self.step, self.bad_steps_in_a_row, self.skipped_steps = 0, 0, 0
+        self.flops_per_step: int | None = None  # counted on this process's first step (perf.py)
+        self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
+        self.profiler = StepProfiler(self.run_dir / PROFILE, cfg.train.profile_start, cfg.train.profile_steps,
+                                     self.rank, self.device)
         self.eval_cache: dict = {}
         self.encoder = Encoder(self.model, preprocessing, self.device, self.dtype)  # features: no preprocessing
 
@@ -209,11 +214,9 @@ class Trainer:
 
     def loss(self, u, v, scale):
         """The Align-VL loss over the contrastive batch. FloatingPointError when it is not
-        finite (decided on the gathered batch, so on every rank alike)."""
-        out = align_vl_loss_with_stats(u, v, scale, self.cfg.loss.smoothing, self.cfg.loss.chunk_size)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError("non-finite contrastive loss")
-        return out
+        finite (decided on the all-reduced loss, so on every rank alike)."""
+        loss = self.cfg.loss
+        return align_vl_loss_with_stats(u, v, scale, loss.smoothing, loss.chunk_size, loss.matmul_precision)
 
     def backward(self, loss) -> None:
         """Gradients accumulate in the engine until its step at the end of the cycle;
@@ -237,13 +240,10 @@ class Trainer:
         copy), or None for a skipped step."""
         self.set_learning_rate()
         try:
-            if len(micro) == 1:
-                u, v, scale = self.engine(micro[0])
-                out = self.loss(u, v, scale)
-                self.backward(out.loss)
+            if self.flops_per_step is None:
+                (out, scale), self.flops_per_step = counted_flops(lambda: self.forward_backward(micro))
             else:
-                out, scale = accumulated_backward(self.accumulation_inputs(micro), self.engine, self.loss,
-                                                  self.backward, self.random_modules)
+                out, scale = self.forward_backward(micro)
         except FloatingPointError:  # raised before any backward, on every rank alike
             out = None
         if out is None:
@@ -260,6 +260,16 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
                 "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach(), "train/lr": lr}
+
+    def forward_backward(self, micro: list[dict]):
+        """Loss and gradients of one step (its optimizer step included); (loss output, scale)."""
+        if len(micro) == 1:
+            u, v, scale = self.engine(micro[0])
+            out = self.loss(u, v, scale)
+            self.backward(out.loss)
+            return out, scale
+        return accumulated_backward(self.accumulation_inputs(micro), self.engine, self.loss, self.backward,
+                                    self.random_modules)
 
     def data_scalars(self) -> dict:
         counts = self.stream.counts
@@ -311,9 +321,13 @@ class Trainer:
             self.step += 1
             window.steps += 1
             progress.update(1)
+            self.profiler.step(self.step)
             if due(self.step, cfg.train.log_every, self.total_steps) or self.step == self.total_steps:
                 grad_norm = self.engine.get_global_grad_norm()
-                last = {**{k: float(v) for k, v in scalars.items()}, **window.close(global_batch, self.world),
+                last = {**{k: float(v) for k, v in scalars.items()},
+                        **window.close(global_batch, self.world, self.flops_per_step, self.peak_tflops),
+                        "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device)], self.device,
+                                                                  "max")[0],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "train/contrastive_batch": global_batch, "train/skipped_steps": self.skipped_steps,
                         "train/epoch": self.stream.state.epoch, **self.data_scalars()}
@@ -361,12 +375,14 @@ class MetricsWindow:
         yield
         self.data_time += time.perf_counter() - start
 
-    def close(self, global_batch: int, world: int) -> dict[str, float]:
+    def close(self, global_batch: int, world: int, flops_per_step: int | None = None,
+              peak_tflops: float | None = None) -> dict[str, float]:
         """The window's scalars; a new window starts."""
         elapsed = time.perf_counter() - self.start
         out = {"perf/samples_per_s": self.steps * global_batch / elapsed,
                "perf/samples_per_s_per_rank": self.steps * global_batch / world / elapsed,
-               "perf/data_wait_fraction": self.data_time / elapsed}
+               "perf/data_wait_fraction": self.data_time / elapsed,
+               **throughput_scalars(flops_per_step, self.steps, elapsed, peak_tflops)}
         self.__init__()
         return out
 

@@ -1,17 +1,22 @@
-"""Forward+backward time and peak memory of the plain vs chunked Align-VL loss.
+"""Forward+backward time and peak memory of the contrastive loss: ours plain, ours chunked
+(the fused one-pass path, at each --precisions) and, when open-clip-torch is installed,
+open_clip's ClipLoss (gather with grad, local loss), side by side in one run.
 
-Each (N, world, mode) cell runs in fresh processes (gloo ranks when world > 1), so peak
-memory is that cell's alone: the kernel's peak-RSS counter is reset after the inputs
-exist, and the growth above that point is reported (max over ranks). Time is the median
-of --reps forward+backward passes, as seen by rank 0.
+Each (N, world, mode) cell runs in fresh processes (gloo ranks when world > 1, CPU only),
+so peak memory is that cell's alone: on CPU the growth of the peak RSS after the inputs
+exist (max over ranks), on CUDA the allocator's peak above the inputs. Time is the median
+of --reps forward+backward passes after one warm-up pass, as seen by rank 0. Ratios are
+against open_clip's ClipLoss where it ran, else against our plain loss.
 
-    python benchmarks/loss_bench.py                       # the full table (about 15 min here)
-    python benchmarks/loss_bench.py --sizes 4096 --reps 2 # a quick look
+    python benchmarks/loss_bench.py                                  # CPU: the README table
+    python benchmarks/loss_bench.py --device cuda --sizes 16384 65536 262144 --worlds 1
+    python benchmarks/loss_bench.py --sizes 4096 --reps 2            # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -28,42 +33,87 @@ from alignvl_scale.engine import free_port
 from alignvl_scale.loss import align_vl_loss
 
 GIB = 2**30
-# Plain-path live B x N fp32 buffers at the peak (logits and log-softmax per direction, their
-# grads): cells whose estimate does not fit in memory are reported as skipped, not run.
-PLAIN_BUFFERS = 6
+# Live B x N fp32 buffers at the peak of the plain loss and of ClipLoss (logits and
+# log-softmax per direction, their grads): cells whose estimate does not fit are skipped.
+FULL_LOGITS_BUFFERS = 6
 
 
-def _rss_bytes(field: str) -> int:
+def clip_loss_class():
+    """open_clip's ClipLoss, or None when open-clip-torch is not installed. Its package
+    import needs torchvision; its loss module does not, so that is loaded by path when the
+    package import fails (a CPU machine with only CUDA torchvision wheels at hand)."""
+    try:
+        from open_clip.loss import ClipLoss
+        return ClipLoss
+    except Exception:  # noqa: BLE001 - any import failure means: load the module file alone
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / "loss.py"
+        module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.ClipLoss
+
+
+def _peak_rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError("VmHWM not in /proc/self/status")
 
 
-def worker(n: int, dim: int, chunk: int | None, reps: int, smoothing: float) -> None:
+def _reset_peak(device: torch.device) -> int:
+    """Reset the peak counter; return the baseline the peak is measured above."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _peak_rss_bytes()
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
+
+
+def make_loss(mode: str, args: argparse.Namespace, rank: int, world: int):
+    if mode == "clip":
+        clip = clip_loss_class()(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        return lambda u, v, scale: clip(u, v, scale)
+    chunk, precision = (None, "fp32") if mode == "plain" else (args.chunk, mode.partition("-")[2] or "fp32")
+    return lambda u, v, scale: align_vl_loss(u, v, scale, smoothing=args.smoothing, chunk_size=chunk,
+                                             matmul_precision=precision)
+
+
+def worker(mode: str, n: int, args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(args.device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     g = torch.Generator().manual_seed(rank)
     b = n // world
-    u = F.normalize(torch.randn(b, dim, generator=g), dim=1).requires_grad_(True)
-    v = F.normalize(torch.randn(b, dim, generator=g), dim=1).requires_grad_(True)
-    scale = torch.tensor([1 / 0.07], requires_grad=True)
+    u = F.normalize(torch.randn(b, args.dim, generator=g), dim=1).to(device).requires_grad_(True)
+    v = F.normalize(torch.randn(b, args.dim, generator=g), dim=1).to(device).requires_grad_(True)
+    scale = torch.tensor([1 / 0.07], device=device, requires_grad=True)
+    loss_fn = make_loss(mode, args, rank, world)
     times, peaks = [], []
-    for _ in range(reps):
+    for rep in range(args.reps + 1):  # the first pass warms up (allocator, kernels) and is not counted
         u.grad = v.grad = scale.grad = None
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
-        base = _rss_bytes("VmRSS")
+        base = _reset_peak(device)
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        align_vl_loss(u, v, scale, smoothing=smoothing, chunk_size=chunk).backward()
+        loss_fn(u, v, scale).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if world > 1:
             dist.barrier()
-        times.append(time.perf_counter() - start)
-        peaks.append(_rss_bytes("VmHWM") - base)
+        if rep > 0:
+            times.append(time.perf_counter() - start)
+            peaks.append(_peak(device) - base)
     peak = torch.tensor([max(peaks)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -72,69 +122,94 @@ def worker(n: int, dim: int, chunk: int | None, reps: int, smoothing: float) -> 
         print(json.dumps({"seconds": statistics.median(times), "peak_gib": peak.item() / GIB}))
 
 
-def run_cell(n: int, world: int, chunk: int | None, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--sizes", str(n), "--dim", str(args.dim),
-           "--chunk", str(chunk or 0), "--reps", str(args.reps if n < 65536 else 1),
-           "--smoothing", str(args.smoothing)]
+def run_cell(mode: str, n: int, world: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--sizes", str(n), "--dim", str(args.dim),
+           "--chunk", str(args.chunk), "--reps", str(args.reps if n < 65536 or args.device == "cuda" else 1),
+           "--smoothing", str(args.smoothing), "--device", args.device]
     port = str(free_port())
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
         **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
         for r in range(world)]
-    outputs = [p.communicate()[0] for p in procs]
+    outputs = [p.communicate() for p in procs]
     if any(p.returncode for p in procs):
-        return {"status": f"failed (exit {[p.returncode for p in procs]})"}
-    return {"status": "ok", **json.loads(outputs[0].strip().splitlines()[-1])}
+        error = next(err for (_, err), p in zip(outputs, procs, strict=True) if p.returncode).strip()
+        return {"status": f"failed (exit {[p.returncode for p in procs]}): {error.splitlines()[-1][:200]}"}
+    return {"status": "ok", **json.loads(outputs[0][0].strip().splitlines()[-1])}
+
+
+def device_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--worlds", type=int, nargs="+", default=None,
+                        help="ranks per cell (default: 1 2 on CPU; CUDA runs one rank)")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=1024, help="column tile of the chunked path")
+    parser.add_argument("--chunk", type=int, default=None, help="columns per tile of the chunked path "
+                        "(default 1024 on CPU, 4096 on CUDA)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "tf32", "bf16"],
+                        help="tile matmul precisions of the chunked path (default fp32 on CPU; fp32 tf32 bf16 on CUDA)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--smoothing", type=float, default=0.1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loss_bench.json"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON (default benchmarks/results/loss_bench[_cuda].json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.chunk = args.chunk or (4096 if cuda else 1024)
     if args.worker:
-        worker(args.sizes[0], args.dim, args.chunk or None, args.reps, args.smoothing)
+        worker(args.worker, args.sizes[0], args)
         return
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    worlds = args.worlds or ([1] if cuda else [1, 2])
+    if cuda and worlds != [1]:
+        parser.error("--device cuda runs one rank per cell (--worlds 1)")
+    precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32"])
+    modes = ["plain"] + [f"chunked-{p}" if p != "fp32" else "chunked" for p in precisions]
+    if clip_loss_class() is not None:
+        modes.append("clip")
+    out = args.out or Path(f"benchmarks/results/loss_bench{'_cuda' if cuda else ''}.json")
+    memory = device_memory(args.device)
     rows = []
-    header = (f"{'N':>7} {'ranks':>5} {'mode':>8} {'fwd+bwd s':>10} {'peak GiB/rank':>14} {'time x plain':>13} "
-              f"{'mem / plain':>12}")
+    header = (f"{'N':>7} {'ranks':>5} {'mode':>13} {'fwd+bwd s':>10} {'peak GiB/rank':>14} {'time x base':>12} "
+              f"{'mem / base':>11}")
+    print(f"device: {torch.cuda.get_device_name(0) if cuda else f'cpu x {os.cpu_count()}'}; d = {args.dim}, "
+          f"chunk {args.chunk}, smoothing {args.smoothing}; base = {'clip' if 'clip' in modes else 'plain'}")
     print(header)
     print("-" * len(header))
     for n in args.sizes:
-        for world in args.worlds:
-            plain_need = PLAIN_BUFFERS * (n // world) * n * 4 * world
+        for world in worlds:
+            full_logits = FULL_LOGITS_BUFFERS * (n // world) * n * 4
             cells = {}
-            for mode, chunk in (("plain", None), ("chunked", args.chunk)):
-                if mode == "plain" and plain_need > 0.8 * memory:
-                    cells[mode] = {"status": f"skipped: needs ~{plain_need / GIB:.0f} GiB"}
+            for mode in modes:
+                if mode in ("plain", "clip") and full_logits > 0.8 * memory / (1 if cuda else world):
+                    cells[mode] = {"status": f"skipped: needs ~{full_logits / GIB:.0f} GiB per rank"}
                 else:
-                    cells[mode] = run_cell(n, world, chunk, args)
-                cell = {"N": n, "world": world, "mode": mode, "chunk": chunk, "dim": args.dim, **cells[mode]}
-                plain = cells["plain"]
-                if mode == "chunked" and plain["status"] == "ok" and cell["status"] == "ok":
-                    cell["time_ratio"] = cell["seconds"] / plain["seconds"]
-                    cell["memory_ratio"] = cell["peak_gib"] / plain["peak_gib"]
-                rows.append(cell)
-                if cell["status"] == "ok":
-                    ratios = (f"{cell['time_ratio']:>13.2f} {cell['memory_ratio']:>12.3f}"
-                              if "time_ratio" in cell else "")
-                    print(f"{n:>7} {world:>5} {mode:>8} {cell['seconds']:>10.2f} {cell['peak_gib']:>14.3f} "
-                          f"{ratios}")
+                    cells[mode] = run_cell(mode, n, world, args)
+                rows.append({"N": n, "world": world, "mode": mode, "dim": args.dim, "device": args.device,
+                             "chunk": None if mode in ("plain", "clip") else args.chunk, **cells[mode]})
+            base = cells.get("clip", {"status": "absent"})
+            base = base if base["status"] == "ok" else cells["plain"]
+            for row in rows[-len(modes):]:
+                if row["status"] == "ok" and base["status"] == "ok":
+                    row["time_ratio"] = row["seconds"] / base["seconds"]
+                    row["memory_ratio"] = row["peak_gib"] / base["peak_gib"]
+                    print(f"{n:>7} {world:>5} {row['mode']:>13} {row['seconds']:>10.3f} {row['peak_gib']:>14.3f} "
+                          f"{row['time_ratio']:>12.2f} {row['memory_ratio']:>11.3f}")
+                elif row["status"] == "ok":
+                    print(f"{n:>7} {world:>5} {row['mode']:>13} {row['seconds']:>10.3f} {row['peak_gib']:>14.3f}")
                 else:
-                    print(f"{n:>7} {world:>5} {mode:>8} {cell['status']}")
-                sys.stdout.flush()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "memory_gib": memory / GIB,
-                                                "torch": torch.__version__}, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+                    print(f"{n:>7} {world:>5} {row['mode']:>13} {row['status']}")
+            sys.stdout.flush()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"device": args.device, "cpus": os.cpu_count(), "memory_gib": memory / GIB,
+                                           "torch": torch.__version__}, "rows": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ def test_yaml_plus_overrides(tmp_path):
     ("model.towers=1", "model.towers: unknown key"),
     ("data.train_weights=[1.0]", "data.train_weights: must be 2 positive numbers"),
     ("train.trainable=true", "train.trainable: unknown key"),
+    ("loss.matmul_precision=fp16", "loss.matmul_precision: must be one of fp32, tf32, bf16"),
+    ("loss.matmul_precision=bf16", "loss.matmul_precision: must be fp32 unless loss.chunk_size is set"),
+    ("train.profile_steps=-1", "train.profile_steps: must be >= 0"),
+    ("train.peak_tflops=0", "train.peak_tflops: must be null or > 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     path = write(tmp_path, {"data": {"train": ["a", "b"]}, "train": {"steps": 10}})

@@ -6,7 +6,7 @@ from distributed import run_ranks
 from alignvl_scale.loss import align_vl_loss, align_vl_loss_with_stats
 
 N, DIM = 12, 8
-CONFIGS = [(smoothing, chunk) for smoothing in (0.0, 0.3) for chunk in (None, 5)]
+CONFIGS = [(smoothing, chunk) for smoothing in (0.0, 0.3) for chunk in (None, 5, 3)]
 
 
 def make_batch(n: int = N, dim: int = DIM, seed: int = 0):
@@ -104,10 +104,52 @@ def test_chunked_memory_path_is_bf16_safe():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def _relative_errors(got, want) -> list[float]:
+    return [((g - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
+
+
+@pytest.mark.parametrize("scale", [1 / 0.07, 100.0])
+def test_low_precision_tiles_stay_within_1e_3_of_the_fp32_reference(scale, monkeypatch):
+    """Values and gradients of the fused path in bf16 (and tf32, fp32 on CPU) against the
+    fp32 plain reference, at the initial and at the capped temperature. Plain bf16 products
+    (one rounding of each operand) miss the bound; the split products meet it."""
+    import alignvl_scale.loss as loss_module
+    u, v, _ = make_batch(n=256, dim=64, seed=2)
+    v = F.normalize(u + 0.5 * v, dim=1)  # aligned pairs: a confident softmax, as late in training
+    want = reference(u, v, torch.tensor([scale]), 0.2)
+
+    def fused(precision):
+        lu, lv, ls = (t.clone().requires_grad_(True) for t in (u, v, torch.tensor([scale])))
+        loss = align_vl_loss(lu, lv, ls, smoothing=0.2, chunk_size=48, matmul_precision=precision)
+        loss.backward()
+        return loss.detach(), lu.grad, lv.grad, ls.grad
+
+    for precision in ("bf16", "tf32"):
+        assert max(_relative_errors(fused(precision), want)) < 1e-3, precision
+    monkeypatch.setattr(loss_module, "_mm", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
+    assert max(_relative_errors(fused("bf16"), want)) > 1e-3
+
+
+def test_fused_path_computes_each_tile_once_per_pass(monkeypatch):
+    """Both directions from one pass: ceil(N / chunk) tile matmuls forward, and per tile one
+    recomputation plus the two gradient matmuls in backward."""
+    import alignvl_scale.loss as loss_module
+    calls = []
+    real = loss_module._mm
+    monkeypatch.setattr(loss_module, "_mm", lambda a, b, p: calls.append(1) or real(a, b, p))
+    u, v, scale = (t.clone().requires_grad_(True) for t in make_batch())
+    loss = align_vl_loss(u, v, scale, smoothing=0.3, chunk_size=5)
+    assert len(calls) == 3  # N = 12 in tiles of 5, 5, 2
+    loss.backward()
+    assert len(calls) == 3 + 3 * 3
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"smoothing": 1.0}, "smoothing"),
     ({"smoothing": -0.1}, "smoothing"),
     ({"chunk_size": 0}, "chunk_size"),
+    ({"chunk_size": 4, "matmul_precision": "fp16"}, "matmul_precision"),
+    ({"matmul_precision": "bf16"}, "needs chunk_size"),
 ])
 def test_bad_arguments(kwargs, match):
     u, v, scale = make_batch()

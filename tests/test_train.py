@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 REQUIRED_SCALARS = {
     "train/loss", "train/lr", "train/logit_scale", "train/i2t_accuracy", "train/t2i_accuracy", "train/grad_norm",
-    "perf/samples_per_s", "perf/samples_per_s_per_rank", "perf/data_wait_fraction", "data/skipped_undecodable_image",
+    "perf/samples_per_s", "perf/samples_per_s_per_rank", "perf/data_wait_fraction", "perf/tflops_per_rank",
+    "perf/tflop_per_step_per_rank", "perf/peak_memory_gib", "data/skipped_undecodable_image",
     "eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10", "eval/t2i_R@1", "eval/t2i_R@5", "eval/t2i_R@10",
 }
 # Seen on this machine: a finished accelerate-launched rank can abort at interpreter exit.

@@ -354,8 +354,10 @@ class TrainStream:
                               self.seed, self.state)
         # Its own generator: drawing worker seeds from the global RNG would shift dropout after a resume.
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.state.epoch)) % 2**62)
+        # Pinned batches: the trainer's non_blocking copies then overlap the step on a GPU.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
-                            persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
+                            persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None,
+                            pin_memory=torch.cuda.is_available())
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])
             self.state.items += 1

@@ -1,0 +1,94 @@
+"""Performance scalars: model FLOPs per step, TFLOP/s and MFU per rank, peak memory per rank.
+
+FLOPs are counted once, on the first step a process runs, by torch's FlopCounterMode: the
+matmuls, convolutions and attention of the forward and backward that actually ran on this
+rank (frozen towers: forward only; the loss's tiles included; gradient checkpointing's
+recomputation included, so with it on this is hardware FLOPs, not model FLOPs). MFU is
+against the device's dense bf16 peak, as torchtitan and the PaLM paper report it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by device-name substring, first match.
+PEAK_BF16_TFLOPS = (
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0), ("MI300X", 1307.0),
+)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_tflops(device: torch.device, configured: float | None = None) -> float | None:
+    """The configured peak (train.peak_tflops), else the table's entry for this device, else
+    None (CPUs and unknown devices: no MFU, TFLOP/s only)."""
+    if configured is not None:
+        return configured
+    name = device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def counted_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """fn()'s result and the FLOPs it ran on this rank (forward and any backward inside)."""
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This rank's peak: allocated CUDA memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def throughput_scalars(flops_per_step: int | None, steps: int, elapsed: float,
+                       peak: float | None) -> dict[str, float]:
+    """The FLOPs of one step on one rank, and TFLOP/s and MFU per rank over a window of
+    `steps` steps (MFU only where the peak is known)."""
+    if not flops_per_step or elapsed <= 0:
+        return {}
+    tflops = flops_per_step * steps / elapsed / 1e12
+    return {"perf/tflop_per_step_per_rank": flops_per_step / 1e12, "perf/tflops_per_rank": tflops,
+            **({"perf/mfu": tflops / peak} if peak else {})}
+
+
+class StepProfiler:
+    """torch.profiler over train.profile_steps steps from step train.profile_start, on every
+    rank: a Chrome/TensorBoard trace per rank and a table of the ops by total device (else
+    CPU) time, under RUN_DIR/profile. Call step() after each optimizer step; it decides."""
+
+    def __init__(self, folder: Path, start: int, steps: int, rank: int, device: torch.device) -> None:
+        self.folder, self.start, self.steps, self.rank, self.device = folder, start, steps, rank, device
+        self.profiler = None
+
+    def step(self, step: int) -> None:
+        """Call with the number of steps done so far (the step just finished)."""
+        if self.steps <= 0:
+            return
+        if step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities, record_shapes=True, with_stack=False)
+            self.profiler.__enter__()
+        elif self.profiler is not None and step == self.start + self.steps:
+            self.profiler.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            name = f"rank{self.rank}_steps{self.start + 1}-{step}"
+            self.profiler.export_chrome_trace(str(self.folder / f"{name}.trace.json"))
+            sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = self.profiler.key_averages().table(sort_by=sort, row_limit=60)
+            (self.folder / f"{name}.txt").write_text(table)
+            self.profiler = None

@@ -1,0 +1,59 @@
+"""The GPU benchmarks run end to end on CPU with tiny shapes (how they are kept working
+between GPU sessions), and their parsing of open_clip's log is checked on its format."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_runs_our_trainer_on_cpu_with_tiny_shapes(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--tiny", "--steps", "12", "--warmup", "4",
+                           "--log-every", "4", "--ranks", "1", "--stages", "1", "--open-clip", "off",
+                           "--profile-steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = json.loads(out.read_text())["runs"]["ours, ZeRO-1"]
+    assert run["ok"] and run["windows"] == 2 and run["samples_per_s"] > 0, run
+    assert 0 <= run["data_wait_fraction"] < 1 and run["peak_memory_gib"] > 0
+    assert run["gflop_per_sample"] > 0 and run["tflops_per_gpu"] > 0 and run["mfu"] is None  # no peak on CPU
+    assert "ours, ZeRO-1" in proc.stdout and "samples/s" in proc.stdout
+    # The profiler covered steps 5-6: a table of ops and a trace.
+    profile = Path(run["profile"])
+    assert (profile / "rank0_steps5-6.txt").read_text().count("aten::") > 5
+    assert (profile / "rank0_steps5-6.trace.json").stat().st_size > 0
+
+
+def test_open_clip_log_is_read_after_the_warm_up():
+    bench = _module("gpu_bench")
+    line = ("2026-11-27,10:00:00 | INFO | Train Epoch: 0 [{n}/30720 ({p}%)] Data (t): {d} Batch (t): {b}, "
+            "1505.9/s, 1505.9/s/gpu LR: 0.000100 Logit Scale: 14.286 Contrastive_loss: 5.5 (5.5)")
+    lines = [line.format(n=256, p=1, d="2.000", b="3.000")]  # step 1: start-up
+    lines += [line.format(n=256 * 10 * k, p=k, d=f"{0.01 * k:.3f}", b="0.200") for k in range(1, 7)]
+    steady = bench.open_clip_steady_state("FLOPS_PER_SAMPLE 52000000000\n" + "\n".join(lines), warmup=20,
+                                          log_every=10)
+    assert steady["windows"] == 4  # after step 1 and the two windows of the 20 warm-up steps
+    assert steady["step_seconds"] == 0.2 and steady["flops_per_sample"] == 52e9
+    assert abs(steady["data_wait_fraction"] - 0.045 / 0.2) < 1e-9  # median of 0.03..0.06 over 0.2
+
+
+def test_loss_bench_times_plain_and_fused_side_by_side(tmp_path):
+    out = tmp_path / "loss.json"
+    proc = subprocess.run([sys.executable, "benchmarks/loss_bench.py", "--sizes", "256", "--worlds", "1", "2",
+                           "--dim", "32", "--chunk", "64", "--reps", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["mode"], r["world"]) for r in rows} >= {("plain", 1), ("chunked", 1), ("plain", 2), ("chunked", 2)}
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows), rows
