@@ -5,7 +5,7 @@ open_clip's ClipLoss (gather with grad, local loss), side by side in one run.
 Each (N, world, mode) cell runs in fresh processes (gloo ranks when world > 1, CPU only),
 so peak memory is that cell's alone: on CPU the growth of the peak RSS after the inputs
 exist (max over ranks), on CUDA the allocator's peak above the inputs. Time is the median
-of --reps forward+backward passes after one warm-up pass, as seen by rank 0. Ratios are
+of --reps forward+backward passes (after one warm-up pass on CUDA), as seen by rank 0. Ratios are
 against open_clip's ClipLoss where it ran, else against our plain loss.
 
     python benchmarks/loss_bench.py                                  # CPU: the README table
@@ -100,7 +100,8 @@ def worker(mode: str, n: int, args: argparse.Namespace) -> None:
     scale = torch.tensor([1 / 0.07], device=device, requires_grad=True)
     loss_fn = make_loss(mode, args, rank, world)
     times, peaks = [], []
-    for rep in range(args.reps + 1):  # the first pass warms up (allocator, kernels) and is not counted
+    warmup = 1 if device.type == "cuda" else 0  # CUDA: the first pass warms up (allocator, kernels)
+    for rep in range(args.reps + warmup):
         u.grad = v.grad = scale.grad = None
         base = _reset_peak(device)
         if world > 1:
@@ -111,7 +112,7 @@ def worker(mode: str, n: int, args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         if world > 1:
             dist.barrier()
-        if rep > 0:
+        if rep >= warmup:
             times.append(time.perf_counter() - start)
             peaks.append(_peak(device) - base)
     peak = torch.tensor([max(peaks)], dtype=torch.float64)
