@@ -173,7 +173,8 @@ TRUST_HELP = ("unpickle a training checkpoint in full (only for files you trust:
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     # `train` hands its arguments to alignvl_scale.train as they are (see main).
     sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
-                   "(under torchrun or deepspeed use launchers/train.py)", add_help=False)
+                   "(under torchrun or deepspeed use launchers/train.py; every key and its meaning: "
+                   "`alignvl-scale config show --defaults`)", add_help=False)
     export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config")
     export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
     export.add_argument("--out", required=True)
@@ -209,6 +210,29 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     ablate.set_defaults(func=_ablate)
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    from alignvl_scale.config import RunConfig, annotated_yaml, load_config
+
+    if args.defaults:
+        cfg = RunConfig()
+    else:
+        if args.config is None:
+            raise SystemExit("alignvl-scale config show: give --config FILE (with key=value overrides) or --defaults")
+        cfg = load_config(args.config, args.overrides)
+    print(annotated_yaml(cfg))
+    return 0
+
+
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    config = sub.add_parser("config", help="show a resolved run config with the meaning of every key")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config (YAML that loads back), each key commented")
+    show.add_argument("--config", type=Path, help="run YAML")
+    show.add_argument("--defaults", action="store_true", help="every key at its default instead")
+    show.add_argument("overrides", nargs="*", help="section.key=value")
+    show.set_defaults(func=_config_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignvl-scale", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -216,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions and distributed backends").set_defaults(func=_env)
     _add_data_commands(sub)
     _add_model_commands(sub)
+    _add_config_commands(sub)
     return parser
 
 

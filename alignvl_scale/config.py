@@ -15,13 +15,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from alignvl_scale.data.samples import DecodeLimits
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source tree (editable installs)
+PACKAGE_ROOT = Path(__file__).resolve().parent
+DS_CONFIGS = PACKAGE_ROOT / "ds_configs"  # shipped in the wheel; ds_configs/ in the tree links here
+CONFIGS = PACKAGE_ROOT / "configs"
 
 
 class ConfigError(ValueError):
@@ -29,11 +32,16 @@ class ConfigError(ValueError):
 
 
 def resolve_ds_config(path: str) -> Path:
-    """A DeepSpeed JSON path as given, else relative to the project (ds_configs/...)."""
-    for candidate in (Path(path), PROJECT_ROOT / path):
+    """A DeepSpeed JSON: a path as given, else relative to the source tree, else one shipped
+    with the package by name (`zero2`, `zero2.json` or `ds_configs/zero2.json` all name
+    alignvl_scale/ds_configs/zero2.json, also from an installed wheel)."""
+    name = Path(path).name if Path(path).parent in (Path("."), Path("ds_configs")) else None
+    shipped = [DS_CONFIGS / (name if name.endswith(".json") else f"{name}.json")] if name else []
+    for candidate in (Path(path), PROJECT_ROOT / path, *shipped):
         if candidate.is_file():
-            return candidate
-    raise ConfigError(f"engine.ds_config: must be an existing DeepSpeed JSON file, got {path!r}")
+            return candidate.resolve()
+    raise ConfigError(f"engine.ds_config: must be an existing DeepSpeed JSON file or one of "
+                      f"{', '.join(sorted(p.stem for p in DS_CONFIGS.glob('*.json')))}, got {path!r}")
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -43,19 +51,23 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 @dataclass
 class TowerConfig:
-    kind: str = "hf"  # a name in alignvl_scale.towers.TOWERS
-    name: str = ""  # HF hub name or local path (hf), ignored by kinds that need none
-    pooling: str = "auto"  # auto | cls | mean | last_token | pooler
-    init: str = "pretrained"  # pretrained: the weights at `name`; random: its architecture, freshly initialized
+    kind: str = "hf"
+    """Tower family: a name registered in alignvl_scale.towers (hf, efficientnet_lite0, minilm, ...)."""
+    name: str = ""
+    """HF hub name or local folder of the weights (hf); ignored by kinds that need none."""
+    pooling: Literal["auto", "cls", "mean", "last_token", "pooler"] = "auto"
+    """How one vector comes out of the tower's tokens; auto picks by architecture."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: the weights at `name`; random: its architecture, freshly initialized."""
     trainable: bool = False
+    """Train the tower too (the paper freezes both and trains adapters only)."""
     gradient_checkpointing: bool = False
-    max_length: int = 77  # text towers: tokens per caption
+    """Recompute the tower's activations in backward (trainable towers): less memory, ~1/3 more compute."""
+    max_length: int = 77
+    """Text towers: tokens per caption (padded and truncated to it)."""
 
     def validate(self, key: str) -> None:
-        _require(self.pooling in ("auto", "cls", "mean", "last_token", "pooler"), f"{key}.pooling",
-                 "one of auto, cls, mean, last_token, pooler", self.pooling)
         _require(self.max_length >= 1, f"{key}.max_length", ">= 1", self.max_length)
-        _require(self.init in ("pretrained", "random"), f"{key}.init", "pretrained or random", self.init)
         _require(self.init == "pretrained" or self.trainable, f"{key}.init", "pretrained unless the tower is "
                  "trainable (a frozen random tower teaches the adapters nothing)", self.init)
 
@@ -63,43 +75,51 @@ class TowerConfig:
 @dataclass
 class ModelConfig:
     image_tower: TowerConfig = field(default_factory=TowerConfig)
+    """The image encoder."""
     text_tower: TowerConfig = field(default_factory=TowerConfig)
+    """The text encoder."""
     embed_dim: int = 512
-    adapter: str = "mlp"
+    """Dimension of the joint embedding space."""
+    adapter: Literal["mlp", "linear"] = "mlp"
+    """mlp: FuseMix's residual MLP blocks then a projection; linear: one projection."""
     adapter_depth: int = 2
+    """Residual blocks of the mlp adapter."""
     dropout: float = 0.1
-    noise_sigma: float = 0.01  # Random Perturbation level (the paper's default)
-    noise_mode: str = "absolute"
-    mixup_alpha: float = 0.0  # FuseMix Beta(a, a); 0 turns mixup off
-    # Tower output dims of cached-feature runs; read from the feature manifest when null.
+    """Dropout inside the mlp adapter's blocks."""
+    noise_sigma: float = 0.01
+    """Random Perturbation level sigma (the paper's default 0.01); 0 turns it off."""
+    noise_mode: Literal["absolute", "relative"] = "absolute"
+    """absolute: N(0, sigma^2) noise; relative: sigma times each feature vector's RMS."""
+    mixup_alpha: float = 0.0
+    """FuseMix latent mixup with lambda ~ Beta(a, a); 0 turns mixup off."""
     image_dim: int | None = None
+    """Cached-feature runs: the image tower's output size; null reads it from the feature manifest."""
     text_dim: int | None = None
+    """Cached-feature runs: the text tower's output size; null reads it from the feature manifest."""
 
     def validate(self, key: str) -> None:
         self.image_tower.validate(f"{key}.image_tower")
         self.text_tower.validate(f"{key}.text_tower")
         _require(self.embed_dim >= 1, f"{key}.embed_dim", ">= 1", self.embed_dim)
-        _require(self.adapter in ("mlp", "linear"), f"{key}.adapter", "mlp or linear", self.adapter)
         _require(self.adapter_depth >= 0, f"{key}.adapter_depth", ">= 0", self.adapter_depth)
         _require(0 <= self.dropout < 1, f"{key}.dropout", "in [0, 1)", self.dropout)
         _require(self.noise_sigma >= 0, f"{key}.noise_sigma", ">= 0", self.noise_sigma)
-        _require(self.noise_mode in ("absolute", "relative"), f"{key}.noise_mode", "absolute or relative",
-                 self.noise_mode)
         _require(self.mixup_alpha >= 0, f"{key}.mixup_alpha", ">= 0", self.mixup_alpha)
 
 
 @dataclass
 class LossConfig:
-    smoothing: float = 0.0  # Embedding Smoothing alpha
-    chunk_size: int | None = None  # None: plain B x N logits per direction; int: fused tiles of this many columns
-    matmul_precision: str = "fp32"  # fused tiles' matmuls: fp32 | tf32 | bf16 (split bf16, fp32 accumulation)
+    smoothing: float = 0.0
+    """Embedding Smoothing alpha in [0, 1): targets (1 - alpha) on the pair + alpha / N everywhere."""
+    chunk_size: int | None = None
+    """null: the plain B x N logits per direction; an int: the fused path, tiles of this many columns."""
+    matmul_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """The fused path's tile matmuls: fp32, tf32 or bf16 (split bf16 with fp32 accumulation)."""
 
     def validate(self, key: str) -> None:
         _require(0 <= self.smoothing < 1, f"{key}.smoothing", "in [0, 1)", self.smoothing)
         _require(self.chunk_size is None or self.chunk_size >= 1, f"{key}.chunk_size", "null or >= 1",
                  self.chunk_size)
-        _require(self.matmul_precision in ("fp32", "tf32", "bf16"), f"{key}.matmul_precision",
-                 "one of fp32, tf32, bf16", self.matmul_precision)
         _require(self.matmul_precision == "fp32" or self.chunk_size is not None, f"{key}.matmul_precision",
                  "fp32 unless loss.chunk_size is set (only the fused path has low-precision tiles)",
                  self.matmul_precision)
@@ -107,28 +127,42 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # shard specs: folder, manifest.json, brace list, pipe:
-    train_weights: list[float] | None = None  # per source, resampled mode only
-    kind: str = "image-text"  # image-text | features
-    mode: str = "epoch"  # epoch | resampled
-    batch_size: int = 32  # per rank; the contrastive batch is batch_size x world
+    train: list[str] = field(default_factory=list)
+    """Training shard specs: a folder with a manifest, a manifest.json, a brace list, or pipe:CMD."""
+    train_weights: list[float] | None = None
+    """Sampling weight per source (resampled mode only)."""
+    kind: Literal["image-text", "features"] = "image-text"
+    """image-text: images and captions through the towers; features: cached tower outputs."""
+    mode: Literal["epoch", "resampled"] = "epoch"
+    """epoch: every shard once per epoch; resampled: an endless weighted draw of shards."""
+    batch_size: int = 32
+    """Micro batch per rank; the contrastive batch is batch_size x train.accumulation x world."""
     workers: int = 2
-    shuffle_window: int = 256  # raw samples shuffled within each shard
-    samples_per_shard: int | None = None  # for sources without a manifest
+    """DataLoader worker processes per rank."""
+    shuffle_window: int = 256
+    """Raw samples shuffled together within each shard."""
+    samples_per_shard: int | None = None
+    """Samples per shard for sources without a manifest."""
     max_skip_fraction: float = 0.05
+    """Stop the run when more than this fraction of samples is skipped as bad."""
     skip_check_min_samples: int = 200
+    """Samples read before max_skip_fraction is enforced."""
     image_size: int = 224
+    """Side of the square image the towers see (built-in transforms)."""
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel mean of the built-in image normalization."""
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    # Per-sample bounds (defaults in alignvl_scale.data.samples.DecodeLimits).
+    """Per-channel std of the built-in image normalization."""
     max_image_bytes: int = DecodeLimits.max_image_bytes
+    """Largest encoded image read; larger ones are skipped (oversized_image)."""
     max_image_pixels: int = DecodeLimits.max_image_pixels
+    """Largest decoded image (width x height); larger ones are skipped."""
     max_caption_chars: int = DecodeLimits.max_caption_chars
+    """Longest caption kept, in characters; longer ones are skipped."""
     max_member_bytes: int = DecodeLimits.max_member_bytes
+    """Largest tar member read at all; its declared size is checked before reading."""
 
     def validate(self, key: str) -> None:
-        _require(self.kind in ("image-text", "features"), f"{key}.kind", "image-text or features", self.kind)
-        _require(self.mode in ("epoch", "resampled"), f"{key}.mode", "epoch or resampled", self.mode)
         for name in ("batch_size", "shuffle_window", "image_size", "max_image_bytes", "max_image_pixels",
                      "max_caption_chars", "max_member_bytes"):
             _require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1", getattr(self, name))
@@ -153,22 +187,38 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int | None = None  # optimizer steps; or
-    epochs: int | None = None  # whole epochs (epoch mode only)
+    steps: int | None = None
+    """The budget in optimizer steps (or train.epochs, not both)."""
+    epochs: int | None = None
+    """The budget in whole epochs (epoch mode only)."""
     lr: float = 1e-3
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.1
+    """AdamW weight decay (not applied to 1-D parameters: biases, norms, the temperature)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
     eps: float = 1e-6
+    """AdamW epsilon."""
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0 turns clipping off
-    precision: str = "fp32"  # fp32 | bf16
-    accumulation: int = 1  # K micro-batches per step, one contrastive batch of batch_size x K x world (GradCache)
-    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr x min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping (and ZeRO 1-2's norm pass) off."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: autocast for the towers over fp32 parameters; the Align-VL head stays fp32."""
+    accumulation: int = 1
+    """K micro-batches per step, forming one contrastive batch of batch_size x K x world (GradCache)."""
+    max_bad_steps: int = 5
+    """Non-finite losses in a row before the run stops."""
     log_every: int = 10
-    peak_tflops: float | None = None  # per-device peak for perf/mfu; null: dense bf16 peak looked up by device name
-    profile_steps: int = 0  # > 0: torch.profiler over this many steps (traces in RUN_DIR/profile)
-    profile_start: int = 10  # ... starting after this many steps (past the warm-up)
+    """Steps between logged scalars."""
+    peak_tflops: float | None = None
+    """Per-device peak for perf/mfu; null: the dense bf16 peak looked up by device name."""
+    profile_steps: int = 0
+    """> 0: torch.profiler over this many steps (tables and traces in RUN_DIR/profile)."""
+    profile_start: int = 10
+    """Steps done before profiling starts (past the warm-up)."""
 
     def validate(self, key: str, data: DataConfig) -> None:
         _require((self.steps is None) != (self.epochs is None), f"{key}.steps", "set, or train.epochs set (one of "
@@ -185,7 +235,6 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"{key}.warmup_steps", ">= 0", self.warmup_steps)
         _require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         _require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0", self.grad_clip)
-        _require(self.precision in ("fp32", "bf16"), f"{key}.precision", "fp32 or bf16", self.precision)
         _require(self.accumulation >= 1, f"{key}.accumulation", ">= 1", self.accumulation)
         _require(self.max_bad_steps >= 1, f"{key}.max_bad_steps", ">= 1", self.max_bad_steps)
         _require(self.log_every >= 1, f"{key}.log_every", ">= 1", self.log_every)
@@ -195,14 +244,14 @@ class TrainConfig:
         _require(self.profile_start >= 0, f"{key}.profile_start", ">= 0", self.profile_start)
 
 
-DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+DEFAULT_DS_CONFIG = "zero2"
 
 
 @dataclass
 class EngineConfig:
-    # The DeepSpeed JSON, where the ZeRO stage lives. null: the one an `accelerate launch`
-    # config names (deepspeed_config_file), else ds_configs/zero2.json.
     ds_config: str | None = None
+    """The DeepSpeed JSON (the ZeRO stage lives there): a path or a shipped name (zero1, zero2, zero3,
+    zero3_offload); null: the one an `accelerate launch` config names, else zero2."""
 
     def resolved_ds_config(self) -> Path:
         from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -218,8 +267,10 @@ class EngineConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0: only at the end
-    keep: int = 2  # most recent checkpoints kept
+    every: int = 0
+    """Steps between checkpoints; 0: only at the end."""
+    keep: int = 2
+    """Most recent checkpoints kept."""
 
     def validate(self, key: str) -> None:
         _require(self.every >= 0, f"{key}.every", ">= 0", self.every)
@@ -228,11 +279,16 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    data: list[str] = field(default_factory=list)  # retrieval sets: shard specs or .jsonl files
-    every: int = 0  # steps between evaluations; 0: only at the end
-    at_start: bool = False  # also evaluate the untrained model (step 0)
+    data: list[str] = field(default_factory=list)
+    """Retrieval sets: shard specs or .jsonl files."""
+    every: int = 0
+    """Steps between evaluations; 0: only at the end."""
+    at_start: bool = False
+    """Also evaluate the untrained model (step 0)."""
     batch_size: int = 64
-    allow_outside_paths: bool = False  # JSONL sets: read images outside the set's folder
+    """Images or captions encoded at once."""
+    allow_outside_paths: bool = False
+    """JSONL sets: read images outside the set's folder."""
 
     def validate(self, key: str) -> None:
         _require(self.every >= 0, f"{key}.every", ">= 0", self.every)
@@ -242,14 +298,23 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Towers, adapters, Random Perturbation, mixup."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """Embedding Smoothing and the contrastive loss's computation."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training shards and their reading."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Budget, optimizer, schedule, precision, logging."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Retrieval evaluation during and after training."""
     run_dir: str = "runs/default"
+    """Where the run writes: config, metrics, TensorBoard, checkpoints."""
     seed: int = 0
+    """Seeds weights, data order, noise and mixup (per rank where it must differ)."""
 
     def validate(self) -> RunConfig:
         self.model.validate("model")
@@ -268,6 +333,11 @@ class RunConfig:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a YAML value against a field's type hint, converting where lossless."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            choices = " or ".join(args) if len(args) == 2 else "one of " + ", ".join(args)
+            raise ConfigError(f"{key}: must be {choices}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -348,3 +418,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         apply_override(tree, override)
     return config_from_dict(tree)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string literal right under it in the class body (the
+    convention Sphinx reads), so that the meaning of a key is written once, next to it."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(after.value.value.split())
+            for node, after in zip(body, body[1:], strict=False)
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+
+
+def annotated_yaml(cfg: Any, indent: int = 0) -> str:
+    """The config as YAML that loads back to the same values, each key with its meaning as a comment."""
+    lines, docs = [], field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, pad = getattr(cfg, f.name), "  " * indent
+        doc = f"  # {docs[f.name]}" if f.name in docs else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{doc}")
+            lines.append(annotated_yaml(value, indent + 1))
+        else:
+            dumped = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+            lines.append(f"{pad}{f.name}: {dumped}{doc}")
+    return "\n".join(lines)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from alignvl_scale.config import PROJECT_ROOT, load_config
+from alignvl_scale.config import CONFIGS, load_config
 from alignvl_scale.data.shards import MANIFEST, sample_members, write_shards
 
-DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
 TEST_FRACTION = 0.2
 IMAGE_PX = 128
 SKIN_TONES = range(0x1F3FB, 0x1F400)

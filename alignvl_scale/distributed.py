@@ -28,23 +28,50 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_floats(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    """Reduce a few numbers over ranks in float64 (exact for counts up to 2**53).
-    op: sum | min | max."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+_host_group = None  # created on first use, by every rank at the same collective call
+
+
+def host_group():
+    """The group for small host-side collectives: the default one under gloo; under NCCL a
+    gloo group over the same ranks, because reducing a host number through NCCL means a
+    copy to the GPU and back, which waits for every kernel queued before it (a host sync
+    per call, and the next step's launches cannot run ahead of the GPU)."""
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
+
+
+def all_reduce_floats(values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few host numbers over ranks in float64 (exact for counts up to 2**53), on
+    the host group. op: sum | min | max."""
+    t = torch.tensor(values, dtype=torch.float64)
     if is_distributed():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                        group=host_group())
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def all_gather_floats(value: float) -> list[float]:
+    """Every rank's host number, in rank order, on the host group."""
+    t = torch.tensor([value], dtype=torch.float64)
+    if not is_distributed():
+        return [value]
+    parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t, group=host_group())
+    return [part.item() for part in parts]
+
+
+def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on some rank ("does any rank still have work")."""
-    return bool(all_reduce_floats([float(flag)], device, "max")[0])
+    return bool(all_reduce_floats([float(flag)], "max")[0])
 
 
-def every_rank(flag: bool, device: torch.device) -> bool:
+def every_rank(flag: bool) -> bool:
     """True on every rank when it is true on all of them ("does every rank have a batch")."""
-    return bool(all_reduce_floats([float(flag)], device, "min")[0])
+    return bool(all_reduce_floats([float(flag)], "min")[0])
 
 
 def broadcast_from_rank0(value: object) -> object:

@@ -51,6 +51,12 @@ def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
     # move in 1.5% jumps and the head's inputs lose the Random Perturbation noise
     # (docs/training.md, "Precision").
     ds["torch_autocast"] = {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"}
+    zero = ds.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if cfg.train.grad_clip == 0 and zero.get("stage", 0) in (1, 2) and not offload:
+        # Nothing to clip: skip ZeRO's gradient-norm pass over every gradient and the host
+        # sync that checks it each step (train/grad_norm is then not logged).
+        zero.setdefault("compute_grad_norm", False)
     return ds
 
 

@@ -70,7 +70,7 @@ class TowerPair:
     def _agree(self, have_work: bool) -> bool:
         if not self.lockstep:
             return have_work
-        return any_rank(have_work, self.device)
+        return any_rank(have_work)
 
     def encode(self, pending: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
         """[(key, PIL image, captions)] -> (image features, text features of all captions)."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignvl_scale.distributed import rank_world
+from alignvl_scale.distributed import all_gather_floats, rank_world
 
 
 @dataclass
@@ -250,13 +250,12 @@ def _validate(image_emb: Tensor, text_emb: Tensor, smoothing: float, chunk_size:
 
 
 def _check_equal_local_batches(x: Tensor) -> None:
-    """Every rank raises (none hangs at a later collective) when local batch sizes differ."""
+    """Every rank raises (none hangs at a later collective) when local batch sizes differ.
+    On the host group: no device synchronization."""
     _, world = rank_world()
     if world == 1:
         return
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(s) for s in sizes]
+    sizes = [int(s) for s in all_gather_floats(x.shape[0])]
     if len(set(sizes)) != 1:
         raise ValueError(f"local batch sizes differ across ranks: {sizes}; every rank must feed "
                          "the same micro batch (use equal-length data streams)")

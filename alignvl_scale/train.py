@@ -54,7 +54,8 @@ from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warni
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Align-VL training")
+    parser = argparse.ArgumentParser(description="Align-VL training", epilog="Every config key, its default and its "
+                                     "meaning: alignvl-scale config show --defaults")
     parser.add_argument("--config", help="run YAML (configs/); key=value overrides follow")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true",
@@ -191,7 +192,7 @@ class Trainer:
         micro = []
         for _ in range(self.cfg.train.accumulation):
             batch = next(batches, None)
-            if not every_rank(batch is not None, self.device):
+            if not every_rank(batch is not None):
                 return None
             micro.append(_to_device(batch, self.device))
         return micro
@@ -274,7 +275,7 @@ class Trainer:
     def data_scalars(self) -> dict:
         counts = self.stream.counts
         totals = all_reduce_floats([counts.good, counts.unsafe_members]
-                                   + [counts.skipped.get(r, 0) for r in SKIP_REASONS], self.device)
+                                   + [counts.skipped.get(r, 0) for r in SKIP_REASONS])
         out = {"data/good_samples": totals[0], "data/unsafe_members": totals[1]}
         out.update({f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[2:], strict=True)})
         return out
@@ -326,8 +327,7 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 last = {**{k: float(v) for k, v in scalars.items()},
                         **window.close(global_batch, self.world, self.flops_per_step, self.peak_tflops),
-                        "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device)], self.device,
-                                                                  "max")[0],
+                        "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device)], "max")[0],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "train/contrastive_batch": global_batch, "train/skipped_steps": self.skipped_steps,
                         "train/epoch": self.stream.state.epoch, **self.data_scalars()}

@@ -149,7 +149,7 @@ def ours(stage: int, a: argparse.Namespace, towers: dict, shards: Path, work: Pa
                   "embed_dim": a.embed_dim, "adapter": "linear"},
         "data": {"train": [str(shards)], "mode": "resampled", "batch_size": a.batch, "workers": a.workers,
                  "image_size": a.image_size},
-        "train": {"steps": a.steps, "lr": 1e-4, "warmup_steps": 10, "log_every": a.log_every,
+        "train": {"steps": a.steps, "lr": 1e-4, "warmup_steps": 10, "log_every": a.log_every, "grad_clip": a.grad_clip,
                   "precision": a.precision, "profile_steps": a.profile_steps, "profile_start": a.warmup},
         "run_dir": str(run_dir)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), "--master_addr",
@@ -198,7 +198,8 @@ def open_clip(a: argparse.Namespace, shards: Path, shard_count: int, work: Path,
             "--precision", precision, "--workers", str(a.workers), "--model", "alignvl-bench", "--lr", "1e-4",
             "--warmup", "10", "--log-every-n-steps", str(a.log_every), "--logs", str(work / "open_clip_logs"),
             "--name", f"bench-{time.time_ns()}", "--save-frequency", "0",
-            "--device", "cuda" if torch.cuda.is_available() else "cpu"]
+            "--device", "cuda" if torch.cuda.is_available() else "cpu",
+            *(["--grad-clip-norm", str(a.grad_clip)] if a.grad_clip else [])]
     runner = [sys.executable, "-c", OPEN_CLIP_RUNNER, str(config), *argv]
     if a.ranks > 1:
         runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), "--master_port",
@@ -249,6 +250,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[0, 1, 2, 3])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="both runs (0: none, open_clip's default)")
     parser.add_argument("--open-clip", choices=["auto", "on", "off"], default="auto",
                         help="auto: run open_clip when it imports")
     parser.add_argument("--open-clip-pythonpath", help="prepended to PYTHONPATH for open_clip's run "

@@ -91,3 +91,54 @@ def test_public_api():
     assert alignvl_scale.align_vl_loss.__module__ == "alignvl_scale.loss"
     assert {"retrieval_metrics", "load_encoder", "load_config", "RunConfig"} <= set(alignvl_scale.__all__)
     assert alignvl_scale.load_config is load_config
+
+
+def test_no_clipping_skips_zeros_gradient_norm_pass(tmp_path):
+    for stage, clip, expected in ((2, 0.0, False), (1, 0.0, False), (2, 1.0, None), (3, 0.0, None)):
+        cfg = load_config(write(tmp_path, {"train": {"steps": 1, "grad_clip": clip},
+                                           "engine": {"ds_config": f"ds_configs/zero{stage}.json"}}))
+        assert fill_ds_config(cfg, world_size=2)["zero_optimization"].get("compute_grad_norm") is expected, stage
+
+
+def test_shipped_ds_configs_resolve_by_name(tmp_path, monkeypatch):
+    from alignvl_scale.config import DS_CONFIGS, resolve_ds_config
+    monkeypatch.chdir(tmp_path)  # not the source tree
+    for spec in ("zero3", "zero3.json", "ds_configs/zero3.json"):
+        assert resolve_ds_config(spec) == DS_CONFIGS / "zero3.json", spec
+    with pytest.raises(ConfigError, match="or one of zero1, zero2, zero3, zero3_offload, got 'zero4'"):
+        resolve_ds_config("zero4")
+
+
+def _config_classes(cls=None):
+    import dataclasses
+
+    from alignvl_scale.config import RunConfig
+    cls = cls or RunConfig
+    yield cls
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _config_classes(type(default))
+
+
+def test_every_config_key_has_a_docstring():
+    import dataclasses
+
+    from alignvl_scale.config import field_docs
+    for cls in set(_config_classes()):
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls))
+        assert not missing, f"{cls.__name__}: {sorted(missing)} need a docstring under the field"
+
+
+def test_config_show_prints_yaml_that_loads_back_with_every_key_explained(tmp_path):
+    import subprocess
+    import sys
+    path = write(tmp_path, {"data": {"train": ["a"]}, "train": {"steps": 10}})
+    proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "config", "show", "--config", str(path),
+                           "loss.smoothing=0.3", "model.adapter=linear"], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(proc.stdout) == load_config(path, ["loss.smoothing=0.3", "model.adapter=linear"]).to_dict()
+    assert "smoothing: 0.3  # Embedding Smoothing alpha" in proc.stdout
+    assert all("#" in line for line in proc.stdout.splitlines())
+    defaults = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "config", "show", "--defaults"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "ds_config: null  # The DeepSpeed JSON" in defaults
