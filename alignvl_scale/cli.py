@@ -39,14 +39,30 @@ def _env(_args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
+    import json
+    from collections import Counter
+
     from alignvl_scale.data.shards import folder_samples, hf_samples, write_shards
 
+    rejects: list[dict] = []
     if args.source == "folder":
-        samples, total = folder_samples(args.captions, args.image_root, args.allow_outside_root), None
+        samples = folder_samples(args.captions, args.image_root, args.allow_outside_root, args.image_column or "image",
+                                 args.caption_column, args.separator, None if args.strict else rejects)
+        total = None
     else:
-        samples, total = hf_samples(args.dataset, args.image_column, args.caption_column, args.split, args.data_dir)
+        samples, total = hf_samples(args.dataset, args.image_column or "image", args.caption_column or "text",
+                                    args.split, args.data_dir)
     manifest = write_shards(samples, args.out, args.samples_per_shard, total=total)
     print(f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    if rejects:
+        path = Path(args.rejects or Path(args.out) / "rejects.jsonl")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+        reasons = ", ".join(f"{n} {reason}" for reason, n in Counter(r["reason"] for r in rejects).most_common())
+        print(f"skipped {len(rejects)} rows ({reasons}); each with its line and reason in {path}")
+    if len(manifest["shards"]) == 1 and manifest["samples"] > 1:
+        print(f"WARNING: all {manifest['samples']} samples are in one shard, and a shard is read by one DataLoader "
+              "worker on one rank: with more ranks or workers the others get nothing. Write more shards "
+              f"(--samples-per-shard {max(1, manifest['samples'] // 16)} makes 16).", file=sys.stderr)
     return 0
 
 
@@ -54,7 +70,10 @@ def _data_check(args: argparse.Namespace) -> int:
     from alignvl_scale.data.check import check_shards, print_report
     from alignvl_scale.data.samples import DecodeLimits
 
-    report = check_shards(args.specs, args.kind, DecodeLimits(), args.samples_per_shard)
+    bad: list[tuple[str, str, str]] | None = [] if args.list else None
+    report = check_shards(args.specs, args.kind, DecodeLimits(), args.samples_per_shard, bad)
+    for url, key, detail in bad or []:
+        print(f"{url}\t{key or '-'}\t{detail}")
     total = print_report(report, args.json)
     if total.skip_fraction > args.max_skip_fraction:
         print(f"FAIL: skip fraction {total.skip_fraction:.2%} > --max-skip-fraction {args.max_skip_fraction:.2%}",
@@ -71,17 +90,24 @@ def _data_check(args: argparse.Namespace) -> int:
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     shards = sub.add_parser("shards", help="write WebDataset tar shards and a manifest")
     source = shards.add_subparsers(dest="source", required=True)
-    folder = source.add_parser("folder", help="images in a folder + a CSV or JSONL of captions")
-    folder.add_argument("--captions", required=True, help="CSV (image,caption) or JSONL (image, captions)")
+    folder = source.add_parser("folder", help="images in a folder + a CSV, TSV or JSONL of captions")
+    folder.add_argument("--captions", required=True, help="caption file: .csv, .tsv (or any with --separator), "
+                        "or JSONL rows")
     folder.add_argument("--image-root", help="folder the image paths are relative to (default: the caption file's)")
     folder.add_argument("--allow-outside-root", action="store_true",
                         help="read images outside the image root too (absolute paths, ../, links out)")
+    folder.add_argument("--separator", help="column separator of a delimited caption file (default: by suffix, "
+                        ".csv ',' and .tsv tab)")
+    folder.add_argument("--rejects", help="where the skipped rows go, one JSON line each with its line and reason "
+                        "(default: OUT/rejects.jsonl)")
+    folder.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     hf = source.add_parser("hf", help="a Hugging Face datasets dataset (save_to_disk folder or local builder)")
     hf.add_argument("--dataset", required=True, help="save_to_disk folder, or a builder such as imagefolder")
     hf.add_argument("--data-dir", help="data_dir for load_dataset builders")
     hf.add_argument("--split", default="train")
-    hf.add_argument("--image-column", default="image")
-    hf.add_argument("--caption-column", default="text")
+    for p, image, caption in ((folder, "image", "caption (JSONL: captions or caption)"), (hf, "image", "text")):
+        p.add_argument("--image-column", help=f"column of image paths or images (default {image})")
+        p.add_argument("--caption-column", help=f"column of captions (default {caption})")
     for p in (folder, hf):
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -95,6 +121,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--max-skip-fraction", type=float, default=0.05)
     check.add_argument("--json", help="also write the counts here")
     check.add_argument("--strict", action="store_true", help="fail when a shard disagrees with its manifest")
+    check.add_argument("--list", action="store_true", help="also name every skipped sample: shard, key, reason")
     check.set_defaults(func=_data_check)
 
 
@@ -252,7 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         train_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from alignvl_scale.config import ConfigError
+    from alignvl_scale.data.shards import DataSourceError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataSourceError) as exc:  # the user's input: one line, no traceback
+        print(f"alignvl-scale {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -142,3 +142,9 @@ def test_config_show_prints_yaml_that_loads_back_with_every_key_explained(tmp_pa
     defaults = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "config", "show", "--defaults"],
                               capture_output=True, text=True, check=True).stdout
     assert "ds_config: null  # The DeepSpeed JSON" in defaults
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "image_text.yaml"])
+def test_shipped_example_configs_validate(name):
+    from alignvl_scale.config import CONFIGS
+    load_config(CONFIGS / name)

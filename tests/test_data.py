@@ -235,7 +235,7 @@ def test_folder_source_errors(tmp_path):
     with pytest.raises(DataSourceError, match="missing.png"):
         list(folder_samples(tmp_path / "caps.csv"))
     (tmp_path / "caps.jsonl").write_text(json.dumps({"img": "x.png", "caption": "a"}))
-    with pytest.raises(DataSourceError, match="needs an 'image'"):
+    with pytest.raises(DataSourceError, match="no 'image' field"):
         list(folder_samples(tmp_path / "caps.jsonl"))
 
 
@@ -297,3 +297,70 @@ def test_feature_shards_round_trip(tmp_path):
     torch.testing.assert_close(batches[0]["image_features"][:, 0], batches[0]["text_features"][:, 0])
     evalset = load_retrieval_set(str(tmp_path / "f"))
     assert evalset.kind == "features" and len(evalset.texts) == 16
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "alignvl_scale.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_shards_folder_skips_bad_rows_into_a_rejects_file_and_keeps_file_names(tmp_path):
+    import tarfile
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "cat.01.png").write_bytes(png_bytes(1))
+    (tmp_path / "imgs" / "dog photo.png").write_bytes(png_bytes(2))
+    (tmp_path / "imgs" / "notes.png").write_text("not an image")
+    rows = [("imgs/cat.01.png", "a cat"), ("imgs/dog photo.png", "a dog"), ("imgs/notes.png", "text"),
+            ("imgs/missing.png", "gone"), ("imgs/cat.01.png", "  "), ("../outside.png", "escape")]
+    (tmp_path / "set").mkdir()  # the caption file lives apart from the images: --image-root
+    (tmp_path / "set" / "caps.tsv").write_text("file\ttext\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
+    out = tmp_path / "out"
+    proc = _cli("shards", "folder", "--captions", tmp_path / "set" / "caps.tsv", "--image-root", tmp_path,
+                "--image-column", "file", "--caption-column", "text", "--out", out, "--samples-per-shard", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 samples in 2 shards" in proc.stdout and "skipped 4 rows" in proc.stdout
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [
+        ("4", "undecodable_image"), ("5", "missing_image"), ("6", "empty_caption"), ("7", "outside_path")]
+    names = {m for shard in sorted(out.glob("*.tar")) for m in tarfile.open(shard).getnames()}
+    assert names == {"imgs_cat_01.png", "imgs_cat_01.json", "imgs_dog_photo.png", "imgs_dog_photo.json"}
+    evalset = load_retrieval_set(str(out))
+    assert evalset.texts == ["a cat", "a dog"]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert json.loads(tar.extractfile("imgs_cat_01.json").read())["source"] == "imgs/cat.01.png"
+    # --strict stops at the first bad row instead
+    strict = _cli("shards", "folder", "--captions", tmp_path / "set" / "caps.tsv", "--image-root", tmp_path,
+                  "--image-column", "file", "--caption-column", "text", "--out", tmp_path / "strict", "--strict")
+    assert strict.returncode != 0 and "caps.tsv:4" in strict.stderr
+
+
+def test_shards_folder_names_missing_columns_and_warns_about_one_shard(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    (tmp_path / "b.png").write_bytes(png_bytes(2))
+    (tmp_path / "caps.csv").write_text("path,caption\na.png,one\nb.png,two\n")
+    proc = _cli("shards", "folder", "--captions", tmp_path / "caps.csv", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "needs columns 'image' and 'captions' or 'caption', has ['path', 'caption']" in proc.stderr
+    proc = _cli("shards", "folder", "--captions", tmp_path / "caps.csv", "--image-column", "path",
+                "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: all 2 samples are in one shard" in proc.stderr
+    (tmp_path / "caps.txt").write_text("path|caption\na.png|one\n")
+    proc = _cli("shards", "folder", "--captions", tmp_path / "caps.txt", "--separator", "|", "--image-column",
+                "path", "--out", tmp_path / "piped")
+    assert proc.returncode == 0 and "wrote 1 samples" in proc.stdout, proc.stderr
+
+
+def test_data_check_list_names_each_bad_sample(tmp_path):
+    from alignvl_scale.data.shards import sample_members
+    samples = [sample_members("good_one", png_bytes(1), "png", ["fine"]),
+               sample_members("broken_one", b"\x89PNG not really", "png", ["bad image"]),
+               sample_members("no_caption", png_bytes(2), "png", [])]
+    write_shards(iter(samples), tmp_path / "shards", 10, progress=False)
+    proc = _cli("data", "check", tmp_path / "shards", "--list")
+    lines = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
+    shard = str(tmp_path / "shards" / "shard-000000.tar")
+    assert [(url, key, detail.split(":")[0]) for url, key, detail in lines] == [
+        (shard, "broken_one", "undecodable_image"), (shard, "no_caption", "missing_caption")]

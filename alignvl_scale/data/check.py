@@ -12,8 +12,9 @@ from alignvl_scale.data.shards import resolve_spec
 
 
 def check_shards(specs: list[str], kind: str = "image-text", limits: DecodeLimits | None = None,
-                 samples_per_shard: int | None = None) -> dict[str, SkipCounts]:
-    """Counts per shard url, decoding exactly as training does (transforms aside)."""
+                 samples_per_shard: int | None = None, bad: list | None = None) -> dict[str, SkipCounts]:
+    """Counts per shard url, decoding exactly as training does (transforms aside); with a
+    `bad` list, (shard url, sample key, reason and detail) of every skipped sample too."""
     limits = limits or DecodeLimits()
     decode = FeatureDecoder(limits=limits) if kind == "features" else ImageTextDecoder(limits)
     report = {}
@@ -22,7 +23,8 @@ def check_shards(specs: list[str], kind: str = "image-text", limits: DecodeLimit
             counts = SkipCounts()
             # window 1: file order; the check needs no shuffling
             for _, example, unsafe in shard_examples(shard.url, decode, 1, random.Random(0), expected=shard.samples):
-                counts.record(example, unsafe)
+                if not counts.record(example, unsafe) and bad is not None:
+                    bad.append((shard.url, example.key, str(example)))
             counts.skipped = +counts.skipped  # drop zero entries
             report[shard.url] = counts
     return report

@@ -138,6 +138,7 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
             raw.check()
             yield consumed, decode(raw), raw.unsafe
         except SkipSample as skip:
+            skip.key = raw.key
             yield consumed, skip, raw.unsafe
     for missing in range(max(consumed, start) + 1, (expected or 0) + 1):
         yield missing, SkipSample("missing_samples", f"{url}: manifest says {expected}, shard holds {consumed}"), 0

@@ -51,6 +51,7 @@ class SkipSample(Exception):
         assert reason in SKIP_REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.key = ""  # the sample's key, where the reader knows it
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 
 class DataSourceError(ValueError):
-    pass
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason  # the SKIP_REASONS entry, where one row was the problem
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def _encode_image(image: object, source: str, root: Path | None = None, allow_ou
             decode_image({ext: image}, DecodeLimits())
             return image, ext
     except (SkipSample, OSError) as exc:
-        raise DataSourceError(f"{source}: {exc}") from None
+        raise DataSourceError(f"{source}: {exc}", getattr(exc, "reason", "undecodable_image")) from None
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
@@ -176,40 +179,85 @@ def _captions(value: object, source: str) -> list[str]:
     try:
         return clean_captions(value, DecodeLimits())
     except SkipSample as exc:
-        raise DataSourceError(f"{source}: {exc}") from None
+        raise DataSourceError(f"{source}: {exc}", exc.reason) from None
 
 
-def folder_samples(caption_file: str | Path, image_root: str | Path | None = None,
-                   allow_outside: bool = False) -> Iterator[dict]:
-    """(a) Images in a folder with a CSV (columns image, caption) or JSONL
-    ({"image": path, "captions": [...]} or {"image": path, "caption": "..."}) of captions;
-    image paths relative to image_root (default: the caption file's folder), and inside it
-    (links resolved) unless allow_outside."""
+def sample_key(relative: str, seen: set[str]) -> str:
+    """A WebDataset key from an image's path: the path without its extension, every run of
+    characters other than letters, digits, '_' and '-' as one '_' (a '.' would split the key
+    from its member names, a '/' would make a folder), made unique with a counter."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(Path(relative).with_suffix(""))).strip("_") or "sample"
+    key, n = stem, 1
+    while key in seen:
+        n += 1
+        key = f"{stem}_{n}"
+    seen.add(key)
+    return key
+
+
+def folder_samples(caption_file: str | Path, image_root: str | Path | None = None, allow_outside: bool = False,
+                   image_column: str = "image", caption_column: str | None = None, separator: str | None = None,
+                   rejects: list[dict] | None = None) -> Iterator[dict]:
+    """(a) Images in a folder with a caption file: CSV, TSV (or any `separator`) with a header
+    naming `image_column` and `caption_column` (default "caption"), or JSONL rows with those
+    fields (default captions: "captions", a list, or "caption"). Image paths are relative to
+    image_root (default: the caption file's folder), and inside it (links resolved) unless
+    allow_outside. Each sample's key is its image path, sanitized (`sample_key`), and its JSON
+    keeps the original path as "source".
+
+    A missing column is an error before any row. A row that cannot become a sample (no image
+    field, no such file, not an image, outside the root, no or empty caption) is appended to
+    `rejects` as {"where": "file:line", "image": ..., "reason": ..., "detail": ...}; with
+    rejects=None the first one raises DataSourceError instead."""
     caption_file = Path(caption_file)
     root = Path(image_root) if image_root else caption_file.parent
     if not caption_file.exists():
         raise DataSourceError(f"{caption_file}: caption file not found")
-    for index, (row, where) in enumerate(iter_caption_rows(caption_file)):
-        if "image" not in row or not ({"caption", "captions"} & set(row)):
-            raise DataSourceError(f"{where}: needs an 'image' and a 'caption' or 'captions' field, has {sorted(row)}")
-        image, ext = _encode_image(root / str(row["image"]), where, root, allow_outside)
-        captions = _captions(row.get("captions", row.get("caption")), where)
-        yield sample_members(f"{index:09d}", image, ext, captions)
+    caption_fields = [caption_column] if caption_column else ["captions", "caption"]
+    seen: set[str] = set()
+    for row, where in iter_caption_rows(caption_file, separator, required=(image_column, caption_fields)):
+        image = row.get(image_column)
+        caption = next((row[f] for f in caption_fields if row.get(f) not in (None, "")), None)
+        try:
+            if image in (None, ""):
+                raise DataSourceError(f"{where}: no '{image_column}' field (has {sorted(row)})", "missing_image")
+            data, ext = _encode_image(root / str(image), where, root, allow_outside)
+            captions = _captions(caption, where)
+        except DataSourceError as exc:
+            if rejects is None:
+                raise
+            rejects.append({"where": where, "image": image, "reason": exc.reason, "detail": str(exc)})
+            continue
+        yield sample_members(sample_key(str(image), seen), data, ext, captions, meta={"source": str(image)})
 
 
-def iter_caption_rows(caption_file: Path) -> Iterator[tuple[dict, str]]:
-    """Rows of a CSV or JSONL caption file, each with its 'file:line' for error messages."""
+def iter_caption_rows(caption_file: Path, separator: str | None = None,
+                      required: tuple[str, list[str]] | None = None) -> Iterator[tuple[dict, str]]:
+    """Rows of a caption file, each with its 'file:line' for messages: delimited text (CSV by
+    its .csv suffix, TSV by .tsv or .tab, or any file with `separator`) or JSONL. With
+    `required` (an image column, and caption columns of which one must exist), a delimited
+    file whose header lacks them is an error naming the columns it has."""
+    delimiter = separator or {".csv": ",", ".tsv": "\t", ".tab": "\t"}.get(caption_file.suffix.lower())
     with caption_file.open(newline="", encoding="utf-8") as f:
-        if caption_file.suffix.lower() == ".csv":
-            for line, row in enumerate(csv.DictReader(f), start=2):
+        if delimiter:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = reader.fieldnames or []
+            if required and (required[0] not in header or not set(required[1]) & set(header)):
+                raise DataSourceError(f"{caption_file}: needs columns {required[0]!r} and "
+                                      f"{' or '.join(map(repr, required[1]))}, has {header} (set --image-column, "
+                                      "--caption-column, --separator)")
+            for line, row in enumerate(reader, start=2):
                 yield row, f"{caption_file}:{line}"
             return
         for line, text in enumerate(f, start=1):
             if text.strip():
                 try:
-                    yield json.loads(text), f"{caption_file}:{line}"
+                    row = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise DataSourceError(f"{caption_file}:{line}: bad JSON: {exc}") from None
+                if not isinstance(row, dict):
+                    raise DataSourceError(f"{caption_file}:{line}: expected a JSON object, got {type(row).__name__}")
+                yield row, f"{caption_file}:{line}"
 
 
 def hf_samples(dataset: str, image_column: str, caption_column: str, split: str = "train",
