@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignvl_scale.metrics import DIRECTIONS, RECALL_KEYS, RECALL_KS, recall_key
 from alignvl_scale.rundir import SUMMARY
 
-METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+METRICS = RECALL_KEYS
 SIGMAS = (0.01, 0.05, 0.1, 0.5)
 ALPHAS = (0.1, 0.2, 0.5, 0.8)
 PAPER_SIGMA = 0.01
@@ -103,9 +104,9 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
     for param, points in curves.items():
         points = sorted(points, key=lambda s: s[param])
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, direction in zip(axes, ("i2t", "t2i"), strict=True):
-            for k in (1, 5, 10):
-                key = f"{direction}_R@{k}"
+        for ax, direction in zip(axes, DIRECTIONS, strict=True):
+            for k in RECALL_KS:
+                key = recall_key(direction, k)
                 ax.errorbar([p[param] for p in points], [p[key] for p in points],
                             yerr=[p[key + "_std"] for p in points], marker="o", capsize=3, label=f"R@{k}")
             ax.set_title(f"{'image→text' if direction == 'i2t' else 'text→image'}")

@@ -126,29 +126,47 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from alignvl_scale.export import export
+    from alignvl_scale.export import export, export_hf
 
-    print(f"exported {args.checkpoint} -> {export(args.checkpoint, args.out, args.trust_checkpoint)}")
+    if args.push_to_hub and args.format != "hf":
+        raise SystemExit("alignvl-scale export: --push-to-hub needs --format hf")
+    write = export_hf if args.format == "hf" else export
+    out = write(args.checkpoint, args.out, args.trust_checkpoint)
+    print(f"exported {args.checkpoint} -> {out}")
+    if args.push_to_hub:
+        from alignvl_scale.hf import push_to_hub
+
+        print(f"uploaded {out} -> {push_to_hub(Path(out), args.push_to_hub, private=not args.public)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from alignvl_scale.evaluate import evaluate_specs
+    from alignvl_scale.evaluate import evaluate_specs, evaluate_zero_shot
     from alignvl_scale.export import load_encoder
+    from alignvl_scale.metrics import DIRECTIONS, RECALL_KS, recall_key
+    from alignvl_scale.zeroshot import load_zero_shot_set
 
+    if not args.data and not args.zero_shot:
+        raise SystemExit("alignvl-scale eval: give --data (retrieval sets) and/or --zero-shot (image folders)")
+    zero_shot = {folder: load_zero_shot_set(folder, args.classes, args.templates) for folder in args.zero_shot}
+    encoder = load_encoder(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     sets: dict = {}
-    results = evaluate_specs(load_encoder(args.checkpoint, trust_checkpoint=args.trust_checkpoint), args.data,
-                             args.batch_size, sets, allow_outside=args.allow_outside_paths)
+    results = evaluate_specs(encoder, args.data, args.batch_size, sets, allow_outside=args.allow_outside_paths)
     for spec, metrics in results.items():
         evalset = sets[spec]
         skipped = dict(evalset.counts.skipped)
         print(f"{spec}: {len(evalset.images)} images, {len(evalset.texts)} captions"
               + (f" (skipped {skipped})" if skipped else ""))
-        for direction in ("i2t", "t2i"):
-            print(f"  {direction}: " + "  ".join(f"R@{k} {metrics[f'{direction}_R@{k}']:6.2f}" for k in (1, 5, 10))
+        for direction in DIRECTIONS:
+            print(f"  {direction}: " + "  ".join(f"R@{k} {metrics[recall_key(direction, k)]:6.2f}" for k in RECALL_KS)
                   + f"  median rank {metrics[f'{direction}_median_rank']:.0f}")
+    for folder, zs in zero_shot.items():
+        accuracy = evaluate_zero_shot(encoder, zs, args.batch_size)
+        print(f"{folder}: zero-shot over {len(zs.classes)} classes, {len(zs.images)} images, {len(zs.templates)} "
+              "templates: " + "  ".join(f"{k} {v:6.2f}" for k, v in accuracy.items()))
+        results[f"zeroshot:{folder}"] = accuracy
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -202,14 +220,27 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
                    "(under torchrun or deepspeed use launchers/train.py; every key and its meaning: "
                    "`alignvl-scale config show --defaults`)", add_help=False)
-    export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config")
+    export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config, or a "
+                            "transformers folder")
     export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
     export.add_argument("--out", required=True)
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                        help="safetensors: for load_encoder and eval; hf: a transformers folder for "
+                        "AutoModel.from_pretrained (after `import alignvl_scale.hf`), with a model card")
+    export.add_argument("--push-to-hub", metavar="REPO", help="with --format hf: upload the folder to this Hub "
+                        "repository (huggingface_hub; needs a token)")
+    export.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     export.set_defaults(func=_export)
-    evaluate = sub.add_parser("eval", help="retrieval R@1/5/10 of an exported model or a checkpoint")
+    evaluate = sub.add_parser("eval", help="retrieval R@1/5/10 and zero-shot accuracy of an exported model or a "
+                              "checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="an export folder or RUN_DIR/checkpoints/step_N")
-    evaluate.add_argument("--data", required=True, nargs="+", help="eval sets: shard specs or .jsonl files")
+    evaluate.add_argument("--data", nargs="*", default=[], help="retrieval sets: shard specs or .jsonl files")
+    evaluate.add_argument("--zero-shot", nargs="*", default=[], metavar="FOLDER",
+                          help="zero-shot classification: image folders with one subfolder per class")
+    evaluate.add_argument("--classes", help="zero-shot class list (default: FOLDER/classes.txt, else the subfolders)")
+    evaluate.add_argument("--templates", help="zero-shot prompt templates, one per line with {} "
+                          "(default: FOLDER/templates.txt, else 'a photo of a {}.')")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--json", help="also write the metrics here")
     evaluate.add_argument("--allow-outside-paths", action="store_true",

@@ -289,6 +289,8 @@ class EvalConfig:
     """Images or captions encoded at once."""
     allow_outside_paths: bool = False
     """JSONL sets: read images outside the set's folder."""
+    zero_shot: list[str] = field(default_factory=list)
+    """Zero-shot classification sets: image folders with one subfolder per class (alignvl_scale/zeroshot.py)."""
 
     def validate(self, key: str) -> None:
         _require(self.every >= 0, f"{key}.every", ">= 0", self.every)

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from alignvl_scale.config import CONFIGS, load_config
 from alignvl_scale.data.shards import MANIFEST, sample_members, write_shards
+from alignvl_scale.metrics import DIRECTIONS, RECALL_KS, recall_key
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 TEST_FRACTION = 0.2
@@ -155,8 +156,8 @@ def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] =
             "trained": {k.split("/")[-1]: v for k, v in summary["eval"].items()},
             "exported, from images": raw}
     for name, m in rows.items():
-        print(f"{name:<24} " + " ".join(f"{m[f'{d}_R@{k}']:>{8 if k == 1 else 6}.1f}"
-                                        for d in ("i2t", "t2i") for k in (1, 5, 10)))
+        print(f"{name:<24} " + " ".join(f"{m[recall_key(d, k)]:>{8 if k == 1 else 6}.1f}"
+                                        for d in DIRECTIONS for k in RECALL_KS))
     print(f"\n[demo] TensorBoard: tensorboard --logdir {out / 'run' / 'tb'}")
     print(f"[demo] exported model: {exported}  (alignvl-scale eval --checkpoint {exported} --data ...)")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s")

@@ -3,17 +3,21 @@ forward (the work is split with `encode_sharded`), every rank gets the metrics."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
-from alignvl_scale.data.evalsets import RetrievalSet, encode_sharded, load_retrieval_set
+from alignvl_scale.data.evalsets import RetrievalSet, load_retrieval_set
 from alignvl_scale.data.samples import open_image
+from alignvl_scale.distributed import rank_world
 from alignvl_scale.metrics import retrieval_metrics
 from alignvl_scale.model import AlignVLModel, Preprocessing
 from alignvl_scale.towers import set_train_mode
+from alignvl_scale.zeroshot import ZeroShotSet, class_embeddings, zero_shot_accuracy
 
 
 class Encoder:
@@ -85,6 +89,20 @@ def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> di
     return retrieval_metrics(images.cpu(), texts.cpu(), torch.tensor(evalset.caption_to_image))
 
 
+def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> dict[str, float]:
+    """top1/top5 accuracy of the zero-shot set (see zeroshot.py); every rank runs every forward."""
+    prompts = [template.format(name) for name in zs.classes for template in zs.templates]  # class-major
+    was_training = encoder.model.training
+    set_train_mode(encoder.model, False)
+    try:
+        images = encode_sharded(len(zs.images), lambda idx: encoder.encode_images([zs.images[i] for i in idx]),
+                                batch_size)
+        texts = encode_sharded(len(prompts), lambda idx: encoder.encode_texts([prompts[i] for i in idx]), batch_size)
+    finally:
+        set_train_mode(encoder.model, was_training)
+    return zero_shot_accuracy(images.cpu(), class_embeddings(texts.cpu(), len(zs.classes)), torch.tensor(zs.labels))
+
+
 def evaluate_specs(encoder: Encoder, specs: list[str], batch_size: int,
                    cache: dict[str, RetrievalSet] | None = None, allow_outside: bool = False
                    ) -> dict[str, dict[str, float]]:
@@ -96,3 +114,27 @@ def evaluate_specs(encoder: Encoder, specs: list[str], batch_size: int,
             cache[spec] = load_retrieval_set(spec, allow_outside=allow_outside)
         results[spec] = evaluate_set(encoder, cache[spec], batch_size)
     return results
+
+
+def encode_sharded(n_items: int, encode: Callable[[list[int]], torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Encode items 0..n-1 with the work split over ranks, every rank gets all rows in order.
+
+    Rank r encodes items r, r + world, ...; every rank runs the same number of batches of
+    the same size (the last padded with a repeat), so ZeRO-3's gathered forwards and the
+    all_gather never wait on a rank that stopped early.
+    """
+    rank, world = rank_world()
+    per_rank = -(-n_items // world)
+    mine = [min(i, n_items - 1) for i in range(rank, per_rank * world, world)]
+    parts = []
+    for start in range(0, per_rank, batch_size):
+        chunk = mine[start:start + batch_size]
+        chunk += [chunk[-1]] * (min(batch_size, per_rank) - len(chunk))
+        parts.append(encode(chunk)[:len(mine[start:start + batch_size])])
+    local = torch.cat(parts).contiguous()
+    if world == 1:
+        return local[:n_items]
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    # Row k of rank r is item r + k * world: interleave back.
+    return torch.stack(gathered, dim=1).reshape(per_rank * world, -1)[:n_items]

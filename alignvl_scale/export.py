@@ -5,6 +5,8 @@
     EXPORT/config.yaml          the run config, tower names pointing at EXPORT/*_tower
     EXPORT/image_tower/, EXPORT/text_tower/   architecture and preprocessing files (HF towers)
 
+`export_hf` writes the same model as a transformers folder instead (alignvl_scale/hf.py).
+
 Nothing here runs code from a file a user may have been handed: exports are safetensors,
 the config is YAML, the tower files are JSON and tokenizer files, and a training
 checkpoint is read with weights_only=True (`weights_only_loads`), also where DeepSpeed's
@@ -69,6 +71,29 @@ def export(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path
     save_file(state, str(out / WEIGHTS))
     (out / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return out
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path:
+    """A checkpoint as a transformers folder (see alignvl_scale/hf.py), with a model card
+    that quotes the run's final evaluation when the checkpoint is the run's last step."""
+    import json
+    import tempfile
+
+    from alignvl_scale.hf import save_hf
+    from alignvl_scale.model import AlignVLModel
+    from alignvl_scale.rundir import SUMMARY
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(checkpoint, tmp, trust)
+        encoder = load_encoder(tmp)
+        model = AlignVLModel(encoder.model.head, encoder.image_tower, encoder.text_tower)
+        summary_path = checkpoint.parent.parent / SUMMARY
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if summary and f"step_{summary.get('step', -1):08d}" != checkpoint.name:
+            summary = None  # the run's final numbers are not this checkpoint's
+        out.mkdir(parents=True, exist_ok=True)
+        return save_hf(model, read_run_config(checkpoint), encoder.preprocessing, out, summary)
 
 
 def load_encoder(path: str | Path, device: str = "cpu", trust_checkpoint: bool = False) -> Encoder:

@@ -25,16 +25,18 @@ import webdataset as wds
 from tqdm import tqdm
 
 from alignvl_scale.config import RunConfig
-from alignvl_scale.data.reader import raw_samples
 from alignvl_scale.data.samples import (
+    FEATURE_IMAGE,
+    FEATURE_TEXT,
     DecodeLimits,
     SkipCounts,
     SkipSample,
     decode_captions,
     decode_image,
     encode_npy,
+    raw_samples,
 )
-from alignvl_scale.data.shards import MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN, resolve_spec, write_json_atomic
+from alignvl_scale.data.shards import SHARD_PATTERN, resolve_spec, write_json_atomic, write_manifest
 from alignvl_scale.distributed import any_rank, barrier, rank_world
 from alignvl_scale.engine import fill_ds_config, zero3_init, zero_stage
 from alignvl_scale.model import build_preprocessing, build_towers
@@ -100,8 +102,8 @@ def _extract_shard(url: str, target: Path, towers: TowerPair, limits: DecodeLimi
         image_features, text_features = towers.encode(pending)
         row = 0
         for (key, _, caps), image_feature in zip(pending, image_features, strict=True):
-            writer.write({"__key__": key, "img.npy": encode_npy(image_feature.astype(np.float16)),
-                          "txt.npy": encode_npy(text_features[row:row + len(caps)].astype(np.float16)),
+            writer.write({"__key__": key, FEATURE_IMAGE: encode_npy(image_feature.astype(np.float16)),
+                          FEATURE_TEXT: encode_npy(text_features[row:row + len(caps)].astype(np.float16)),
                           "json": json.dumps({"captions": caps}).encode("utf-8")})
             row += len(caps)
         pending.clear()
@@ -161,12 +163,9 @@ def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int =
         info = json.loads((out / f".{SHARD_PATTERN.format(i)}.json").read_text())
         total.add(SkipCounts.from_dict(info))
         entries.append({"name": SHARD_PATTERN.format(i), "samples": info["good"], "source": info["source"]})
-    manifest = {"format": MANIFEST_FORMAT, "kind": "features", "shards": entries, "samples": total.good,
-                "image_dim": towers.image_tower.output_dim, "text_dim": towers.text_tower.output_dim,
-                "dtype": "float16",
-                "towers": {"image": dataclasses.asdict(cfg.model.image_tower),
-                           "text": dataclasses.asdict(cfg.model.text_tower)},
-                "image_transform": {k: getattr(cfg.data, k) for k in ("image_size", "image_mean", "image_std")},
-                "skipped": dict(total.skipped), "sources": specs}
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    return write_manifest(out, "features", entries, {
+        "image_dim": towers.image_tower.output_dim, "text_dim": towers.text_tower.output_dim, "dtype": "float16",
+        "towers": {"image": dataclasses.asdict(cfg.model.image_tower),
+                   "text": dataclasses.asdict(cfg.model.text_tower)},
+        "image_transform": {k: getattr(cfg.data, k) for k in ("image_size", "image_mean", "image_std")},
+        "skipped": dict(total.skipped), "sources": specs})

@@ -18,6 +18,15 @@ import torch
 from torch import Tensor
 
 RECALL_KS = (1, 5, 10)
+DIRECTIONS = ("i2t", "t2i")
+
+
+def recall_key(direction: str, k: int) -> str:
+    """The one spelling of a recall metric's key: i2t_R@1, ..., t2i_R@10."""
+    return f"{direction}_R@{k}"
+
+
+RECALL_KEYS = [recall_key(d, k) for d in DIRECTIONS for k in RECALL_KS]
 
 
 def _score_tiles(queries: Tensor, keys: Tensor, chunk: int):
@@ -44,7 +53,7 @@ def _ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor
 
 
 def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
-    out = {f"{prefix}_R@{k}": (ranks <= k).double().mean().item() * 100 for k in RECALL_KS}
+    out = {recall_key(prefix, k): (ranks <= k).double().mean().item() * 100 for k in RECALL_KS}
     out[f"{prefix}_mean_rank"] = ranks.double().mean().item()
     out[f"{prefix}_median_rank"] = ranks.double().median().item()
     return out

@@ -239,35 +239,37 @@ class AlignVLModel(nn.Module):
         return self.head(x, y)
 
 
-def adopt_feature_manifest(cfg: RunConfig) -> None:
-    """A cached-feature run takes its tower dims, tower configs and image transform from the
-    feature manifest (what produced the features), so that the config saved with the run
-    rebuilds the same towers for inference. Configs saved with a run already hold them."""
+def with_feature_manifest(cfg: RunConfig) -> RunConfig:
+    """A cached-feature run's config completed from its feature manifest (what produced the
+    features): tower dims, tower configs and image transform, so that the config saved with
+    the run rebuilds the same towers for inference. A new config; the given one is left as
+    it is. Image-text configs, and configs saved with a run (already complete), come back
+    unchanged."""
     import dataclasses
 
     from alignvl_scale.config import TowerConfig
     from alignvl_scale.data.shards import DataSourceError, manifest_of
 
-    if cfg.model.image_dim is not None and cfg.model.text_dim is not None:
-        return
+    if cfg.data.kind != "features" or (cfg.model.image_dim is not None and cfg.model.text_dim is not None):
+        return cfg
     specs = cfg.data.train or cfg.eval.data
     manifest = next(filter(None, map(manifest_of, specs)), None)
     if manifest is None:
         raise DataSourceError(f"data.kind=features needs a feature manifest in one of {specs}")
-    cfg.model.image_dim, cfg.model.text_dim = manifest["image_dim"], manifest["text_dim"]
     towers = manifest.get("towers", {})
-    if "image" in towers:
-        cfg.model.image_tower, cfg.model.text_tower = TowerConfig(**towers["image"]), TowerConfig(**towers["text"])
-    for key, value in manifest.get("image_transform", {}).items():
-        cfg.data = dataclasses.replace(cfg.data, **{key: value})
+    model = dataclasses.replace(cfg.model, image_dim=manifest["image_dim"], text_dim=manifest["text_dim"],
+                                **({"image_tower": TowerConfig(**towers["image"]),
+                                    "text_tower": TowerConfig(**towers["text"])} if "image" in towers else {}))
+    data = dataclasses.replace(cfg.data, **manifest.get("image_transform", {}))
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def build_model(cfg: RunConfig, rank: int = 0, load_weights: bool = True) -> AlignVLModel:
     """The model a run config describes. With data.kind=features the towers stay out of the
     trained model; `build_towers` makes them for extraction and inference."""
+    cfg = with_feature_manifest(cfg)
     m = cfg.model
     if cfg.data.kind == "features":
-        adopt_feature_manifest(cfg)
         towers, image_dim, text_dim = (None, None), m.image_dim, m.text_dim
     else:
         towers = build_towers(cfg, load_weights)
@@ -297,7 +299,6 @@ def build_preprocessing(cfg: RunConfig) -> Preprocessing:
     every tensor it sees created on the accelerator; a worker then mixes devices)."""
     from alignvl_scale.towers import build_preprocessing as tower_preprocessing
 
-    if cfg.data.kind == "features":
-        adopt_feature_manifest(cfg)
+    cfg = with_feature_manifest(cfg)
     return Preprocessing(tower_preprocessing(cfg.model.image_tower, "image", cfg.data),
                          tower_preprocessing(cfg.model.text_tower, "text", cfg.data))

@@ -10,15 +10,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from alignvl_scale.data.samples import encode_npy
-from alignvl_scale.data.shards import (
-    MANIFEST,
-    MANIFEST_FORMAT,
-    SHARD_PATTERN,
-    sample_members,
-    write_json_atomic,
-    write_shards,
-)
+from alignvl_scale.data.samples import FEATURE_IMAGE, FEATURE_TEXT, encode_npy
+from alignvl_scale.data.shards import SHARD_PATTERN, sample_members, write_manifest, write_shards
 
 
 def png_bytes(seed: int, size: int = 8) -> bytes:
@@ -42,8 +35,7 @@ def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int 
                 firsts.append(captions[0])
                 index += 1
         shards.append({"name": name, "samples": size})
-    write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "kind": "image-text",
-                                                 "shards": shards, "samples": index - start})
+    write_manifest(folder, "image-text", shards)
     return firsts
 
 
@@ -56,8 +48,8 @@ def write_feature_shards(folder: Path, n: int, dim: int = 24, seed: int = 0, sha
     for i in range(n):
         image = rng.normal(size=dim).astype(np.float32)
         texts = np.stack([image @ mix + 0.1 * rng.normal(size=dim) for _ in range(2)]).astype(np.float16)
-        samples.append(sample_members(f"{seed}_{i:05d}", **{"img.npy": encode_npy(image.astype(np.float16)),
-                                                             "txt.npy": encode_npy(texts)}))
+        samples.append(sample_members(f"{seed}_{i:05d}", **{FEATURE_IMAGE: encode_npy(image.astype(np.float16)),
+                                                             FEATURE_TEXT: encode_npy(texts)}))
     write_shards(iter(samples), folder, -(-n // shards), kind="features", progress=False,
                  extra={"image_dim": dim, "text_dim": dim})
 

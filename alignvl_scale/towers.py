@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from alignvl_scale.config import ConfigError, DataConfig, TowerConfig
-from alignvl_scale.data.reader import ImageTransform
+from alignvl_scale.data.transforms import ImageTransform
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,17 @@ class HFTower(nn.Module):
     decoder-only text models, else mean.
     """
 
-    def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> None:
+    def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True,
+                 hf_config=None) -> None:
+        """hf_config: the architecture as a transformers config (an HF-format export holds it
+        inline), instead of reading it from `cfg.name`; the weights then come from elsewhere."""
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
-        if not cfg.name:
+        if hf_config is None and not cfg.name:
             raise ValueError(f"model.{modality}_tower.name: a hub name or local path is required for kind 'hf'")
-        config = AutoConfig.from_pretrained(cfg.name)
+        config = hf_config or AutoConfig.from_pretrained(cfg.name)
+        load_weights = load_weights and hf_config is None
         # Dual-encoder checkpoints (CLIP, SigLIP): keep only the tower we need.
         sub = getattr(config, f"{'vision' if modality == 'image' else 'text'}_config", None)
         self.random_init = cfg.init == "random"

@@ -44,13 +44,14 @@ from alignvl_scale.data.samples import SKIP_REASONS
 from alignvl_scale.data.shards import DataSourceError, resolve_spec
 from alignvl_scale.distributed import all_reduce_floats, every_rank
 from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init, zero_stage
-from alignvl_scale.evaluate import Encoder, evaluate_specs
+from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
 from alignvl_scale.logger import RunLogger
 from alignvl_scale.loss import align_vl_loss_with_stats
-from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
+from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing, with_feature_manifest
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
 from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError, claim_run_dir
 from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warnings
+from alignvl_scale.zeroshot import load_zero_shot_set
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +121,7 @@ class Trainer:
     """Holds what one run needs; `run()` is the loop, `close()` ends the process group."""
 
     def __init__(self, cfg: RunConfig) -> None:
+        cfg = with_feature_manifest(cfg)  # cached features: dims and towers from their manifest, saved with the run
         self.cfg = cfg
         single_process_env()
         world = int(os.environ["WORLD_SIZE"])
@@ -147,7 +149,7 @@ class Trainer:
         self.base_optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                                 betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
-        self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)  # after build_model filled dims
+        self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.model: AlignVLModel = self.engine.module
         self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
         self.step, self.bad_steps_in_a_row, self.skipped_steps = 0, 0, 0
@@ -281,17 +283,23 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
-        if not self.cfg.eval.data:
+        evals = self.cfg.eval
+        if not evals.data and not evals.zero_shot:
             return {}
-        results = evaluate_specs(self.encoder, self.cfg.eval.data, self.cfg.eval.batch_size, self.eval_cache,
-                                 self.cfg.eval.allow_outside_paths)
+        results = evaluate_specs(self.encoder, evals.data, evals.batch_size, self.eval_cache, evals.allow_outside_paths)
         flat = {}
         for spec, metrics in results.items():
             name = Path(spec).stem if len(results) > 1 else ""
             flat.update({f"eval/{name + '/' if name else ''}{k}": v for k, v in metrics.items()})
+        for folder in evals.zero_shot:
+            if folder not in self.eval_cache:
+                self.eval_cache[folder] = load_zero_shot_set(folder)
+            accuracy = evaluate_zero_shot(self.encoder, self.eval_cache[folder], evals.batch_size)
+            flat.update({f"eval/zeroshot/{Path(folder).name}/{k}": v for k, v in accuracy.items()})
         self.logger.scalars(self.step, flat)
-        self.log(f"step {self.step}: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in flat.items()
-                                                    if "R@" in k))
+        shown = {k.removeprefix("eval/").removeprefix("zeroshot/"): v for k, v in flat.items()
+                 if "R@" in k or "/top" in k}
+        self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
         return flat
 
     # -- the loop --------------------------------------------------------------------------
@@ -413,6 +421,8 @@ def check_inputs(cfg: RunConfig) -> None:
                 raise DataSourceError(f"eval.data: {spec} is not a file")
         else:
             resolve_spec(spec)
+    for folder in cfg.eval.zero_shot:
+        load_zero_shot_set(folder)  # folders, class and template files: checked before launch
     if cfg.data.kind != "features":
         for modality in ("image", "text"):
             check_tower_source(getattr(cfg.model, f"{modality}_tower"), f"model.{modality}_tower")

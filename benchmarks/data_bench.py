@@ -25,9 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from alignvl_scale.config import DataConfig
-from alignvl_scale.data.reader import ImageTextDecoder, ImageTransform, TrainStream
+from alignvl_scale.data.reader import ImageTextDecoder, TrainStream
 from alignvl_scale.data.samples import DecodeLimits
 from alignvl_scale.data.shards import sample_members, write_shards
+from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.towers import Tokenize
 
 

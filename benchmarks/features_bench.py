@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from alignvl_scale.config import PROJECT_ROOT
+from alignvl_scale.data.samples import FEATURE_IMAGE, FEATURE_TEXT, encode_npy
 from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.demo import DEMO_CONFIG, build_demo_data
 
@@ -45,16 +45,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 def synthetic_features(folder: Path, n: int, image_dim: int, text_dim: int) -> None:
     rng = np.random.default_rng(0)
-    samples = (sample_members(f"{i:07d}", **{"img.npy": npy(rng.normal(size=image_dim).astype(np.float16)),
-                                             "txt.npy": npy(rng.normal(size=text_dim).astype(np.float16))})
+    samples = (sample_members(f"{i:07d}", **{FEATURE_IMAGE: encode_npy(rng.normal(size=image_dim).astype(np.float16)),
+                                             FEATURE_TEXT: encode_npy(rng.normal(size=text_dim).astype(np.float16))})
                for i in range(n))
     write_shards(samples, folder, n // 8, kind="features", progress=False,
                  extra={"image_dim": image_dim, "text_dim": text_dim})

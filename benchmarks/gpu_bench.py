@@ -17,7 +17,8 @@ counted the same way (FlopCounterMode over one forward and backward of its model
 
     python benchmarks/gpu_bench.py --open-clip-pythonpath /path/to/open_clip_wheels
     python benchmarks/gpu_bench.py --profile-steps 5      # + torch.profiler tables of our runs
-    python benchmarks/gpu_bench.py --tiny --steps 8        # CPU, tiny shapes: how it is tested
+    python benchmarks/gpu_bench.py --preset small --ranks 1   # CPU: the README's CPU table
+    python benchmarks/gpu_bench.py --preset tiny --steps 8    # CPU smoke test: how it is tested
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ from alignvl_scale.perf import device_name, peak_tflops
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue small large round square photo drawing of a the cat dog car tree house bird boat "
          "flower street city field river mountain person child table chair window light dark old new").split()
-SHAPES = {  # name: (default, tiny)
-    "image_size": (224, 32), "patch": (16, 8), "vision_width": (768, 32), "vision_layers": (12, 2),
-    "vision_heads": (12, 2), "text_width": (512, 32), "text_layers": (12, 2), "text_heads": (8, 2),
-    "context": (77, 16), "embed_dim": (512, 32), "batch": (256, 8), "workers": (12, 1), "samples": (8192, 64),
+SHAPE_KEYS = ("image_size", "patch", "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers",
+              "text_heads", "context", "embed_dim", "batch", "workers", "samples")
+PRESETS = {  # open_clip's ViT-B-16 on a GPU; a model two CPU cores train in a minute; a smoke test
+    "vit-b-16": (224, 16, 768, 12, 12, 512, 12, 8, 77, 512, 256, 12, 8192),
+    "small": (64, 8, 192, 4, 3, 128, 4, 2, 32, 128, 32, 1, 2048),
+    "tiny": (32, 8, 32, 2, 2, 32, 2, 2, 16, 32, 8, 1, 64),
 }
 # The open_clip runner: count FLOPs per sample of the model (one forward and backward of
 # batch 2 on CPU, halved), then train. Run with open_clip's PYTHONPATH.
@@ -73,6 +76,18 @@ from open_clip_train.main import main
 main(argv)
 """
 OPEN_CLIP_LINE = re.compile(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),")
+
+
+def cpu_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matmul rate of this machine's CPU threads: the CPU's stand-in for a peak."""
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    x @ y
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x @ y
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _jpeg(index: int, size: int) -> bytes:
@@ -150,7 +165,8 @@ def ours(stage: int, a: argparse.Namespace, towers: dict, shards: Path, work: Pa
         "data": {"train": [str(shards)], "mode": "resampled", "batch_size": a.batch, "workers": a.workers,
                  "image_size": a.image_size},
         "train": {"steps": a.steps, "lr": 1e-4, "warmup_steps": 10, "log_every": a.log_every, "grad_clip": a.grad_clip,
-                  "precision": a.precision, "profile_steps": a.profile_steps, "profile_start": a.warmup},
+                  "precision": a.precision, "profile_steps": a.profile_steps, "profile_start": a.warmup,
+                  "peak_tflops": a.peak_tflops},
         "run_dir": str(run_dir)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "launchers/train.py"), "--config",
@@ -239,11 +255,13 @@ def _fmt(value, spec: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU check (every shape default "
-                        "below switches to its tiny value)")
-    for name, (default, tiny) in SHAPES.items():
+    parser.add_argument("--preset", choices=list(PRESETS), default="vit-b-16",
+                        help="shapes, batch, workers and data size (each can be set below)")
+    for i, name in enumerate(SHAPE_KEYS):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default {default} (--tiny: {tiny})")
+                            help=", ".join(f"{preset} {values[i]}" for preset, values in PRESETS.items()))
+    parser.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: the GPU's dense bf16 "
+                        "peak by name; on CPU the fp32 matmul rate measured here)")
     parser.add_argument("--ranks", type=int, default=max(1, torch.cuda.device_count()))
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=30, help="steps left out of the steady state")
@@ -261,11 +279,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep shards, towers, runs and logs here")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_bench.json"))
     a = parser.parse_args()
-    for name, (default, tiny) in SHAPES.items():
+    for name, value in zip(SHAPE_KEYS, PRESETS[a.preset], strict=True):
         if getattr(a, name) is None:
-            setattr(a, name, tiny if a.tiny else default)
+            setattr(a, name, value)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = peak_tflops(device)
+    a.peak_tflops = a.peak_tflops or peak_tflops(device) or (cpu_matmul_tflops() if device.type == "cpu" else None)
+    peak = a.peak_tflops
     run_open_clip = a.open_clip == "on" or (a.open_clip == "auto" and open_clip_available(a.open_clip_pythonpath))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     work = a.work or Path(tempfile.mkdtemp(prefix="gpu_bench_"))
@@ -274,7 +293,8 @@ def main() -> None:
         start = time.perf_counter()
         shard_count = write_jpeg_shards(work / "shards", a.samples, a.image_size, os.cpu_count() or 1)
         towers = make_towers(work / "towers", a)
-        print(f"device: {device_name(device)} x {a.ranks}; bf16 peak {peak or '-'} TFLOP/s; batch {a.batch}/GPU, "
+        print(f"device: {device_name(device)} x {a.ranks}; peak {f'{peak:.3g}' if peak else '-'} TFLOP/s; "
+              f"batch {a.batch}/GPU, "
               f"{a.steps} steps (steady state after {a.warmup}), {a.precision}, {a.workers} workers; "
               f"towers ViT {a.image_size}px/{a.patch} {a.vision_layers}x{a.vision_width}, text {a.text_layers}x"
               f"{a.text_width} over {a.context} tokens; {a.samples} samples in {shard_count} shards "

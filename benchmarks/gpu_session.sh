@@ -15,7 +15,7 @@ trap 'rm -rf "$WORK"' EXIT
 export TOKENIZERS_PARALLELISM=false
 if [ -n "${TINY:-}" ]; then
     LOSS=(--device cpu --sizes 1024 --worlds 1 --reps 1)
-    BENCH=(--tiny --steps 12 --warmup 4 --log-every 4 --ranks 1)
+    BENCH=(--preset tiny --steps 12 --warmup 4 --log-every 4 --ranks 1)
 else
     LOSS=(--device cuda --sizes 16384 65536 262144)
     BENCH=()

@@ -15,10 +15,12 @@ from PIL import Image
 
 from alignvl_scale.config import DataConfig
 from alignvl_scale.data.check import check_shards
-from alignvl_scale.data.evalsets import encode_sharded, load_retrieval_set
-from alignvl_scale.data.reader import DataError, ImageTextDecoder, ImageTransform, TrainStream
+from alignvl_scale.data.evalsets import load_retrieval_set
+from alignvl_scale.data.reader import DataError, ImageTextDecoder, TrainStream
 from alignvl_scale.data.samples import DecodeLimits
 from alignvl_scale.data.shards import DataSourceError, folder_samples, hf_samples, resolve_spec, write_shards
+from alignvl_scale.data.transforms import ImageTransform
+from alignvl_scale.evaluate import encode_sharded
 
 
 def make_stream(cfg: DataConfig, rank=0, world=1, seed=0, limits=None) -> TrainStream:

@@ -26,6 +26,7 @@ REQUIRED_SCALARS = {
     "perf/samples_per_s", "perf/samples_per_s_per_rank", "perf/data_wait_fraction", "perf/tflops_per_rank",
     "perf/tflop_per_step_per_rank", "perf/peak_memory_gib", "data/skipped_undecodable_image",
     "eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10", "eval/t2i_R@1", "eval/t2i_R@5", "eval/t2i_R@10",
+    "eval/zeroshot/zs/top1", "eval/zeroshot/zs/top5",
 }
 # Seen on this machine: a finished accelerate-launched rank can abort at interpreter exit.
 EXIT_ABORT = "terminate called without an active exception"
@@ -37,6 +38,10 @@ def assets(tmp_path_factory):
     towers = make_tiny_towers(root)
     write_image_shards(root / "train", [16] * 4)
     write_image_shards(root / "eval", [16])
+    for label, name in enumerate(("red_fox", "blue_jay", "grey_wolf")):  # a zero-shot set: 3 classes x 4 images
+        (root / "zs" / name).mkdir(parents=True)
+        for i in range(4):
+            (root / "zs" / name / f"{i}.png").write_bytes(png_bytes(1000 + 10 * label + i))
     return root, towers
 
 
@@ -49,7 +54,7 @@ def write_config(assets, run_dir: Path, text_tower: str = "bert", **sections) ->
         "data": {"train": [str(root / "train")], "batch_size": 4, "workers": 1, "image_size": 16},
         # A decaying schedule: a constant one hid a schedule running world_size times too fast.
         "train": {"steps": 30, "lr": 0.003, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 2},
-        "eval": {"data": [str(root / "eval")], "batch_size": 8},
+        "eval": {"data": [str(root / "eval")], "zero_shot": [str(root / "zs")], "batch_size": 8},
         "run_dir": str(run_dir),
     }
     for section, values in sections.items():
@@ -128,7 +133,31 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path) -> dict:
+def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder, image: Path) -> None:
+    """`export --format hf`: transformers loads it (no remote code, after `import
+    alignvl_scale.hf`) and gives the same embeddings as `load_encoder`."""
+    subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "export", "--checkpoint", str(checkpoint), "--out",
+                    str(hf_dir), "--format", "hf"], check=True, cwd=ROOT, env=env(), capture_output=True)
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+
+    import alignvl_scale.hf  # noqa: F401  (registers the alignvl model type)
+
+    assert "auto_map" not in json.loads((hf_dir / "config.json").read_text())
+    model = AutoModel.from_pretrained(hf_dir).eval()
+    tokens = AutoTokenizer.from_pretrained(hf_dir)(["caption 3", "a cat"], padding="max_length", max_length=16,
+                                                   truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        pixels = encoder.preprocessing.image_transform(Image.open(image).convert("RGB"))[None]
+        picture = model.get_image_features(pixel_values=pixels)
+    torch.testing.assert_close(text, encoder.encode_texts(["caption 3", "a cat"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(picture, encoder.encode_images(image), rtol=1e-4, atol=1e-5)
+    card = (hf_dir / "README.md").read_text()
+    assert "## Final evaluation" in card and "i2t_R@1" in card and "## Run config" in card
+
+
+def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: Path | None = None) -> dict:
     """`alignvl-scale export` of the run's latest checkpoint, then `alignvl-scale eval` on it."""
     export_dir = tmp_path / "export"
     checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
@@ -136,10 +165,13 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path) -> dict:
     subprocess.run([*cli, "export", "--checkpoint", str(checkpoint), "--out", str(export_dir)], check=True, cwd=ROOT,
                    env=env(), capture_output=True)
     assert (export_dir / "model.safetensors").exists() and not list(export_dir.rglob("*.pt"))
-    proc = subprocess.run([*cli, "eval", "--checkpoint", str(export_dir), "--data", str(eval_data),
-                           "--json", str(tmp_path / "eval.json")], check=True, cwd=ROOT, env=env(), capture_output=True,
-                          text=True)
+    zero_shot_args = ["--zero-shot", str(zero_shot)] if zero_shot else []
+    proc = subprocess.run([*cli, "eval", "--checkpoint", str(export_dir), "--data", str(eval_data), *zero_shot_args,
+                           "--json", str(tmp_path / "eval.json")], check=True, cwd=ROOT, env=env(),
+                          capture_output=True, text=True)
     assert f"{eval_data}: 16 images, 16 captions" in proc.stdout
+    if zero_shot:
+        assert f"{zero_shot}: zero-shot over 3 classes, 12 images, 1 templates" in proc.stdout
     # The Python API: one caption is one caption (not one per character); images by path.
     from alignvl_scale import load_encoder
 
@@ -148,7 +180,10 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path) -> dict:
     assert one.shape[0] == 1 and torch.equal(one, encoder.encode_texts(["a cat"]))
     (tmp_path / "cat.png").write_bytes(png_bytes(7))
     assert encoder.encode_images(tmp_path / "cat.png").shape == one.shape
-    return json.loads((tmp_path / "eval.json").read_text())[str(eval_data)]
+    assert_hf_export_equals_the_encoder(checkpoint, tmp_path / "hf", encoder, tmp_path / "cat.png")
+    results = json.loads((tmp_path / "eval.json").read_text())
+    zero_shot_results = results.get(f"zeroshot:{zero_shot}", {})
+    return {**results[str(eval_data)], **{f"zeroshot_{k}": v for k, v in zero_shot_results.items()}}
 
 
 GRID = [(launcher, stage) for launcher in ("torchrun", "deepspeed", "accelerate") for stage in (1, 2, 3)]
@@ -174,10 +209,11 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     summary = json.loads((run_dir / "summary.json").read_text())
 
     # Export this stage's checkpoint; the exported model reproduces the run's eval numbers.
-    exported = export_and_eval(run_dir, tmp_path, assets[0] / "eval")
+    exported = export_and_eval(run_dir, tmp_path, assets[0] / "eval", assets[0] / "zs")
     tolerance = 1e-9 if precision == "fp32" else 15.0  # bf16 training vs fp32 inference may swap near-ties
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
         assert exported[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=tolerance), key
+    assert exported["zeroshot_top1"] == pytest.approx(summary["eval"]["eval/zeroshot/zs/top1"], abs=tolerance)
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(assets, tmp_path):

@@ -7,15 +7,11 @@ are skipped and counted, as in training. Feature shards give pre-extracted featu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from alignvl_scale.data.reader import raw_samples
 from alignvl_scale.data.samples import (
     DecodeLimits,
     SkipCounts,
@@ -25,10 +21,10 @@ from alignvl_scale.data.samples import (
     decode_features,
     decode_image,
     image_member,
+    raw_samples,
     read_image_file,
 )
 from alignvl_scale.data.shards import DataSourceError, iter_caption_rows, manifest_of, resolve_spec
-from alignvl_scale.distributed import rank_world
 
 
 @dataclass
@@ -95,27 +91,3 @@ def load_retrieval_set(spec: str, limits: DecodeLimits | None = None, allow_outs
     if not out.images:
         raise DataSourceError(f"{spec}: no usable eval samples (skipped: {dict(out.counts.skipped)})")
     return out
-
-
-def encode_sharded(n_items: int, encode: Callable[[list[int]], torch.Tensor], batch_size: int) -> torch.Tensor:
-    """Encode items 0..n-1 with the work split over ranks, every rank gets all rows in order.
-
-    Rank r encodes items r, r + world, ...; every rank runs the same number of batches of
-    the same size (the last padded with a repeat), so ZeRO-3's gathered forwards and the
-    all_gather never wait on a rank that stopped early.
-    """
-    rank, world = rank_world()
-    per_rank = -(-n_items // world)
-    mine = [min(i, n_items - 1) for i in range(rank, per_rank * world, world)]
-    parts = []
-    for start in range(0, per_rank, batch_size):
-        chunk = mine[start:start + batch_size]
-        chunk += [chunk[-1]] * (min(batch_size, per_rank) - len(chunk))
-        parts.append(encode(chunk)[:len(mine[start:start + batch_size])])
-    local = torch.cat(parts).contiguous()
-    if world == 1:
-        return local[:n_items]
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    # Row k of rank r is item r + k * world: interleave back.
-    return torch.stack(gathered, dim=1).reshape(per_rank * world, -1)[:n_items]

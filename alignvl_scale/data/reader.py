@@ -6,7 +6,7 @@ Each rank's DataLoader workers read a deterministic *shard sequence* each:
 - resampled mode: an endless draw of shards, a source picked by weight then a shard
   uniformly, from an RNG seeded by (seed, rank, worker).
 Inside a shard, raw samples are shuffled in a window by an RNG seeded by (seed, epoch,
-rank, worker, place in the sequence), then decoded (`samples.py`), transformed, tokenized
+rank, worker, place in the sequence), then decoded (`samples.py`, which also parses the tar), transformed, tokenized
 and batched in the worker. A batch carries its worker's position (place in the sequence,
 raw samples consumed in that shard) and its skip counts, so the main process knows exactly
 what was consumed: a resumed stream skips precisely that, without decoding it.
@@ -20,27 +20,23 @@ rank ever waits in a collective that the others left.
 from __future__ import annotations
 
 import random
-import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from alignvl_scale.config import DataConfig
 from alignvl_scale.data.samples import (
-    UNSAFE_EXTENSIONS,
     DecodeLimits,
+    RawSample,
     SkipCounts,
     SkipSample,
     decode_captions,
     decode_features,
     decode_image,
-    split_key,
+    raw_samples,
 )
 from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
 
@@ -56,57 +52,6 @@ REPORT_SKIPS_EVERY = 256
 
 def seeded_rng(*parts: object) -> random.Random:
     return random.Random(":".join(map(str, parts)))
-
-
-@dataclass
-class RawSample:
-    key: str
-    members: dict[str, bytes]
-    reason: str | None = None  # set when the sample is already known to be unusable
-    detail: str = ""
-    unsafe: int = 0  # members never opened because of their extension
-
-    def check(self) -> dict[str, bytes]:
-        """The members, or the SkipSample this sample is already known to be."""
-        if self.reason is not None:
-            raise SkipSample(self.reason, self.detail or f"key {self.key!r}")
-        return self.members
-
-
-def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes) -> Iterator[RawSample]:
-    """Group a tar stream's members by key. A broken stream ends the shard with one
-    'truncated_tar' item; a key seen twice yields a 'duplicate_key' item for the copy.
-    A member is read only when its header declares at most `max_member_bytes` and it is
-    not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
-    'oversized_member' skip and the stream moves past the member without keeping it."""
-    seen: set[str] = set()
-    current: RawSample | None = None
-    try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, ext = split_key(info.name)
-                if current is None or key != current.key:
-                    if current is not None:
-                        yield current
-                    current = RawSample(key, {}, "duplicate_key" if key in seen else None)
-                    seen.add(key)
-                if ext.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS:
-                    current.unsafe += 1  # not even read: a shard is untrusted input
-                    continue
-                if info.size > max_member_bytes or info.issparse():
-                    current.reason = current.reason or "oversized_member"
-                    current.detail = f"{url}: {info.name} declares {info.size} bytes"
-                    continue
-                if ext in current.members:
-                    current.reason = "duplicate_key"
-                current.members[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        yield RawSample(current.key if current else "", {}, "truncated_tar", f"{url}: {exc}")
-        return
-    if current is not None:
-        yield current
 
 
 def window_shuffle(items: Iterator[RawSample], window: int, rng: random.Random) -> Iterator[RawSample]:
@@ -142,24 +87,6 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
             yield consumed, skip, raw.unsafe
     for missing in range(max(consumed, start) + 1, (expected or 0) + 1):
         yield missing, SkipSample("missing_samples", f"{url}: manifest says {expected}, shard holds {consumed}"), 0
-
-
-class ImageTransform:
-    """Resize the short side, center crop, scale to [0, 1], normalize: PIL -> (3, S, S)."""
-
-    def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
-        self.size = size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        scale = self.size / min(img.size)
-        w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
-        img = img.resize((w, h), Image.BICUBIC)
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (pixels - self.mean) / self.std
 
 
 class ImageTextDecoder:

@@ -13,11 +13,15 @@ from __future__ import annotations
 import io
 import json
 import stat
+import tarfile
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 # The only image formats decoded, and the Pillow plugin each extension may use: EPS
@@ -226,3 +230,54 @@ def decode_features(members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
             raise SkipSample("bad_features", f"{name}: non-finite values")
         out.append(array)
     return out[0], out[1]
+
+
+@dataclass
+class RawSample:
+    key: str
+    members: dict[str, bytes]
+    reason: str | None = None  # set when the sample is already known to be unusable
+    detail: str = ""
+    unsafe: int = 0  # members never opened because of their extension
+
+    def check(self) -> dict[str, bytes]:
+        """The members, or the SkipSample this sample is already known to be."""
+        if self.reason is not None:
+            raise SkipSample(self.reason, self.detail or f"key {self.key!r}")
+        return self.members
+
+
+def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes) -> Iterator[RawSample]:
+    """Group a tar stream's members by key. A broken stream ends the shard with one
+    'truncated_tar' item; a key seen twice yields a 'duplicate_key' item for the copy.
+    A member is read only when its header declares at most `max_member_bytes` and it is
+    not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
+    'oversized_member' skip and the stream moves past the member without keeping it."""
+    seen: set[str] = set()
+    current: RawSample | None = None
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = split_key(info.name)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = RawSample(key, {}, "duplicate_key" if key in seen else None)
+                    seen.add(key)
+                if ext.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS:
+                    current.unsafe += 1  # not even read: a shard is untrusted input
+                    continue
+                if info.size > max_member_bytes or info.issparse():
+                    current.reason = current.reason or "oversized_member"
+                    current.detail = f"{url}: {info.name} declares {info.size} bytes"
+                    continue
+                if ext in current.members:
+                    current.reason = "duplicate_key"
+                current.members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        yield RawSample(current.key if current else "", {}, "truncated_tar", f"{url}: {exc}")
+        return
+    if current is not None:
+        yield current

@@ -90,9 +90,15 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard
         shards[-1]["samples"] += 1
     if writer is not None:
         writer.close()
+    return write_manifest(out, kind, shards, extra)
+
+
+def write_manifest(folder: Path, kind: str, shards: list[dict], extra: dict | None = None) -> dict:
+    """The one place a manifest is made: written last and atomically, so a folder with a
+    manifest is complete. `shards`: [{"name": ..., "samples": n, ...}] in order."""
     manifest = {"format": MANIFEST_FORMAT, "kind": kind, "shards": shards,
                 "samples": sum(s["samples"] for s in shards), **(extra or {})}
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
 
 

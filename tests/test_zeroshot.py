@@ -1,0 +1,59 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import png_bytes
+
+from alignvl_scale.data.shards import DataSourceError
+from alignvl_scale.zeroshot import class_embeddings, load_zero_shot_set, zero_shot_accuracy
+
+
+def test_accuracy_on_a_hand_computed_case():
+    classes = torch.eye(6)  # class c is the unit vector e_c
+    images = F.pad(torch.tensor([[1.0, 0.2, 0.0],    # label 0: first -> top1 and top5
+                                 [0.9, 0.5, 0.0],    # label 1: second -> top5 only
+                                 [0.5, 0.0, 0.5],    # label 2: tied with class 0 -> the tie counts against it
+                                 [0.0, 0.1, 0.9]]), (0, 3))  # label 2: first
+    got = zero_shot_accuracy(images, classes, torch.tensor([0, 1, 2, 2]))
+    assert got == {"top1": 50.0, "top5": 100.0}
+    assert zero_shot_accuracy(images, classes[:3, :], torch.tensor([0, 1, 2, 2])).keys() == {"top1"}  # < 5 classes
+
+
+def test_class_embedding_is_the_normalized_mean_of_normalized_prompts():
+    prompts = torch.tensor([[2.0, 0.0], [0.0, 3.0],    # class 0: two templates
+                            [0.0, -1.0], [0.0, -5.0]])  # class 1
+    got = class_embeddings(prompts, 2)
+    torch.testing.assert_close(got, torch.stack([F.normalize(torch.tensor([1.0, 1.0]), dim=0),
+                                                 torch.tensor([0.0, -1.0])]))
+
+
+def test_image_folder_with_classes_and_templates(tmp_path):
+    for label, name in enumerate(("n01_cat", "n02_dog")):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            (tmp_path / name / f"{i}.png").write_bytes(png_bytes(10 * label + i))
+    (tmp_path / "n02_dog" / "notes.txt").write_text("not an image, not read")
+    (tmp_path / "n02_dog" / "broken.png").write_text("not a png")
+    (tmp_path / "classes.txt").write_text("n02_dog\tdog\nn01_cat\tcat\n")
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
+    zs = load_zero_shot_set(tmp_path)
+    assert zs.classes == ["dog", "cat"] and zs.templates == ["a photo of a {}.", "a drawing of a {}."]
+    assert zs.labels == [0, 0, 1, 1] and zs.counts.skipped["undecodable_image"] == 1
+    with pytest.raises(DataSourceError, match="classes file not found"):
+        load_zero_shot_set(tmp_path, classes_file=tmp_path / "none.txt")
+    (tmp_path / "classes.txt").unlink()
+    assert load_zero_shot_set(tmp_path).classes == ["n01 cat", "n02 dog"]  # subfolders, sorted
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda p: (p / "templates.txt").write_text("no placeholder\n"), "needs one {} for the class name"),
+    (lambda p: (p / "classes.txt").write_text("a\nmissing\n"), "missing ['missing']"),
+    (lambda p: None, "needs at least 2 class subfolders"),
+])
+def test_bad_zero_shot_sets_are_named(tmp_path, setup, message):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(png_bytes(1))
+    if "2 class" not in message:
+        (tmp_path / "b").mkdir()
+    setup(tmp_path)
+    with pytest.raises(DataSourceError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{}", r"\{\}")):
+        load_zero_shot_set(tmp_path)
