@@ -36,6 +36,22 @@ def peak_tflops(device: torch.device, configured: float | None = None) -> float 
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def cpu_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matmul rate of this process's CPU threads (median of `repeats`): the CPU's
+    stand-in for a peak, which benchmarks use for an MFU on CPU."""
+    import statistics
+    import time
+
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    x @ y
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x @ y
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 def counted_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """fn()'s result and the FLOPs it ran on this rank (forward and any backward inside)."""
     with FlopCounterMode(display=False) as counter:

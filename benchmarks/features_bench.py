@@ -22,27 +22,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from alignvl_scale.config import PROJECT_ROOT
 from alignvl_scale.data.samples import FEATURE_IMAGE, FEATURE_TEXT, encode_npy
 from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.demo import DEMO_CONFIG, build_demo_data
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from alignvl_scale.perf import cpu_matmul_tflops
 
 
 def synthetic_features(folder: Path, n: int, image_dim: int, text_dim: int) -> None:
@@ -79,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/features_bench.json"))
     args = parser.parse_args()
     image_dim, text_dim = 1280, 384
-    peak = matmul_gflops()
+    peak = cpu_matmul_tflops() * 1e3  # GFLOP/s
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic_features(tmp / "features", args.batch * 3, image_dim, text_dim)

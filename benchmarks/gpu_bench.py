@@ -44,7 +44,7 @@ from PIL import Image
 
 from alignvl_scale.data.shards import SHARD_PATTERN, sample_members, write_shards
 from alignvl_scale.engine import free_port
-from alignvl_scale.perf import device_name, peak_tflops
+from alignvl_scale.perf import cpu_matmul_tflops, device_name, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue small large round square photo drawing of a the cat dog car tree house bird boat "
@@ -76,18 +76,6 @@ from open_clip_train.main import main
 main(argv)
 """
 OPEN_CLIP_LINE = re.compile(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),")
-
-
-def cpu_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
-    """The fp32 matmul rate of this machine's CPU threads: the CPU's stand-in for a peak."""
-    x, y = torch.randn(n, n), torch.randn(n, n)
-    x @ y
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x @ y
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _jpeg(index: int, size: int) -> bytes:
