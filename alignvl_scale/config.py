@@ -297,6 +297,29 @@ class EvalConfig:
         _require(self.batch_size >= 1, f"{key}.batch_size", ">= 1", self.batch_size)
 
 
+# Trackers Accelerate drives (log.report_to), and the module each needs installed.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+@dataclass
+class LogConfig:
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where scalars go besides RUN_DIR/metrics.jsonl: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive,
+    swanlab, trackio (through Accelerate; each reads its own environment, e.g. WANDB_MODE, MLFLOW_TRACKING_URI)."""
+    project: str | None = None
+    """The trackers' project or experiment name; null: the run folder's name."""
+
+    def validate(self, key: str) -> None:
+        import importlib.util
+
+        for name in self.report_to:
+            _require(name in TRACKERS, f"{key}.report_to", f"a list of {', '.join(TRACKERS)}", self.report_to)
+            _require(importlib.util.find_spec(TRACKERS[name]) is not None, f"{key}.report_to",
+                     f"trackers that are installed ({name}: pip install {TRACKERS[name]}, or the project's [track] "
+                     "extra for mlflow)", self.report_to)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -313,6 +336,8 @@ class RunConfig:
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Retrieval evaluation during and after training."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment trackers."""
     run_dir: str = "runs/default"
     """Where the run writes: config, metrics, TensorBoard, checkpoints."""
     seed: int = 0
@@ -326,6 +351,7 @@ class RunConfig:
         self.engine.validate("engine")
         self.checkpoint.validate("checkpoint")
         self.eval.validate("eval")
+        self.log.validate("log")
         return self
 
     def to_dict(self) -> dict:

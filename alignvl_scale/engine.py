@@ -85,11 +85,14 @@ def zero3_init(ds_config: dict):
 _LIVE_HF_DS_CONFIG: list = []
 
 
-def make_accelerator(ds_config: dict):
+def make_accelerator(ds_config: dict, trackers: list[str] = (), project_dir: str | None = None):
+    """trackers: Accelerate's tracker names other than TensorBoard (which the run logger
+    writes itself), started by the trainer with `init_trackers`."""
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = timedelta(seconds=int(os.environ.get("ALIGNVL_DIST_TIMEOUT_S", "1800")))
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(deepspeed_plugin=plugin, mixed_precision="no",  # autocast is DeepSpeed's (fill_ds_config)
-                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), timeout=timeout)])
+                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), timeout=timeout)],
+                       log_with=list(trackers) or None, project_dir=project_dir)

@@ -45,7 +45,7 @@ from alignvl_scale.data.shards import DataSourceError, resolve_spec
 from alignvl_scale.distributed import all_reduce_floats, every_rank
 from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init, zero_stage
 from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
-from alignvl_scale.logger import RunLogger
+from alignvl_scale.logger import RunLogger, flat_config
 from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing, with_feature_manifest
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
@@ -126,7 +126,8 @@ class Trainer:
         single_process_env()
         world = int(os.environ["WORLD_SIZE"])
         self.ds_config = fill_ds_config(cfg, world)
-        self.accelerator = make_accelerator(self.ds_config)
+        others = [name for name in cfg.log.report_to if name != "tensorboard"]  # TensorBoard: RunLogger's own
+        self.accelerator = make_accelerator(self.ds_config, others, cfg.run_dir)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -151,7 +152,10 @@ class Trainer:
         self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.model: AlignVLModel = self.engine.module
-        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0)
+        if others:
+            self.accelerator.init_trackers(cfg.log.project or self.run_dir.name, config=flat_config(cfg.to_dict()))
+        self.logger = RunLogger(self.run_dir, enabled=self.rank == 0, tensorboard="tensorboard" in cfg.log.report_to,
+                                accelerator=self.accelerator if others else None)
         self.step, self.bad_steps_in_a_row, self.skipped_steps = 0, 0, 0
         self.flops_per_step: int | None = None  # counted on this process's first step (perf.py)
         self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)

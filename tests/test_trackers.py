@@ -1,0 +1,54 @@
+"""log.report_to: trackers besides TensorBoard through Accelerate, checked offline with an
+MLflow store in a temporary folder (the [track] extra), run config as parameters."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from alignvl_scale.config import ConfigError, load_config
+from alignvl_scale.synthetic import write_feature_shards
+
+
+def test_mlflow_gets_the_run_config_and_every_logged_scalar(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="the [track] extra (CI installs it)")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, for the test to read back
+    write_feature_shards(tmp_path / "train", 64, shards=2)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"embed_dim": 16, "adapter": "linear"}, "loss": {"smoothing": 0.1},
+        "data": {"kind": "features", "train": [str(tmp_path / "train")], "batch_size": 16, "workers": 0},
+        "train": {"steps": 6, "lr": 0.01, "log_every": 2}, "log": {"report_to": ["tensorboard", "mlflow"],
+                                                                 "project": "alignvl-test"},
+        "run_dir": str(run_dir)}))
+    store = f"file://{tmp_path / 'mlruns'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("alignvl-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["loss.smoothing"] == "0.1" and run.data.params["train.steps"] == "6"
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train/loss"] for r in logged if "train/loss" in r}
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert history.keys() == losses.keys() == {2, 4, 6}
+    assert all(abs(history[s] - losses[s]) < 1e-6 for s in losses)
+    assert (run_dir / "tb").is_dir()  # TensorBoard too
+
+
+@pytest.mark.parametrize("trackers,message", [
+    (["tensorboard", "neptune"], "log.report_to: must be a list of tensorboard, wandb, mlflow"),
+    (["aim"], "aim: pip install aim"),
+])
+def test_unknown_or_missing_trackers_fail_before_launch(tmp_path, trackers, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 1}, "log": {"report_to": trackers}}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
