@@ -104,21 +104,24 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     hf = source.add_parser("hf", help="a Hugging Face datasets dataset (save_to_disk folder or local builder)")
     hf.add_argument("--dataset", required=True, help="save_to_disk folder, or a builder such as imagefolder")
     hf.add_argument("--data-dir", help="data_dir for load_dataset builders")
-    hf.add_argument("--split", default="train")
+    hf.add_argument("--split", default="train", help="dataset split (default train)")
     for p, image, caption in ((folder, "image", "caption (JSONL: captions or caption)"), (hf, "image", "text")):
         p.add_argument("--image-column", help=f"column of image paths or images (default {image})")
         p.add_argument("--caption-column", help=f"column of captions (default {caption})")
     for p in (folder, hf):
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--samples-per-shard", type=int, default=1000)
+        p.add_argument("--samples-per-shard", type=int, default=1000,
+                       help="samples per tar shard (default 1000); aim for many more shards than ranks x workers")
         p.set_defaults(func=_shards)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="stream shards through the training decoder; count skips by reason")
     check.add_argument("specs", nargs="+", help="shard folder, manifest.json, brace list or pipe: url")
-    check.add_argument("--kind", choices=["image-text", "features"], default="image-text")
-    check.add_argument("--samples-per-shard", type=int)
-    check.add_argument("--max-skip-fraction", type=float, default=0.05)
+    check.add_argument("--kind", choices=["image-text", "features"], default="image-text",
+                       help="what the shards hold (default image-text)")
+    check.add_argument("--samples-per-shard", type=int, help="for shards without a manifest")
+    check.add_argument("--max-skip-fraction", type=float, default=0.05,
+                       help="fail above this fraction of skipped samples (default 0.05, as training)")
     check.add_argument("--json", help="also write the counts here")
     check.add_argument("--strict", action="store_true", help="fail when a shard disagrees with its manifest")
     check.add_argument("--list", action="store_true", help="also name every skipped sample: shard, key, reason")
@@ -223,7 +226,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config, or a "
                             "transformers folder")
     export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
                         help="safetensors: for load_encoder and eval; hf: a transformers folder for "
@@ -241,7 +244,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--classes", help="zero-shot class list (default: FOLDER/classes.txt, else the subfolders)")
     evaluate.add_argument("--templates", help="zero-shot prompt templates, one per line with {} "
                           "(default: FOLDER/templates.txt, else 'a photo of a {}.')")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images or captions encoded at once")
     evaluate.add_argument("--json", help="also write the metrics here")
     evaluate.add_argument("--allow-outside-paths", action="store_true",
                           help="let a JSONL set name images outside its folder")
@@ -250,18 +253,18 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     extract = sub.add_parser("extract", help="tower outputs -> feature shards (run under torchrun for many ranks)")
     extract.add_argument("--config", required=True, help="run YAML naming the towers")
     extract.add_argument("--data", required=True, nargs="+", help="image-text shard specs")
-    extract.add_argument("--out", required=True)
-    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--out", required=True, help="output folder of the feature shards")
+    extract.add_argument("--batch-size", type=int, default=64, help="images encoded at once per rank")
     extract.add_argument("overrides", nargs="*", help="section.key=value")
     extract.set_defaults(func=_extract)
     demo = sub.add_parser("demo", help="offline end to end: emoji data, extract, train, eval, export")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, features and the run go")
     demo.add_argument("--config", type=Path, help="default: configs/demo.yaml")
     demo.add_argument("overrides", nargs="*", help="section.key=value")
     demo.set_defaults(func=_demo)
     ablate = sub.add_parser("ablate", help="the sigma and alpha studies, several seeds each")
-    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"))
-    ablate.add_argument("--seeds", type=int, default=3)
+    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"), help="runs, results.csv/md and plots")
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds per setting")
     ablate.add_argument("--config", type=Path, help="a run config with its own data (default: the demo's)")
     ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the demo data lives")
     ablate.add_argument("overrides", nargs="*", help="section.key=value for every run")

@@ -153,6 +153,8 @@ class DataConfig:
     """Per-channel mean of the built-in image normalization."""
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     """Per-channel std of the built-in image normalization."""
+    augment_crop_scale: list[float] | None = None
+    """Train-time random resized crop: [min, max] area fraction kept (open_clip's default [0.9, 1.0]); null: off."""
     max_image_bytes: int = DecodeLimits.max_image_bytes
     """Largest encoded image read; larger ones are skipped (oversized_image)."""
     max_image_pixels: int = DecodeLimits.max_image_pixels
@@ -178,6 +180,9 @@ class DataConfig:
             _require(self.mode == "resampled" or len(set(self.train_weights)) == 1, f"{key}.train_weights",
                      "equal unless data.mode is resampled (epoch mode reads each shard once)",
                      self.train_weights)
+        crop = self.augment_crop_scale
+        _require(crop is None or (len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1), f"{key}.augment_crop_scale",
+                 "null or [min, max] with 0 < min <= max <= 1", crop)
         for name in ("image_mean", "image_std"):
             _require(len(getattr(self, name)) == 3, f"{key}.{name}", "3 numbers", getattr(self, name))
 

@@ -101,7 +101,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def make_decoder(cfg: RunConfig, preprocessing: Preprocessing | None):
     if preprocessing is None:
         return FeatureDecoder(cfg.seed)
-    return ImageTextDecoder(cfg.data.limits(), preprocessing.image_transform, preprocessing.tokenize, cfg.seed)
+    crop = tuple(cfg.data.augment_crop_scale) if cfg.data.augment_crop_scale else None
+    return ImageTextDecoder(cfg.data.limits(), preprocessing.image_transform, preprocessing.tokenize, cfg.seed, crop)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -148,3 +148,20 @@ def test_config_show_prints_yaml_that_loads_back_with_every_key_explained(tmp_pa
 def test_shipped_example_configs_validate(name):
     from alignvl_scale.config import CONFIGS
     load_config(CONFIGS / name)
+
+
+def test_every_cli_flag_has_help():
+    import argparse
+
+    from alignvl_scale.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif action.option_strings and action.dest not in ("help", "version"):
+                yield path, action
+    missing = [f"{path} {action.option_strings[0]}" for path, action in walk(build_parser(), "alignvl-scale")
+               if not action.help]
+    assert not missing, missing

@@ -366,3 +366,27 @@ def test_data_check_list_names_each_bad_sample(tmp_path):
     shard = str(tmp_path / "shards" / "shard-000000.tar")
     assert [(url, key, detail.split(":")[0]) for url, key, detail in lines] == [
         (shard, "broken_one", "undecodable_image"), (shard, "no_caption", "missing_caption")]
+
+
+def test_random_resized_crop_is_seeded_and_within_its_scale():
+    import random
+
+    from alignvl_scale.data.transforms import random_resized_crop
+    img = Image.new("RGB", (200, 100))
+    crops = [random_resized_crop(img, random.Random(s), (0.5, 0.8)) for s in range(50)]
+    assert all(0.5 * 0.99 <= c.width * c.height / 20000 <= 0.8 * 1.01 for c in crops)
+    assert len({c.size for c in crops}) > 10  # it varies with the seed...
+    assert random_resized_crop(img, random.Random(3), (0.5, 0.8)).size == crops[3].size  # ...and only with it
+    # No region of that area and shape fits a thin strip: the largest centered crop within the ratio.
+    assert random_resized_crop(Image.new("RGB", (400, 10)), random.Random(0), (0.9, 1.0)).size == (13, 10)
+
+
+def test_train_time_crop_changes_pixels_by_epoch_and_not_between_runs(tmp_path):
+    write_image_shards(tmp_path / "s", [4])
+    from alignvl_scale.data.reader import raw_samples
+    (raw,) = list(raw_samples(str(tmp_path / "s" / "shard-000000.tar")))[:1]
+    decoder = ImageTextDecoder(DecodeLimits(), ImageTransform(8, [0.5] * 3, [0.5] * 3), crop_scale=(0.3, 0.5))
+    first = decoder(raw)[0]
+    assert torch.equal(first, decoder(raw)[0])  # the same sample, epoch and seed: the same crop
+    decoder.epoch = 1
+    assert not torch.equal(first, decoder(raw)[0])

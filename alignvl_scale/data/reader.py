@@ -39,6 +39,7 @@ from alignvl_scale.data.samples import (
     raw_samples,
 )
 from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
+from alignvl_scale.data.transforms import random_resized_crop
 
 
 class DataError(RuntimeError):
@@ -95,14 +96,20 @@ class ImageTextDecoder:
     A sample with several captions contributes one, picked by (seed, epoch, key)."""
 
     def __init__(self, limits: DecodeLimits, image_transform: Callable | None = None,
-                 tokenize: Callable[[list[str]], dict] | None = None, seed: int = 0) -> None:
+                 tokenize: Callable[[list[str]], dict] | None = None, seed: int = 0,
+                 crop_scale: tuple[float, float] | None = None) -> None:
+        """crop_scale: train-time random resized crop (data.augment_crop_scale), or None."""
         self.limits, self.image_transform, self.tokenize, self.seed = limits, image_transform, tokenize, seed
+        self.crop_scale = crop_scale
         self.epoch = 0
 
     def __call__(self, raw: RawSample) -> tuple:
         captions, _ = decode_captions(raw.members, self.limits)
         image = decode_image(raw.members, self.limits)
-        caption = seeded_rng(self.seed, self.epoch, raw.key).choice(captions)
+        rng = seeded_rng(self.seed, self.epoch, raw.key)  # the same choices after a resume
+        caption = rng.choice(captions)
+        if self.crop_scale is not None:
+            image = random_resized_crop(image, rng, self.crop_scale)
         return (self.image_transform(image) if self.image_transform else image), caption
 
     def collate(self, examples: list[tuple]) -> dict:

@@ -3,6 +3,9 @@ imported by the towers and the readers alike (the model never imports the traini
 
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,3 +27,24 @@ class ImageTransform:
         img = img.crop((left, top, left + self.size, top + self.size))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
+
+
+def random_resized_crop(img: Image.Image, rng: random.Random, scale: tuple[float, float],
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """The region torchvision's RandomResizedCrop picks (area a `scale` fraction of the image,
+    aspect ratio log-uniform in `ratio`, 10 tries, else the largest centered crop within
+    `ratio`), cropped out; resizing is left to the tower's transform. `rng` makes it
+    reproducible per sample (the reader seeds it by seed, epoch and key)."""
+    width, height = img.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return img.crop((left, top, left + w, top + h))
+    w, h = (width, round(width / ratio[0])) if width / height < ratio[0] else (
+        (round(height * ratio[1]), height) if width / height > ratio[1] else (width, height))
+    left, top = (width - min(w, width)) // 2, (height - min(h, height)) // 2
+    return img.crop((left, top, left + min(w, width), top + min(h, height)))
