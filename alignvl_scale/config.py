@@ -357,6 +357,9 @@ class RunConfig:
         self.checkpoint.validate("checkpoint")
         self.eval.validate("eval")
         self.log.validate("log")
+        _require(not self.eval.zero_shot or self.data.kind != "features", "eval.zero_shot",
+                 "empty when data.kind is features (that eval encodes cached features, not images; run "
+                 "`alignvl-scale eval --zero-shot` on the export)", self.eval.zero_shot)
         return self
 
     def to_dict(self) -> dict:

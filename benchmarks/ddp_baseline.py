@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from alignvl_scale.config import load_config
 from alignvl_scale.data.reader import TrainStream
 from alignvl_scale.loss import align_vl_loss
-from alignvl_scale.model import build_model
+from alignvl_scale.model import build_model, build_preprocessing
 from alignvl_scale.towers import set_train_mode
 from alignvl_scale.train import make_decoder, param_groups, parse_args, seed_everything
 
@@ -29,7 +29,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(cfg.seed)
     model = build_model(cfg, rank)
-    stream = TrainStream(cfg.data, make_decoder(cfg, model), rank, world, cfg.seed)
+    stream = TrainStream(cfg.data, make_decoder(cfg, build_preprocessing(cfg)), rank, world, cfg.seed)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=tuple(cfg.train.betas), eps=cfg.train.eps)
@@ -43,7 +43,7 @@ def main() -> None:
             batches = iter(stream)
             continue
         u, v, scale = ddp(batch)
-        loss = align_vl_loss(u, v, scale, cfg.loss.smoothing, cfg.loss.chunk_size)
+        loss = align_vl_loss(u, v, scale, cfg.loss.smoothing, cfg.loss.chunk_size, cfg.loss.matmul_precision)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()

@@ -58,3 +58,12 @@ def test_loss_bench_times_plain_and_fused_side_by_side(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["mode"], r["world"]) for r in rows} >= {("plain", 1), ("chunked", 1), ("plain", 2), ("chunked", 2)}
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows), rows
+
+
+def test_train_bench_runs_the_ddp_baseline_and_a_zero_stage(tmp_path):
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, "benchmarks/train_bench.py", "--steps", "20", "--repeats", "1",
+                           "--worlds", "1", "--stages", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "torch DDP" in proc.stdout and "alignvl ZeRO-1" in proc.stdout
