@@ -18,7 +18,8 @@ from alignvl_scale.engine import free_port
 from alignvl_scale.synthetic import make_tiny_towers, write_feature_shards, write_image_shards
 
 # Documented in docs/demo.md; they change only with the emoji package's data.
-DEMO_COUNTS = {"train": 1522, "test": 392, "not_in_font": 9}
+DEMO_COUNTS = {"train": 1522, "test": 392, "not_in_font": 9, "zeroshot_group_classes": 9,
+               "zeroshot_subgroup_classes": 86}
 
 
 def test_demo_data_builder_yields_its_documented_counts(tmp_path):
@@ -30,7 +31,11 @@ def test_demo_data_builder_yields_its_documented_counts(tmp_path):
     assert entries["❤️"] == ["red heart", "heart"] and entries["😀"][0] == "grinning face"
     test_share = sum(map(is_test, entries)) / len(entries)
     assert 0.15 < test_share < 0.25  # split by emoji, about TEST_FRACTION held out
-    assert build_demo_data(tmp_path) == {k: v for k, v in DEMO_COUNTS.items() if k != "not_in_font"}
+    assert build_demo_data(tmp_path) == {"train": 1522, "test": 392}  # present: not built again
+    from alignvl_scale.zeroshot import load_zero_shot_set
+    group = load_zero_shot_set(tmp_path / "zeroshot_group")
+    assert "smileys and emotion" in group.classes and len(group.images) == 390  # held-out emoji with a group
+    assert group.templates == ["an emoji of {}.", "a {} emoji."]
 
 
 def feature_config(tmp_path: Path, train: Path, test: Path) -> Path:
