@@ -52,6 +52,7 @@ class AlignVLHFModel(PreTrainedModel):
         head = build_model(_feature_config(run, towers)).head
         self.alignvl = AlignVLModel(head, *towers)
         self.alignvl.eval()
+        self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """The weights always come from the export."""

@@ -18,7 +18,15 @@ def test_wheel_ships_its_configs_and_trains_outside_the_source_tree(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
                     str(ROOT)], check=True, capture_output=True, timeout=300)
     wheel = next(dist.glob("alignvl_scale-*.whl"))
-    site = tmp_path / "site"
+    # A fresh venv holding the wheel; its dependencies (torch, deepspeed, ...) are borrowed
+    # from this environment's site-packages through a .pth path entry, where the editable
+    # install's own .pth files are not read: alignvl_scale can only come from the wheel.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "borrowed_dependencies.pth").write_text(str(Path(yaml.__file__).parents[1]) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     shipped = {p.relative_to(site / "alignvl_scale").as_posix() for p in (site / "alignvl_scale").rglob("*")
@@ -36,12 +44,13 @@ def test_wheel_ships_its_configs_and_trains_outside_the_source_tree(tmp_path):
                   "text_tower": {"name": towers["bert"], "max_length": 16}, "embed_dim": 16},
         "data": {"train": [str(tmp_path / "train")], "batch_size": 4, "workers": 1, "image_size": 16},
         "train": {"steps": 4, "log_every": 2}, "engine": {"ds_config": "zero1"}, "run_dir": str(foreign / "run")}))
-    env = {**os.environ, "PYTHONPATH": str(site), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    where = subprocess.run([sys.executable, "-c", "import alignvl_scale, alignvl_scale.demo as d; "
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
+    where = subprocess.run([str(python), "-c", "import alignvl_scale, alignvl_scale.demo as d; "
                             "print(alignvl_scale.__file__); print(d.DEMO_CONFIG.is_file())"],
                            cwd=foreign, env=env, capture_output=True, text=True, check=True)
     assert where.stdout.split() == [str(site / "alignvl_scale" / "__init__.py"), "True"]
-    proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config)],
+    proc = subprocess.run([str(python), "-m", "alignvl_scale.cli", "train", "--config", str(config)],
                           cwd=foreign, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ZeRO stage 1" in proc.stdout
