@@ -170,7 +170,9 @@ def prepare_features(out: Path, config: Path = DEMO_CONFIG) -> None:
 
     counts = build_demo_data(out / "shards")
     print(f"[demo] data: {counts['train']} train / {counts['test']} held-out emoji in {out / 'shards'}")
-    cfg = load_config(config, demo_overrides(out))
+    # The towers read images and captions here: an image-text view of the run's config (a
+    # features config would look for the feature manifest this step writes).
+    cfg = load_config(config, [*demo_overrides(out), "data.kind=image-text"])
     for split in ("train", "test"):
         if not (out / "features" / split / MANIFEST).exists():
             extract(cfg, [str(out / "shards" / split)], out / "features" / split)

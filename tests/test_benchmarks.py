@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,7 @@ def test_loss_bench_times_plain_and_fused_side_by_side(tmp_path):
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows), rows
 
 
+@pytest.mark.slow
 def test_train_bench_runs_the_ddp_baseline_and_a_zero_stage(tmp_path):
     out = tmp_path / "train.json"
     proc = subprocess.run([sys.executable, "benchmarks/train_bench.py", "--steps", "20", "--repeats", "1",

@@ -129,3 +129,17 @@ def test_extract_then_cached_training_then_eval(tmp_path):
     raw = export_and_eval(run_dir, tmp_path, tmp_path / "test")
     for key in ("i2t_R@5", "t2i_R@5"):
         assert raw[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=13), key
+
+
+def test_demo_extracts_with_an_image_text_view_of_its_config(tmp_path, monkeypatch):
+    """`alignvl-scale demo` on a fresh machine: extraction runs before any feature manifest
+    exists, so it must not build the features config's preprocessing (which needs one)."""
+    import alignvl_scale.demo as demo
+    import alignvl_scale.extract as extract
+    from alignvl_scale.model import build_preprocessing
+
+    seen = []
+    monkeypatch.setattr(demo, "build_demo_data", lambda out: {"train": 1, "test": 1})
+    monkeypatch.setattr(extract, "extract", lambda cfg, specs, out: seen.append((cfg, build_preprocessing(cfg))))
+    demo.prepare_features(tmp_path)
+    assert [cfg.data.kind for cfg, _ in seen] == ["image-text", "image-text"]

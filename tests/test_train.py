@@ -157,7 +157,8 @@ def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder,
     assert "## Final evaluation" in card and "i2t_R@1" in card and "## Run config" in card
 
 
-def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: Path | None = None) -> dict:
+def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: Path | None = None,
+                    hf: bool = True) -> dict:
     """`alignvl-scale export` of the run's latest checkpoint, then `alignvl-scale eval` on it."""
     export_dir = tmp_path / "export"
     checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
@@ -180,7 +181,8 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: P
     assert one.shape[0] == 1 and torch.equal(one, encoder.encode_texts(["a cat"]))
     (tmp_path / "cat.png").write_bytes(png_bytes(7))
     assert encoder.encode_images(tmp_path / "cat.png").shape == one.shape
-    assert_hf_export_equals_the_encoder(checkpoint, tmp_path / "hf", encoder, tmp_path / "cat.png")
+    if hf:
+        assert_hf_export_equals_the_encoder(checkpoint, tmp_path / "hf", encoder, tmp_path / "cat.png")
     results = json.loads((tmp_path / "eval.json").read_text())
     zero_shot_results = results.get(f"zeroshot:{zero_shot}", {})
     return {**results[str(eval_data)], **{f"zeroshot_{k}": v for k, v in zero_shot_results.items()}}
@@ -209,7 +211,9 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     summary = json.loads((run_dir / "summary.json").read_text())
 
     # Export this stage's checkpoint; the exported model reproduces the run's eval numbers.
-    exported = export_and_eval(run_dir, tmp_path, assets[0] / "eval", assets[0] / "zs")
+    # The HF-format export on the BERT/fp32 and the Llama/bf16 default cells (ZeRO 1 and 2).
+    exported = export_and_eval(run_dir, tmp_path, assets[0] / "eval", assets[0] / "zs",
+                               hf=(launcher, stage) in {("torchrun", 1), ("deepspeed", 2)})
     tolerance = 1e-9 if precision == "fp32" else 15.0  # bf16 training vs fp32 inference may swap near-ties
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
         assert exported[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=tolerance), key
