@@ -76,31 +76,30 @@ def _as_pil(image) -> Image.Image:
     return image
 
 
-def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:
+def _encode_all(encoder: Encoder, images: list, texts: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (on CPU) of every image and every text, in eval mode, the work split over
+    ranks (`encode_sharded`)."""
     was_training = encoder.model.training
     set_train_mode(encoder.model, False)
     try:
-        images = encode_sharded(len(evalset.images),
-                                lambda idx: encoder.encode_images([evalset.images[i] for i in idx]), batch_size)
-        texts = encode_sharded(len(evalset.texts),
-                               lambda idx: encoder.encode_texts([evalset.texts[i] for i in idx]), batch_size)
+        image_emb = encode_sharded(len(images), lambda idx: encoder.encode_images([images[i] for i in idx]),
+                                   batch_size)
+        text_emb = encode_sharded(len(texts), lambda idx: encoder.encode_texts([texts[i] for i in idx]), batch_size)
     finally:
         set_train_mode(encoder.model, was_training)
-    return retrieval_metrics(images.cpu(), texts.cpu(), torch.tensor(evalset.caption_to_image))
+    return image_emb.cpu(), text_emb.cpu()
+
+
+def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:
+    images, texts = _encode_all(encoder, evalset.images, evalset.texts, batch_size)
+    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image))
 
 
 def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> dict[str, float]:
     """top1/top5 accuracy of the zero-shot set (see zeroshot.py); every rank runs every forward."""
     prompts = [template.format(name) for name in zs.classes for template in zs.templates]  # class-major
-    was_training = encoder.model.training
-    set_train_mode(encoder.model, False)
-    try:
-        images = encode_sharded(len(zs.images), lambda idx: encoder.encode_images([zs.images[i] for i in idx]),
-                                batch_size)
-        texts = encode_sharded(len(prompts), lambda idx: encoder.encode_texts([prompts[i] for i in idx]), batch_size)
-    finally:
-        set_train_mode(encoder.model, was_training)
-    return zero_shot_accuracy(images.cpu(), class_embeddings(texts.cpu(), len(zs.classes)), torch.tensor(zs.labels))
+    images, texts = _encode_all(encoder, zs.images, prompts, batch_size)
+    return zero_shot_accuracy(images, class_embeddings(texts, len(zs.classes)), torch.tensor(zs.labels))
 
 
 def evaluate_specs(encoder: Encoder, specs: list[str], batch_size: int,

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from alignvl_scale.checkpoint import TAG, weights_only_loads
+from alignvl_scale.checkpoint import TAG, step_of, weights_only_loads
 from alignvl_scale.config import RunConfig, config_from_dict
 from alignvl_scale.evaluate import Encoder
 from alignvl_scale.model import build_model, build_preprocessing, build_towers
@@ -90,7 +90,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, trust: bool = False) -> P
         model = AlignVLModel(encoder.model.head, encoder.image_tower, encoder.text_tower)
         summary_path = checkpoint.parent.parent / SUMMARY
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        if summary and f"step_{summary.get('step', -1):08d}" != checkpoint.name:
+        if summary and summary.get("step") != step_of(checkpoint):
             summary = None  # the run's final numbers are not this checkpoint's
         out.mkdir(parents=True, exist_ok=True)
         return save_hf(model, read_run_config(checkpoint), encoder.preprocessing, out, summary)

@@ -59,14 +59,20 @@ def counted_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, counter.get_total_flops()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux VmHWM; reset by writing 5 to
+    /proc/self/clear_refs)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """This rank's peak: allocated CUDA memory, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    return peak_rss_bytes() / 2**30
 
 
 def throughput_scalars(flops_per_step: int | None, steps: int, elapsed: float,

@@ -51,7 +51,7 @@ from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
 from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError, claim_run_dir
 from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warnings
-from alignvl_scale.zeroshot import load_zero_shot_set
+from alignvl_scale.zeroshot import load_zero_shot_set, zero_shot_layout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,7 +162,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(self.device, cfg.train.peak_tflops)
         self.profiler = StepProfiler(self.run_dir / PROFILE, cfg.train.profile_start, cfg.train.profile_steps,
                                      self.rank, self.device)
-        self.eval_cache: dict = {}
+        self.eval_cache: dict = {}  # retrieval sets by spec
+        self.zero_shot_cache: dict = {}  # zero-shot sets by folder
         self.encoder = Encoder(self.model, preprocessing, self.device, self.dtype)  # features: no preprocessing
 
     # -- state -----------------------------------------------------------------------------
@@ -297,9 +298,9 @@ class Trainer:
             name = Path(spec).stem if len(results) > 1 else ""
             flat.update({f"eval/{name + '/' if name else ''}{k}": v for k, v in metrics.items()})
         for folder in evals.zero_shot:
-            if folder not in self.eval_cache:
-                self.eval_cache[folder] = load_zero_shot_set(folder)
-            accuracy = evaluate_zero_shot(self.encoder, self.eval_cache[folder], evals.batch_size)
+            if folder not in self.zero_shot_cache:
+                self.zero_shot_cache[folder] = load_zero_shot_set(folder)
+            accuracy = evaluate_zero_shot(self.encoder, self.zero_shot_cache[folder], evals.batch_size)
             flat.update({f"eval/zeroshot/{Path(folder).name}/{k}": v for k, v in accuracy.items()})
         self.logger.scalars(self.step, flat)
         shown = {k.removeprefix("eval/").removeprefix("zeroshot/"): v for k, v in flat.items()
@@ -427,7 +428,7 @@ def check_inputs(cfg: RunConfig) -> None:
         else:
             resolve_spec(spec)
     for folder in cfg.eval.zero_shot:
-        load_zero_shot_set(folder)  # folders, class and template files: checked before launch
+        zero_shot_layout(folder)  # folders, class and template files (its images are read at the first eval)
     if cfg.data.kind != "features":
         for modality in ("image", "text"):
             check_tower_source(getattr(cfg.model, f"{modality}_tower"), f"model.{modality}_tower")

@@ -40,10 +40,11 @@ def _lines(path: Path) -> list[str]:
     return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_zero_shot_set(folder: str | Path, classes_file: str | Path | None = None,
-                       templates_file: str | Path | None = None, limits: DecodeLimits | None = None) -> ZeroShotSet:
-    """The set in `folder`; classes_file / templates_file override the folder's own files."""
-    folder, limits = Path(folder), limits or DecodeLimits()
+def zero_shot_layout(folder: str | Path, classes_file: str | Path | None = None,
+                     templates_file: str | Path | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(class subfolders, class names, templates) of the set in `folder`, checked, without
+    reading an image (what a launch checks before any process group)."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: zero-shot set must be a folder with one subfolder per class")
     classes_path = Path(classes_file) if classes_file else folder / CLASSES_FILE
@@ -67,6 +68,14 @@ def load_zero_shot_set(folder: str | Path, classes_file: str | Path | None = Non
     if len(subfolders) < 2 or missing:
         raise DataSourceError(f"{folder}: needs at least 2 class subfolders" + (f"; missing {missing[:3]}" if missing
                                                                                  else ""))
+    return subfolders, names, templates
+
+
+def load_zero_shot_set(folder: str | Path, classes_file: str | Path | None = None,
+                       templates_file: str | Path | None = None, limits: DecodeLimits | None = None) -> ZeroShotSet:
+    """The set in `folder`; classes_file / templates_file override the folder's own files."""
+    folder, limits = Path(folder), limits or DecodeLimits()
+    subfolders, names, templates = zero_shot_layout(folder, classes_file, templates_file)
     out = ZeroShotSet(classes=names, templates=templates)
     for label, sub in enumerate(subfolders):
         for path in sorted((folder / sub).iterdir()):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from alignvl_scale.engine import free_port
 from alignvl_scale.loss import align_vl_loss
+from alignvl_scale.perf import peak_rss_bytes
 
 GIB = 2**30
 # Live B x N fp32 buffers at the peak of the plain loss and of ClipLoss (logits and
@@ -56,13 +57,6 @@ def clip_loss_class():
         return module.ClipLoss
 
 
-def _peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not in /proc/self/status")
-
-
 def _reset_peak(device: torch.device) -> int:
     """Reset the peak counter; return the baseline the peak is measured above."""
     if device.type == "cuda":
@@ -70,11 +64,11 @@ def _reset_peak(device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
     Path("/proc/self/clear_refs").write_text("5")
-    return _peak_rss_bytes()
+    return peak_rss_bytes()
 
 
 def _peak(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
 
 
 def make_loss(mode: str, args: argparse.Namespace, rank: int, world: int):

@@ -209,6 +209,7 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     assert logged(run_dir, "train/contrastive_batch")[30] == 8
     assert REQUIRED_SCALARS <= tensorboard_tags(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_images"] == 16  # the retrieval set's (not the zero-shot set's too)
 
     # Export this stage's checkpoint; the exported model reproduces the run's eval numbers.
     # The HF-format export on the Llama/bf16 cell (ViT + BERT: test_demo's export).

@@ -3,6 +3,7 @@ are package data, found by name, and a tiny training runs from it in a foreign f
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_its_configs_and_trains_outside_the_source_tree(tmp_path):
+    # Built from a copy of the tracked files: an in-tree build would leave build/ in the
+    # checkout, whose stale modules a later wheel could pick up.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():
+            target.symlink_to(os.readlink(ROOT / name))
+        else:
+            shutil.copy2(ROOT / name, target)
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     wheel = next(dist.glob("alignvl_scale-*.whl"))
     # A fresh venv holding the wheel; its dependencies (torch, deepspeed, ...) are borrowed
     # from this environment's site-packages through a .pth path entry, where the editable
