@@ -1,151 +1,367 @@
-"""`alignvl-scale ablate`: the seed's two studies, several seeds each.
+"""`alignvl-scale ablate STUDY.yaml`: a study of Align-VL's knobs, several seeds per setting,
+reported as paired differences to the study's baseline.
 
-Settings (each x seeds):
-- baseline: sigma = 0, alpha = 0 (FuseMix-style adapters, plain CLIP loss)
-- Study 1, Random Perturbation: sigma in {0.01, 0.05, 0.1, 0.5}, alpha = 0; sigma = 0.01 is
-  the paper's default
-- Study 2, Embedding Smoothing: alpha in {0.1, 0.2, 0.5, 0.8}, sigma = 0.01 (the paper's
-  level; its alpha = 0 point is the paper default above)
+A study file (configs/studies/ ships the seed's two studies, caption noise and a sigma x
+alpha grid) names:
+    config: demo.yaml        # the base run config: a path next to the study, or a shipped name
+    overrides: [model.mixup=fusemix]   # for every run
+    seeds: 3                 # seeds 0..seeds-1, the same for every setting (so runs pair up)
+    epochs: 30               # train.epochs of every run
+    baseline: {sigma: 0, alpha: 0}     # axis values of the reference setting
+    grid: {sigma: [0.01, 0.05, 0.1, 0.5]}   # the settings: baseline + every point of the grid
+    compare_within: [caption_noise]    # optional: each setting's reference is the baseline at
+                                       # the setting's value of these axes
+The axes (AXES) are sigma, noise_mode, alpha, mixup, caption_noise and train_fraction; a grid
+point changes the axes it names and keeps the baseline's other values.
 
 Every run is the real trainer in its own process (`alignvl-scale train`), on features
-extracted once and reused. A run whose summary exists is not run again, so an interrupted
-ablation picks up where it stopped. Writes OUT/results.csv (one row per run),
-OUT/results.md (mean +- std per setting), OUT/r_at_k_vs_sigma.png, OUT/r_at_k_vs_alpha.png,
-and each run's TensorBoard hparams entry under OUT/runs/.
+extracted once. Runs live in OUT/runs/<setting>-seed<k>, shared by the studies that use the
+same base, and a run whose summary exists is not run again: an interrupted study picks up
+where it stopped, and a setting common to two studies runs once. Per study, in OUT/<name>/:
+results.csv (one row per run: axes, seed, R@K, calibration), results.md (the tables),
+paired_differences.png, and each run keeps its TensorBoard hparams entry.
+
+Paired statistics: seeds are shared across settings (same initial weights, data order and
+noise draws), so each setting's per-seed difference to the baseline, d_s = m(setting, s) -
+m(baseline, s), cancels the seed-to-seed spread the settings share. The report gives the
+mean of d and its 95% t-interval over seeds, and marks a difference distinguishable from
+zero when that interval excludes 0.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignvl_scale.metrics import DIRECTIONS, RECALL_KEYS, RECALL_KS, recall_key
+import yaml
+
+from alignvl_scale.config import CONFIGS, ConfigError, load_config
+from alignvl_scale.metrics import CALIBRATION_KEYS, RECALL_KEYS
 from alignvl_scale.rundir import SUMMARY
 
-METRICS = RECALL_KEYS
-SIGMAS = (0.01, 0.05, 0.1, 0.5)
-ALPHAS = (0.1, 0.2, 0.5, 0.8)
-PAPER_SIGMA = 0.01
+STUDIES = CONFIGS / "studies"
+# Axis -> the run config key it sets, and its value when neither baseline nor grid names it.
+AXES = {"sigma": ("model.noise_sigma", 0.0), "noise_mode": ("model.noise_mode", "absolute"),
+        "alpha": ("loss.smoothing", 0.0), "mixup": ("model.mixup", "fusemix"),
+        "caption_noise": ("data.caption_noise", 0.0), "train_fraction": ("data.train_fraction", 1.0)}
+METRICS = RECALL_KEYS + CALIBRATION_KEYS
+PAIRED = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_ece", "t2i_ece", "i2t_nll", "t2i_nll")
+STUDY_KEYS = {"name", "description", "config", "overrides", "seeds", "epochs", "baseline", "grid", "compare_within"}
+
+
+def _axis_value(axis: str, value: object) -> object:
+    """Numbers as floats (sigma 0 and 0.0 are one setting); YAML's bare `off` (a boolean) as "off"."""
+    default = AXES[axis][1]
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"study axis {axis}: must be a number, got {value!r}")
+        return float(value)
+    return "off" if value is False else str(value)
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
 class Setting:
+    """One point of a study: a value for every axis."""
+
+    values: tuple[tuple[str, object], ...]  # (axis, value) in AXES order
+
+    @classmethod
+    def of(cls, values: dict) -> Setting:
+        return cls(tuple((axis, _axis_value(axis, values.get(axis, default)))
+                         for axis, (_, default) in AXES.items()))
+
+    def __getitem__(self, axis: str):
+        return dict(self.values)[axis]
+
+    def overrides(self) -> list[str]:
+        return [f"{AXES[axis][0]}={value}" for axis, value in self.values]
+
+    def slug(self) -> str:
+        return "-".join(f"{axis}{_shown(value)}" for axis, value in self.values)
+
+    def name(self, baseline: Setting) -> str:
+        changed = [f"{axis}={_shown(value)}" for (axis, value), (_, base) in zip(self.values, baseline.values,
+                                                                                 strict=True) if value != base]
+        return ", ".join(changed) or "baseline"
+
+
+@dataclass
+class Study:
     name: str
-    study: str  # baseline | sigma | alpha
-    sigma: float
-    alpha: float
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+    seeds: int = 3
+    epochs: int | None = None
+    baseline: Setting = field(default_factory=lambda: Setting.of({}))
+    grid: dict[str, list] = field(default_factory=dict)
+    description: str = ""
+    compare_within: list[str] = field(default_factory=list)
+
+    def reference(self, setting: Setting) -> Setting:
+        """What `setting` is compared with: the baseline, at its values of compare_within."""
+        return Setting.of({**dict(self.baseline.values), **{a: setting[a] for a in self.compare_within}})
+
+    def settings(self) -> list[Setting]:
+        """The baseline, every grid point (in grid order) and the reference each point is
+        compared with; repeats dropped."""
+        base = dict(self.baseline.values)
+        points = [Setting.of({**base, **dict(zip(self.grid, combo, strict=True))})
+                  for combo in itertools.product(*self.grid.values())]
+        return list(dict.fromkeys([self.baseline, *(s for p in points for s in (self.reference(p), p))]))
+
+    def run_overrides(self) -> list[str]:
+        return [*self.overrides, *([f"train.epochs={self.epochs}", "train.steps=null"] if self.epochs else [])]
 
 
-def default_grid(sigmas=SIGMAS, alphas=ALPHAS) -> list[Setting]:
-    grid = [Setting("baseline", "baseline", 0.0, 0.0)]
-    grid += [Setting(f"sigma={s:g}" + (" (paper default)" if s == PAPER_SIGMA else ""), "sigma", s, 0.0)
-             for s in sigmas]
-    grid += [Setting(f"alpha={a:g}", "alpha", PAPER_SIGMA, a) for a in alphas]
-    return grid
+def load_study(path: str | Path, seeds: int | None = None) -> Study:
+    """A study file, checked before anything runs: unknown keys and axes are named."""
+    path = Path(path)
+    if not path.exists() and (STUDIES / Path(path).with_suffix(".yaml").name).exists():
+        path = STUDIES / Path(path).with_suffix(".yaml").name  # a shipped study by name: `ablate sigma`
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"study {path}: {exc.strerror}") from None
+    unknown = set(raw) - STUDY_KEYS
+    if unknown:
+        raise ConfigError(f"study {path}: unknown keys {sorted(unknown)} (known: {sorted(STUDY_KEYS)})")
+    for key in ("baseline", "grid", "compare_within"):
+        bad = set(raw.get(key) or {}) - set(AXES)
+        if bad:
+            raise ConfigError(f"study {path}: {key} names unknown axes {sorted(bad)} (axes: {', '.join(AXES)})")
+    grid = {axis: values if isinstance(values, list) else [values] for axis, values in (raw.get("grid") or {}).items()}
+    config = Path(raw.get("config", "demo.yaml"))
+    config = next((p for p in (path.parent / config, CONFIGS / config) if p.exists()), config)
+    study = Study(raw.get("name", path.stem), config, list(raw.get("overrides") or []), seeds or raw.get("seeds", 3),
+                  raw.get("epochs"), Setting.of(raw.get("baseline") or {}), grid, raw.get("description", ""),
+                  list(raw.get("compare_within") or []))
+    if study.seeds < 2:
+        raise ConfigError(f"study {path}: seeds must be >= 2 for an interval over seeds, got {study.seeds}")
+    return study
 
 
-def run_one(config: Path, overrides: list[str], setting: Setting, seed: int, out: Path) -> dict:
-    run_dir = out / "runs" / f"{setting.study}-sigma{setting.sigma:g}-alpha{setting.alpha:g}-seed{seed}"
+def check_runs(study: Study, overrides: list[str]) -> None:
+    """Every setting's run config loads and validates, before the first run starts."""
+    for setting in study.settings():
+        load_config(study.config, [*study.run_overrides(), *overrides, *setting.overrides()])
+
+
+def run_dir_of(out: Path, study: Study, overrides: list[str], setting: Setting, seed: int) -> Path:
+    """Runs of the same base (config file, overrides, epochs) and setting are shared by studies."""
+    base = json.dumps([str(study.config.resolve()), study.run_overrides(), overrides])
+    return out / "runs" / f"{setting.slug()}-{hashlib.sha1(base.encode()).hexdigest()[:8]}-seed{seed}"
+
+
+def run_one(study: Study, overrides: list[str], setting: Setting, seed: int, out: Path, threads: int) -> dict:
+    run_dir = run_dir_of(out, study, overrides, setting, seed)
     summary = run_dir / SUMMARY
     if not summary.exists():
-        cmd = [sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config), *overrides,
-               f"model.noise_sigma={setting.sigma}", f"loss.smoothing={setting.alpha}", f"seed={seed}",
-               f"run_dir={run_dir}", "eval.every=0", "train.log_every=1000000",
-               "--overwrite"]  # no summary: a cell that died earlier starts over
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(study.config),
+               *study.run_overrides(), *overrides, *setting.overrides(), f"seed={seed}", f"run_dir={run_dir}",
+               "eval.every=0", "train.log_every=1000000", "--overwrite"]  # no summary: a cell that died starts over
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 and not summary.exists():
             raise RuntimeError(f"ablation run {run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    evaluation = json.loads(summary.read_text())["eval"]
-    return {"setting": setting.name, "study": setting.study, "sigma": setting.sigma, "alpha": setting.alpha,
-            "seed": seed, **{m: evaluation[f"eval/{m}"] for m in METRICS}}
+    result = json.loads(summary.read_text())
+    evaluation = result["eval"]
+    return {"setting": setting.name(study.baseline), **dict(setting.values), "seed": seed,
+            **{m: evaluation[f"eval/{m}"] for m in METRICS},
+            "noisy_captions": result["data"].get("noisy_captions", 0), "good_samples": result["data"]["good"],
+            "run_dir": str(run_dir)}
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and sample std over seeds, per setting, in grid order."""
+# Two-sided 95% Student t quantiles, t_{0.975, df}, df = 1..30; beyond, the Cornish-Fisher expansion.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_interval(values: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """(mean difference, 95% interval low, high) of the per-seed differences values[s] -
+    baseline[s]: mean +- t_{0.975, n-1} x sd / sqrt(n)."""
+    diffs = [v - b for v, b in zip(values, baseline, strict=True)]
+    if len(diffs) < 2:
+        raise ValueError("a paired interval needs at least 2 seeds")
+    mean = statistics.fmean(diffs)
+    half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def summarize(rows: list[dict], study: Study) -> list[dict]:
+    """Per setting: mean and std over seeds of every metric, and the paired difference to its
+    reference (`Study.reference`, same seeds) with its 95% interval for the PAIRED metrics."""
+    by_setting: dict[Setting, dict[int, dict]] = {}
+    for row in rows:
+        by_setting.setdefault(Setting.of(row), {})[row["seed"]] = row
     out = []
-    for name in dict.fromkeys(r["setting"] for r in rows):
-        runs = [r for r in rows if r["setting"] == name]
-        entry = {k: runs[0][k] for k in ("setting", "study", "sigma", "alpha")} | {"seeds": len(runs)}
+    for setting, runs in by_setting.items():
+        seeds = sorted(runs)
+        reference = study.reference(setting)
+        entry = {"setting": setting.name(study.baseline), **dict(setting.values), "seeds": len(seeds),
+                 "reference": None if reference == setting else reference.name(study.baseline)}
         for m in METRICS:
-            values = [r[m] for r in runs]
-            entry[m] = statistics.fmean(values)
-            entry[m + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            values = [runs[s][m] for s in seeds]
+            entry[m], entry[m + "_std"] = statistics.fmean(values), statistics.stdev(values)
+        if entry["reference"] is not None:
+            base = by_setting[reference]
+            for m in PAIRED:
+                entry[m + "_diff"] = paired_interval([runs[s][m] for s in seeds], [base[s][m] for s in seeds])
+        entry["noisy_fraction"] = statistics.fmean(runs[s]["noisy_captions"] / runs[s]["good_samples"] for s in seeds)
         out.append(entry)
     return out
 
 
-def markdown_table(summary: list[dict]) -> str:
-    header = "| setting | sigma | alpha | seeds | " + " | ".join(METRICS) + " |"
-    lines = [header, "|" + "---|" * (4 + len(METRICS))]
-    for s in summary:
-        cells = " | ".join(f"{s[m]:.1f} ± {s[m + '_std']:.1f}" for m in METRICS)
-        lines.append(f"| {s['setting']} | {s['sigma']:g} | {s['alpha']:g} | {s['seeds']} | {cells} |")
-    return "\n".join(lines) + "\n"
+def _sigma_cell(entry: dict, rms: dict[str, float] | None) -> str:
+    """sigma as given, and in the other unit where the feature RMS is known (image / text)."""
+    sigma = entry["sigma"]
+    if entry["noise_mode"] == "relative":
+        if not rms or not sigma:
+            return f"{sigma:g} x RMS"
+        return f"{sigma:g} x RMS (abs {sigma * rms['image']:.3g} / {sigma * rms['text']:.3g})"
+    if not rms or not sigma:
+        return f"{sigma:g}"
+    return f"{sigma:g} (rel {sigma / rms['image']:.3g} / {sigma / rms['text']:.3g})"
 
 
-def plot(summary: list[dict], out: Path) -> list[Path]:
+def markdown_tables(summary: list[dict], study: Study, rms: dict[str, float] | None) -> str:
+    varied = [a for a in AXES if a != "sigma" and len({s[a] for s in summary}) > 1]
+    fixed = ", ".join(f"{a}={summary[0][a]}" for a in AXES if a != "sigma" and a not in varied)
+    head = ["setting", "sigma" + (" (rel img / txt)" if rms else ""), *varied, "seeds"]
+
+    def row(s: dict, cells: list[str]) -> str:
+        return "| " + " | ".join([s["setting"], _sigma_cell(s, rms), *(str(s[a]) for a in varied), str(s["seeds"]),
+                                  *cells]) + " |"
+
+    def table(title: str, columns: list[str], cells) -> list[str]:
+        return [title, "", "| " + " | ".join(head + columns) + " |", "|" + "---|" * (len(head) + len(columns)),
+                *(row(s, cells(s)) for s in summary), ""]
+
+    lines = [f"Fixed: {fixed}; {summary[0]['seeds']} seeds per setting." if fixed else "", ""]
+    lines += table("Retrieval, R@K in % (mean ± std over seeds):", RECALL_KEYS,
+                   lambda s: [f"{s[m]:.1f} ± {s[m + '_std']:.1f}" for m in RECALL_KEYS])
+    lines += table("Calibration at the learned temperature (ECE and confidence in %, NLL in nats; mean ± std):",
+                   CALIBRATION_KEYS, lambda s: [f"{s[m]:.2f} ± {s[m + '_std']:.2f}" for m in CALIBRATION_KEYS])
+
+    def diff(s: dict, m: str) -> str:
+        if s["reference"] is None:
+            return "(reference)"
+        mean, low, high = s[m + "_diff"]
+        mark = " *" if low > 0 or high < 0 else ""
+        return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}"
+
+    within = f" at the same {', '.join(study.compare_within)}" if study.compare_within else ""
+    lines += table(f"Paired difference to the baseline{within}, mean [95% t-interval over seeds]; * = the interval "
+                   "excludes 0:", list(PAIRED), lambda s: [diff(s, m) for m in PAIRED])
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], study: Study, path: Path) -> Path:
+    """Paired differences with their 95% intervals, one panel per metric, one point per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {
-        "sigma": [s for s in summary if s["study"] in ("baseline", "sigma")],
-        # alpha = 0 at sigma = 0.01 is the paper default, measured in Study 1
-        "alpha": [s for s in summary if s["study"] == "alpha" or (s["study"] == "sigma" and s["sigma"] == PAPER_SIGMA)],
-    }
-    paths = []
-    for param, points in curves.items():
-        points = sorted(points, key=lambda s: s[param])
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, direction in zip(axes, DIRECTIONS, strict=True):
-            for k in RECALL_KS:
-                key = recall_key(direction, k)
-                ax.errorbar([p[param] for p in points], [p[key] for p in points],
-                            yerr=[p[key + "_std"] for p in points], marker="o", capsize=3, label=f"R@{k}")
-            ax.set_title(f"{'image→text' if direction == 'i2t' else 'text→image'}")
-            ax.set_xlabel(param)
-            if param == "sigma":
-                ax.set_xscale("symlog", linthresh=0.01)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("recall (%)")
-        axes[0].legend()
-        fig.suptitle(f"Held-out retrieval vs {param} (mean ± std over seeds)")
-        fig.tight_layout()
-        path = out / f"r_at_k_vs_{param}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    others = [s for s in summary if s["reference"] is not None]
+    metrics = ("i2t_R@1", "t2i_R@1", "i2t_ece", "t2i_ece")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 1.2 + 0.35 * len(others)), sharey=True)
+    positions = range(len(others))
+    for ax, m in zip(axes, metrics, strict=True):
+        for y, s in zip(positions, others, strict=True):
+            mean, low, high = s[m + "_diff"]
+            ax.errorbar([mean], [y], xerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
+                        color="C3" if low > 0 or high < 0 else "C0")
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_title(f"Δ {m}" + (" (points)" if "R@" in m else " (% points)"))
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(list(positions), [s["setting"] for s in others])
+    axes[0].invert_yaxis()
+    within = f" at the same {', '.join(study.compare_within)}" if study.compare_within else ""
+    fig.suptitle(f"{study.name}: difference to the baseline{within}, mean and 95% interval over {summary[0]['seeds']} "
+                 "paired seeds (red: excludes 0)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def run_ablation(config: Path, overrides: list[str], out: str | Path, seeds: int = 3,
-                 grid: list[Setting] | None = None) -> list[dict]:
+def feature_rms(study: Study, overrides: list[str]) -> dict[str, float] | None:
+    """Mean per-vector RMS of the training features (image, text): what noise_mode relative
+    scales by; None for image-text data (the features exist only inside the towers)."""
+    import random
+
+    import torch
+
+    from alignvl_scale.data.reader import FeatureDecoder, shard_examples
+    from alignvl_scale.data.samples import SkipSample
+    from alignvl_scale.data.shards import resolve_spec
+
+    cfg = load_config(study.config, [*study.run_overrides(), *overrides])
+    if cfg.data.kind != "features":
+        return None
+    sums, count = torch.zeros(2, dtype=torch.float64), 0
+    for spec in cfg.data.train:
+        for shard in resolve_spec(spec):
+            for _, example, _ in shard_examples(shard.url, FeatureDecoder(), 1, random.Random(0)):
+                if not isinstance(example, SkipSample):
+                    sums += torch.stack([x.double().pow(2).mean().sqrt() for x in example])
+                    count += 1
+    return {"image": (sums[0] / count).item(), "text": (sums[1] / count).item()} if count else None
+
+
+def run_study(study: Study, overrides: list[str], out: str | Path, jobs: int = 1) -> list[dict]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = grid or default_grid()
+    (out / study.name).mkdir(parents=True, exist_ok=True)
+    check_runs(study, overrides)
+    cells = [(setting, seed) for setting in study.settings() for seed in range(study.seeds)]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     start, rows = time.perf_counter(), []
-    total = len(grid) * seeds
-    for setting in grid:
-        for seed in range(seeds):
-            rows.append(run_one(config, overrides, setting, seed, out))
-            print(f"[ablate] {len(rows)}/{total} {setting.name} seed {seed}: "
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_one, study, overrides, setting, seed, out, threads) for setting, seed in cells]
+        for future in futures:
+            rows.append(future.result())
+            print(f"[ablate] {study.name} {len(rows)}/{len(cells)} {rows[-1]['setting']} seed {rows[-1]['seed']}: "
                   f"i2t R@1 {rows[-1]['i2t_R@1']:.1f}, t2i R@1 {rows[-1]['t2i_R@1']:.1f}", flush=True)
-    with (out / "results.csv").open("w", newline="") as f:
+    folder = out / study.name
+    with (folder / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = summarize(rows)
-    table = markdown_table(summary)
+    summary = summarize(rows, study)
+    rms = feature_rms(study, overrides)
     minutes = (time.perf_counter() - start) / 60
-    (out / "results.md").write_text(f"{table}\n{total} runs, {minutes:.1f} min.\n")
-    plot(summary, out)
-    print(table)
-    print(f"[ablate] {total} runs in {minutes:.1f} min; results in {out}")
+    rms_line = (f"Training feature RMS (mean per-vector): image {rms['image']:.3f}, text {rms['text']:.3f}; "
+                "'rel' is sigma in units of it.\n" if rms else "")
+    report = (f"# {study.name}\n\n{study.description.strip()}\n\n{markdown_tables(summary, study, rms)}\n{rms_line}"
+              f"{len(cells)} runs ({study.epochs or 'config'} epochs each), {minutes:.1f} min in this call.\n")
+    (folder / "results.md").write_text(report)
+    if any(s["reference"] is not None for s in summary):
+        plot(summary, study, folder / "paired_differences.png")
+    print(report)
+    print(f"[ablate] {study.name}: {len(cells)} runs; results in {folder}")
     return summary

@@ -203,14 +203,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from alignvl_scale.ablate import run_ablation
+    from alignvl_scale.ablate import load_study, run_study
     from alignvl_scale.demo import DEMO_CONFIG, demo_overrides, prepare_features
 
-    overrides = list(args.overrides)
-    if args.config is None:  # the demo's data and towers, features extracted once
-        prepare_features(args.demo_dir)
-        overrides = [*demo_overrides(args.demo_dir), *overrides]
-    run_ablation(args.config or DEMO_CONFIG, overrides, args.out, args.seeds)
+    studies = [load_study(s, args.seeds) for s in args.study or ("sigma", "alpha")]  # every file checked first
+    for study in studies:
+        overrides = list(args.overrides)
+        if study.config.resolve() == DEMO_CONFIG.resolve():  # the demo's data and towers, features extracted once
+            prepare_features(args.demo_dir)
+            overrides = [*demo_overrides(args.demo_dir), *overrides]
+        run_study(study, overrides, args.out, args.jobs)
     return 0
 
 
@@ -262,11 +264,17 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--config", type=Path, help="default: configs/demo.yaml")
     demo.add_argument("overrides", nargs="*", help="section.key=value")
     demo.set_defaults(func=_demo)
-    ablate = sub.add_parser("ablate", help="the sigma and alpha studies, several seeds each")
-    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"), help="runs, results.csv/md and plots")
-    ablate.add_argument("--seeds", type=int, default=3, help="seeds per setting")
-    ablate.add_argument("--config", type=Path, help="a run config with its own data (default: the demo's)")
-    ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the demo data lives")
+    ablate = sub.add_parser("ablate", help="studies of sigma, alpha, mixup, caption noise, training fraction: "
+                            "several paired seeds per setting (alignvl_scale/ablate.py)")
+    ablate.add_argument("--study", action="append", help="a study YAML, or a shipped one by name (configs/studies/: "
+                        "sigma, alpha, caption_noise, sigma_alpha_grid, sigma_relative, mixup, data_efficiency); "
+                        "repeatable; default: sigma and alpha")
+    ablate.add_argument("--out", type=Path, default=Path("runs/ablate"), help="runs, and per study results.csv/md "
+                        "and its plot")
+    ablate.add_argument("--seeds", type=int, help="seeds per setting (default: the study's)")
+    ablate.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
+    ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the demo data lives "
+                        "(studies based on the demo config)")
     ablate.add_argument("overrides", nargs="*", help="section.key=value for every run")
     ablate.set_defaults(func=_ablate)
 

@@ -90,8 +90,12 @@ class ModelConfig:
     """Random Perturbation level sigma (the paper's default 0.01); 0 turns it off."""
     noise_mode: Literal["absolute", "relative"] = "absolute"
     """absolute: N(0, sigma^2) noise; relative: sigma times each feature vector's RMS."""
-    mixup_alpha: float = 0.0
-    """FuseMix latent mixup with lambda ~ Beta(a, a); 0 turns mixup off."""
+    mixup: Literal["off", "fusemix", "permutation"] = "off"
+    """Latent mixup, one lambda ~ Beta(a, a) per batch shared by both modalities. fusemix (FuseMix's, the
+    paper's recipe): the first half of each rank's batch mixed with its second half, B rows -> B / 2;
+    permutation: each row mixed with a row of a random permutation of the batch, B rows stay B."""
+    mixup_alpha: float | None = None
+    """The Beta(a, a) parameter of model.mixup; null: 1.0, FuseMix's (lambda uniform in [0, 1])."""
     image_dim: int | None = None
     """Cached-feature runs: the image tower's output size; null reads it from the feature manifest."""
     text_dim: int | None = None
@@ -104,7 +108,14 @@ class ModelConfig:
         _require(self.adapter_depth >= 0, f"{key}.adapter_depth", ">= 0", self.adapter_depth)
         _require(0 <= self.dropout < 1, f"{key}.dropout", "in [0, 1)", self.dropout)
         _require(self.noise_sigma >= 0, f"{key}.noise_sigma", ">= 0", self.noise_sigma)
-        _require(self.mixup_alpha >= 0, f"{key}.mixup_alpha", ">= 0", self.mixup_alpha)
+        _require(self.mixup_alpha is None or self.mixup_alpha > 0, f"{key}.mixup_alpha", "null or > 0",
+                 self.mixup_alpha)
+        _require(self.mixup_alpha is None or self.mixup != "off", f"{key}.mixup_alpha",
+                 "null while model.mixup is off (set model.mixup: fusemix or permutation)", self.mixup_alpha)
+
+    @property
+    def mixup_beta(self) -> float:
+        return 1.0 if self.mixup_alpha is None else self.mixup_alpha
 
 
 @dataclass
@@ -155,6 +166,14 @@ class DataConfig:
     """Per-channel std of the built-in image normalization."""
     augment_crop_scale: list[float] | None = None
     """Train-time random resized crop: [min, max] area fraction kept (open_clip's default [0.9, 1.0]); null: off."""
+    caption_noise: float = 0.0
+    """Noisy correspondences: this fraction of each training shard's samples get another training sample's
+    caption (a permutation among them), the same samples and captions in every run and seed; 0: off."""
+    caption_noise_seed: int = 0
+    """Which samples data.caption_noise corrupts (independent of the run's seed)."""
+    train_fraction: float = 1.0
+    """Train on this fraction of the samples, the same subset in every run and seed (smaller fractions are
+    subsets of larger ones); an epoch is then that many samples."""
     max_image_bytes: int = DecodeLimits.max_image_bytes
     """Largest encoded image read; larger ones are skipped (oversized_image)."""
     max_image_pixels: int = DecodeLimits.max_image_pixels
@@ -180,6 +199,8 @@ class DataConfig:
             _require(self.mode == "resampled" or len(set(self.train_weights)) == 1, f"{key}.train_weights",
                      "equal unless data.mode is resampled (epoch mode reads each shard once)",
                      self.train_weights)
+        _require(0 <= self.caption_noise <= 1, f"{key}.caption_noise", "in [0, 1]", self.caption_noise)
+        _require(0 < self.train_fraction <= 1, f"{key}.train_fraction", "in (0, 1]", self.train_fraction)
         crop = self.augment_crop_scale
         _require(crop is None or (len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1), f"{key}.augment_crop_scale",
                  "null or [min, max] with 0 < min <= max <= 1", crop)
@@ -360,6 +381,8 @@ class RunConfig:
         _require(not self.eval.zero_shot or self.data.kind != "features", "eval.zero_shot",
                  "empty when data.kind is features (that eval encodes cached features, not images; run "
                  "`alignvl-scale eval --zero-shot` on the export)", self.eval.zero_shot)
+        _require(self.model.mixup != "fusemix" or self.data.batch_size % 2 == 0, "data.batch_size",
+                 "even when model.mixup is fusemix (it mixes the batch's two halves)", self.data.batch_size)
         return self
 
     def to_dict(self) -> dict:
@@ -370,6 +393,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a YAML value against a field's type hint, converting where lossless."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
         if value not in args:
             choices = " or ".join(args) if len(args) == 2 else "one of " + ", ".join(args)
             raise ConfigError(f"{key}: must be {choices}, got {value!r}")

@@ -64,6 +64,11 @@ class Encoder:
                 y = self.text_tower(**tokens)
         return self.model.head.encode_text(y.to(self.device))
 
+    @torch.no_grad()
+    def logit_scale(self) -> float:
+        """The learned 1/temperature (a module call, so ZeRO-3 gathers it on every rank)."""
+        return float(self.model.head.temperature())
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
@@ -92,7 +97,7 @@ def _encode_all(encoder: Encoder, images: list, texts: list, batch_size: int) ->
 
 def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:
     images, texts = _encode_all(encoder, evalset.images, evalset.texts, batch_size)
-    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image))
+    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image), logit_scale=encoder.logit_scale())
 
 
 def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> dict[str, float]:

@@ -107,13 +107,16 @@ def model_card(cfg: RunConfig, summary: dict | None) -> str:
              f"| text tower | `{m.text_tower.name}` ({m.text_tower.pooling} pooling, "
              f"{'trained' if m.text_tower.trainable else 'frozen'}) |",
              f"| adapters | {m.adapter} (depth {m.adapter_depth}) -> {m.embed_dim}-d |",
+             f"| latent mixup | {m.mixup}" + (f", Beta({m.mixup_beta:g}, {m.mixup_beta:g})" if m.mixup != "off" else "")
+             + " |",
              f"| Random Perturbation sigma | {m.noise_sigma} ({m.noise_mode}) |",
              f"| Embedding Smoothing alpha | {cfg.loss.smoothing} |",
              f"| training data | {', '.join(f'`{d}`' for d in cfg.data.train) or '-'} |", ""]
     final = (summary or {}).get("eval", {})
     if final:
         lines += ["## Final evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k.removeprefix('eval/')} | {v:.2f} |" for k, v in final.items() if "R@" in k or "/top" in k]
+        lines += [f"| {k.removeprefix('eval/')} | {v:.2f} |" for k, v in final.items()
+                  if "R@" in k or "/top" in k or k.endswith(("_ece", "_nll"))]
         lines.append("")
     lines += ["## Run config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -52,6 +52,35 @@ def _ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor
     return 1 + better
 
 
+ECE_BINS = 15
+CALIBRATION_KEYS = [f"{d}_{m}" for d in DIRECTIONS for m in ("ece", "nll", "confidence")]
+
+
+def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = ECE_BINS) -> float:
+    """sum over equal-width confidence bins of (bin share) x |accuracy - mean confidence| (Guo
+    et al. 2017), in [0, 1]; a confidence of exactly 1 falls in the last bin."""
+    index = (confidence.double() * bins).long().clamp(max=bins - 1)
+    conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence.double())
+    hits = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct.double())
+    # sum_b (n_b / n) |hits_b / n_b - conf_b / n_b| = sum_b |hits_b - conf_b| / n
+    return ((hits - conf).abs().sum() / max(len(confidence), 1)).item()
+
+
+def _softmax_stats(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, scale: float,
+                   chunk: int) -> tuple[Tensor, Tensor]:
+    """Per query, over the softmax of scale x scores across all keys: (top-1 probability,
+    -log of the probability mass on the query's correct keys). Streamed over key tiles."""
+    lse = torch.full((queries.shape[0],), float("-inf"), dtype=torch.float64, device=queries.device)
+    correct_lse, top = lse.clone(), lse.clone()
+    for start, scores in _score_tiles(queries, keys, chunk):
+        logits = scale * scores.double()
+        correct = query_owner[:, None] == key_owner[None, start:start + chunk]
+        lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
+        correct_lse = torch.logaddexp(correct_lse, logits.masked_fill(~correct, float("-inf")).logsumexp(dim=1))
+        top = torch.maximum(top, logits.amax(dim=1))
+    return (top - lse).exp(), lse - correct_lse
+
+
 def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
     out = {recall_key(prefix, k): (ranks <= k).double().mean().item() * 100 for k in RECALL_KS}
     out[f"{prefix}_mean_rank"] = ranks.double().mean().item()
@@ -61,8 +90,9 @@ def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
 
 @torch.no_grad()
 def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor,
-                      chunk_size: int = 4096) -> dict[str, float]:
-    """R@1/5/10 (in percent), mean and median rank (1-based), both directions.
+                      chunk_size: int = 4096, logit_scale: float | None = None) -> dict[str, float]:
+    """R@1/5/10 (in percent), mean and median rank (1-based), both directions; with
+    `logit_scale` (the model's learned 1/temperature), calibration too.
 
     Args:
         image_emb: (I, d) image embeddings; text_emb: (T, d) caption embeddings (compared by
@@ -70,6 +100,14 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
         caption_to_image: (T,) long, index of each caption's image; every image needs at
             least one caption.
     Keys: i2t_R@1, i2t_R@5, i2t_R@10, i2t_mean_rank, i2t_median_rank, and t2i_* likewise.
+
+    Calibration treats each direction as classification over the whole eval set: a query's
+    prediction is the softmax of logit_scale x its scores over every candidate.
+    - {dir}_confidence: mean top-1 probability, in percent;
+    - {dir}_ece: expected calibration error (ECE_BINS bins), in percent, where a query is
+      correct when its rank is 1 (its R@1 hit, ties against the model);
+    - {dir}_nll: mean -log(probability of the correct candidates; for i2t, the summed
+      probability of the image's captions).
     """
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
     caption_to_image = caption_to_image.to(device=image_emb.device, dtype=torch.long)
@@ -88,4 +126,15 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
                             chunk_size) for s in range(0, n_texts, chunk_size)])
     i2t = torch.cat([_ranks(image_emb[s:s + chunk_size], text_emb, image_ids[s:s + chunk_size], caption_to_image,
                             chunk_size) for s in range(0, n_images, chunk_size)])
-    return {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}
+    out = {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}
+    if logit_scale is not None:
+        for prefix, queries, keys, query_owner, key_owner, ranks in (
+                ("i2t", image_emb, text_emb, image_ids, caption_to_image, i2t),
+                ("t2i", text_emb, image_emb, caption_to_image, image_ids, t2i)):
+            stats = [_softmax_stats(queries[s:s + chunk_size], keys, query_owner[s:s + chunk_size], key_owner,
+                                    logit_scale, chunk_size) for s in range(0, queries.shape[0], chunk_size)]
+            confidence, nll = torch.cat([c for c, _ in stats]), torch.cat([n for _, n in stats])
+            out[f"{prefix}_confidence"] = confidence.mean().item() * 100
+            out[f"{prefix}_ece"] = expected_calibration_error(confidence, ranks == 1) * 100
+            out[f"{prefix}_nll"] = nll.mean().item()
+    return out

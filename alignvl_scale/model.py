@@ -83,22 +83,39 @@ class RandomPerturbation(_Seeded):
 
 
 class LatentMixup(_Seeded):
-    """FuseMix: one lam ~ Beta(a, a) and one permutation per batch, shared by both
-    modalities so that mixed pairs stay pairs. a = 0 turns it off. Training only."""
+    """Latent mixup of paired features: one lam ~ Beta(a, a) per batch, the same lam and the
+    same partner rows for both modalities, so that mixed pairs stay pairs. Training only.
 
-    def __init__(self, alpha: float, seed: int = 0) -> None:
+    - `fusemix` (FuseMix's): rows i and i + B/2 are mixed, B rows -> B/2 mixed pairs. Every
+      input row is in exactly one mixed pair, so no two rows of the contrastive batch share
+      an input.
+    - `permutation`: row i is mixed with row perm(i) of a random permutation; B rows stay B,
+      and each input appears in two mixed rows (a "negative" can share half a positive).
+    - `off`: identity.
+    """
+
+    MODES = ("off", "fusemix", "permutation")
+
+    def __init__(self, mode: str = "off", alpha: float = 1.0, seed: int = 0) -> None:
         super().__init__(seed)
-        if alpha < 0:
-            raise ValueError(f"mixup alpha must be >= 0, got {alpha}")
-        self.alpha = alpha
+        if mode not in self.MODES:
+            raise ValueError(f"mixup mode must be one of {self.MODES}, got {mode!r}")
+        if alpha <= 0:
+            raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+        self.mode, self.alpha = mode, alpha
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.training or self.alpha == 0:
+        if not self.training or self.mode == "off":
             return x, y
         gen = self.generator(x.device)
         # Beta(a, a) as G1 / (G1 + G2) with Gamma(a) draws: torch's Beta takes no generator.
         gammas = torch._standard_gamma(torch.full((2,), float(self.alpha), device=x.device), generator=gen)
         lam = gammas[0] / gammas.sum()
+        if self.mode == "fusemix":
+            if x.shape[0] % 2:
+                raise ValueError(f"fusemix mixup needs an even batch, got {x.shape[0]} rows")
+            (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)
+            return lam * x1 + (1 - lam) * x2, lam * y1 + (1 - lam) * y2
         perm = torch.randperm(x.shape[0], device=x.device, generator=gen)
         return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
@@ -180,12 +197,12 @@ class AlignVLHead(nn.Module):
 
     def __init__(self, image_dim: int, text_dim: int, embed_dim: int, adapter: str = "mlp",
                  adapter_depth: int = 2, dropout: float = 0.1, noise_sigma: float = 0.0,
-                 noise_mode: str = "absolute", mixup_alpha: float = 0.0, seed: int = 0,
+                 noise_mode: str = "absolute", mixup: str = "off", mixup_alpha: float = 1.0, seed: int = 0,
                  rank: int = 0) -> None:
         super().__init__()
         # Three independent streams per rank, each a function of (seed, rank) alone.
         base = 3 * (seed * 1_000_003 + rank)
-        self.mixup = LatentMixup(mixup_alpha, seed=base)
+        self.mixup = LatentMixup(mixup, mixup_alpha, seed=base)
         self.image_noise = RandomPerturbation(noise_sigma, noise_mode, seed=base + 1)
         self.text_noise = RandomPerturbation(noise_sigma, noise_mode, seed=base + 2)
         self.image_adapter = build_adapter(adapter, image_dim, embed_dim, adapter_depth, dropout=dropout)
@@ -275,7 +292,7 @@ def build_model(cfg: RunConfig, rank: int = 0, load_weights: bool = True) -> Ali
         towers = build_towers(cfg, load_weights)
         image_dim, text_dim = towers[0].output_dim, towers[1].output_dim
     head = AlignVLHead(image_dim, text_dim, m.embed_dim, m.adapter, m.adapter_depth, m.dropout, m.noise_sigma,
-                       m.noise_mode, m.mixup_alpha, seed=cfg.seed, rank=rank)
+                       m.noise_mode, m.mixup, m.mixup_beta, seed=cfg.seed, rank=rank)
     return AlignVLModel(head, *towers)
 
 

@@ -282,10 +282,10 @@ class Trainer:
 
     def data_scalars(self) -> dict:
         counts = self.stream.counts
-        totals = all_reduce_floats([counts.good, counts.unsafe_members]
+        totals = all_reduce_floats([counts.good, counts.unsafe_members, counts.noisy_captions]
                                    + [counts.skipped.get(r, 0) for r in SKIP_REASONS])
-        out = {"data/good_samples": totals[0], "data/unsafe_members": totals[1]}
-        out.update({f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[2:], strict=True)})
+        out = {"data/good_samples": totals[0], "data/unsafe_members": totals[1], "data/noisy_captions": totals[2]}
+        out.update({f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[3:], strict=True)})
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -314,10 +314,13 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / CONFIG).write_text(self.config_yaml)
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
-        global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world
+        global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world  # samples read per step
+        contrastive_batch = global_batch // 2 if cfg.model.mixup == "fusemix" else global_batch
         accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
-        self.log(f"{self.world} ranks x {cfg.data.batch_size}{accumulated} = contrastive batch {global_batch}; "
-                 f"{self.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
+        mixed = f"{global_batch} samples mixed in pairs (fusemix) = " if cfg.model.mixup == "fusemix" else ""
+        self.log(f"{self.world} ranks x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch "
+                 f"{contrastive_batch}; {self.total_steps} steps; "
+                 f"ZeRO stage {zero_stage(self.ds_config)}")
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)
@@ -343,7 +346,7 @@ class Trainer:
                         **window.close(global_batch, self.world, self.flops_per_step, self.peak_tflops),
                         "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device)], "max")[0],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "train/contrastive_batch": global_batch, "train/skipped_steps": self.skipped_steps,
+                        "train/contrastive_batch": contrastive_batch, "train/skipped_steps": self.skipped_steps,
                         "train/epoch": self.stream.state.epoch, **self.data_scalars()}
                 self.logger.scalars(self.step, last)
                 progress.set_postfix(loss=f"{last['train/loss']:.4f}")
@@ -358,8 +361,9 @@ class Trainer:
                    "eval_images": sum(len(s.images) for s in self.eval_cache.values()),
                    "data": self.stream.counts.as_dict()}
         self.logger.hparams({"noise_sigma": cfg.model.noise_sigma, "smoothing": cfg.loss.smoothing,
-                             "mixup_alpha": cfg.model.mixup_alpha, "seed": cfg.seed, "lr": cfg.train.lr,
-                             "contrastive_batch": global_batch}, {f"hparams/{k}": v for k, v in final.items()})
+                             "mixup": cfg.model.mixup, "caption_noise": cfg.data.caption_noise,
+                             "train_fraction": cfg.data.train_fraction, "seed": cfg.seed, "lr": cfg.train.lr,
+                             "contrastive_batch": contrastive_batch}, {f"hparams/{k}": v for k, v in final.items()})
         if self.rank == 0:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
         self.logger.close()
@@ -417,7 +421,7 @@ def check_inputs(cfg: RunConfig) -> None:
     sources = load_sources(cfg.data)
     if cfg.data.mode == "epoch":
         per_epoch = batches_per_epoch(sources, int(os.environ.get("WORLD_SIZE", "1")), cfg.data.workers,
-                                      cfg.data.batch_size, cfg.seed)
+                                      cfg.data.batch_size, cfg.seed, train_fraction=cfg.data.train_fraction)
         if per_epoch < cfg.train.accumulation:
             raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives each rank only "
                                   f"{per_epoch} batches of data.batch_size={cfg.data.batch_size}")

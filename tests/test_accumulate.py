@@ -31,7 +31,8 @@ K, B, DIM = 3, 4, 12
 
 def _head(rank: int) -> AlignVLHead:
     torch.manual_seed(0)
-    head = AlignVLHead(DIM, DIM, 8, adapter="mlp", adapter_depth=1, dropout=0.3, noise_sigma=0.2, mixup_alpha=0.5,
+    head = AlignVLHead(DIM, DIM, 8, adapter="mlp", adapter_depth=1, dropout=0.3, noise_sigma=0.2, mixup="fusemix",
+                       mixup_alpha=0.5,
                        seed=5, rank=rank)
     return head.train()
 
@@ -94,7 +95,7 @@ def features(tmp_path_factory):
     return root / "f"
 
 
-NOISY = {"noise_sigma": 0.05, "dropout": 0.2, "mixup_alpha": 0.5}
+NOISY = {"noise_sigma": 0.05, "dropout": 0.2, "mixup": "fusemix", "mixup_alpha": 0.5}
 
 
 def _train(tmp_path: Path, features: Path, name: str, stage: int, accumulation: int, batch: int, ranks: int,

@@ -38,6 +38,10 @@ def test_yaml_plus_overrides(tmp_path):
     ("loss.matmul_precision=bf16", "loss.matmul_precision: must be fp32 unless loss.chunk_size is set"),
     ("train.profile_steps=-1", "train.profile_steps: must be >= 0"),
     ("train.peak_tflops=0", "train.peak_tflops: must be null or > 0"),
+    ("model.mixup=halves", "model.mixup: must be one of off, fusemix, permutation"),
+    ("model.mixup_alpha=0.4", "model.mixup_alpha: must be null while model.mixup is off"),
+    ("data.caption_noise=1.5", "data.caption_noise: must be in [0, 1]"),
+    ("data.train_fraction=0", "data.train_fraction: must be in (0, 1]"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     path = write(tmp_path, {"data": {"train": ["a", "b"]}, "train": {"steps": 10}})
@@ -144,10 +148,18 @@ def test_config_show_prints_yaml_that_loads_back_with_every_key_explained(tmp_pa
     assert "ds_config: null  # The DeepSpeed JSON" in defaults
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "image_text.yaml"])
+def test_mixup_modes_and_fusemix_needs_an_even_batch(tmp_path):
+    path = write(tmp_path, {"data": {"train": ["a"], "batch_size": 7}, "train": {"steps": 10}})
+    assert load_config(path, ["model.mixup=off"]).model.mixup == "off"  # YAML reads a bare off as false
+    assert load_config(path, ["model.mixup=permutation"]).model.mixup_beta == 1.0  # FuseMix's Beta(1, 1)
+    with pytest.raises(ConfigError, match="data.batch_size: must be even when model.mixup is fusemix"):
+        load_config(path, ["model.mixup=fusemix"])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "image_text.yaml", "fusemix.yaml"])
 def test_shipped_example_configs_validate(name):
     from alignvl_scale.config import CONFIGS
-    load_config(CONFIGS / name)
+    load_config(CONFIGS / name, ["data.train=[shards]"] if name == "fusemix.yaml" else [])
 
 
 def test_every_cli_flag_has_help():

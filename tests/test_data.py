@@ -1,6 +1,7 @@
 import io
 import json
 import pickle
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -16,11 +17,19 @@ from PIL import Image
 from alignvl_scale.config import DataConfig
 from alignvl_scale.data.check import check_shards
 from alignvl_scale.data.evalsets import load_retrieval_set
-from alignvl_scale.data.reader import DataError, ImageTextDecoder, TrainStream
-from alignvl_scale.data.samples import DecodeLimits
+from alignvl_scale.data.reader import (
+    DataError,
+    FeatureDecoder,
+    ImageTextDecoder,
+    SampleSelection,
+    TrainStream,
+    shard_examples,
+)
+from alignvl_scale.data.samples import DecodeLimits, decode_features
 from alignvl_scale.data.shards import DataSourceError, folder_samples, hf_samples, resolve_spec, write_shards
 from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.evaluate import encode_sharded
+from alignvl_scale.synthetic import write_feature_shards
 
 
 def make_stream(cfg: DataConfig, rank=0, world=1, seed=0, limits=None) -> TrainStream:
@@ -390,3 +399,74 @@ def test_train_time_crop_changes_pixels_by_epoch_and_not_between_runs(tmp_path):
     assert torch.equal(first, decoder(raw)[0])  # the same sample, epoch and seed: the same crop
     decoder.epoch = 1
     assert not torch.equal(first, decoder(raw)[0])
+
+
+def _pairs(folder: Path, selection: SampleSelection, window: int = 4, rng_seed: int = 0) -> list[tuple[int, str]]:
+    """(index of the image, caption) of every sample one epoch trains on, shard by shard."""
+    decode = ImageTextDecoder(DecodeLimits())
+    out = []
+    for shard in resolve_spec(str(folder)):
+        for _, (image, caption), _ in shard_examples(shard.url, decode, window, random.Random(rng_seed),
+                                                     expected=shard.samples, selection=selection):
+            out.append((IMAGES[np.asarray(image).tobytes()], caption))
+    return out
+
+
+IMAGES = {np.asarray(Image.open(io.BytesIO(png_bytes(i))).convert("RGB")).tobytes(): i for i in range(200)}
+
+
+def test_caption_noise_corrupts_a_fixed_fraction_the_same_way_in_every_run(tmp_path):
+    """round(p x n) samples of each shard train with another sample's caption, captions
+    permuted among them (each still used once, never with its own image); the same pairs
+    whatever the shuffle (run seed) and in a second run; another caption_noise_seed picks
+    other samples."""
+    sizes = [40, 37, 50]
+    write_image_shards(tmp_path / "s", sizes)
+    clean = _pairs(tmp_path / "s", SampleSelection())
+    assert all(caption == f"caption {i}" for i, caption in clean)
+    noisy = _pairs(tmp_path / "s", SampleSelection(caption_noise=0.3))
+    wrong = sorted((i, c) for i, c in noisy if c != f"caption {i}")
+    assert len(wrong) == sum(round(0.3 * n) for n in sizes)
+    assert sorted(c for _, c in noisy) == sorted(c for _, c in clean)  # a permutation of the captions
+    donors = {int(c.split()[1]) for _, c in wrong}
+    assert donors == {i for i, _ in wrong}  # the corrupted samples swap among themselves
+    again = _pairs(tmp_path / "s", SampleSelection(caption_noise=0.3), window=16, rng_seed=9)
+    assert sorted((i, c) for i, c in again if c != f"caption {i}") == wrong
+    other = _pairs(tmp_path / "s", SampleSelection(caption_noise=0.3, seed=1))
+    assert sorted((i, c) for i, c in other if c != f"caption {i}") != wrong
+
+
+def test_caption_noise_on_cached_features_swaps_the_text_feature(tmp_path):
+    write_feature_shards(tmp_path / "f", 64, shards=2)
+    decode = FeatureDecoder()
+    for shard in resolve_spec(str(tmp_path / "f")):
+        clean = {raw.key: (x, decode_features(raw.members)[1])
+                 for _, (x, _), raw in shard_examples(shard.url, decode, 1, random.Random(0))}
+        texts = {row.astype(np.float32).tobytes(): key for key, (_, rows) in clean.items() for row in rows}
+        swapped = 0
+        for _, (x, y), raw in shard_examples(shard.url, decode, 1, random.Random(0),
+                                             selection=SampleSelection(caption_noise=0.25)):
+            assert torch.equal(x, clean[raw.key][0])  # the image feature stays
+            donor = texts[y.numpy().tobytes()]
+            assert (donor != raw.key) == raw.noisy
+            swapped += raw.noisy
+        assert swapped == round(0.25 * 32)
+
+
+def test_train_fraction_keeps_a_fixed_nested_subset_and_sizes_the_epoch(tmp_path):
+    sizes = [40, 37, 50]
+    write_image_shards(tmp_path / "s", sizes)
+    half = {i for i, _ in _pairs(tmp_path / "s", SampleSelection(train_fraction=0.5))}
+    quarter = {i for i, _ in _pairs(tmp_path / "s", SampleSelection(train_fraction=0.25), window=16, rng_seed=3)}
+    assert len(half) == sum(round(0.5 * n) for n in sizes) and len(quarter) == sum(round(0.25 * n) for n in sizes)
+    assert quarter < half
+    cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=4, workers=1, train_fraction=0.5)
+    stream = make_stream(cfg)
+    batches = epoch_captions(stream)
+    assert len(batches) == stream.batches_per_epoch == sum(round(0.5 * n) for n in sizes) // 4
+    assert {int(c.split()[1]) for b in batches for c in b} <= half
+    noisy = make_stream(DataConfig(train=[str(tmp_path / "s")], batch_size=4, workers=1, train_fraction=0.5,
+                                   caption_noise=0.2))
+    trained = sum(map(len, epoch_captions(noisy)))
+    assert noisy.counts.good == trained  # the samples left over after the last full batch are never decoded
+    assert trained - 4 < noisy.counts.noisy_captions / 0.2 < sum(round(0.5 * n) for n in sizes) + 4

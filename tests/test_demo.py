@@ -11,7 +11,8 @@ import pytest
 import yaml
 from test_train import BIN, ROOT, env, export_and_eval, logged, run
 
-from alignvl_scale.ablate import METRICS, Setting, run_ablation
+from alignvl_scale.ablate import METRICS, load_study, paired_interval, run_study, t_quantile_975
+from alignvl_scale.config import ConfigError
 from alignvl_scale.data.evalsets import load_retrieval_set
 from alignvl_scale.demo import build_demo_data, emoji_entries, is_test
 from alignvl_scale.engine import free_port
@@ -48,33 +49,69 @@ def feature_config(tmp_path: Path, train: Path, test: Path) -> Path:
     return path
 
 
-def test_ablate_tiny_grid_writes_every_file(tmp_path):
+def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
+    """A study over caption noise and sigma at half the training set: the baseline at each
+    caption-noise level is added as the reference (compare_within), the corrupted fraction
+    reaches the summary, and a rerun reuses every run."""
     write_feature_shards(tmp_path / "train", 256)
     write_feature_shards(tmp_path / "test", 64, seed=1, shards=1)
-    config = feature_config(tmp_path, tmp_path / "train", tmp_path / "test")
-    grid = [Setting("baseline", "baseline", 0.0, 0.0), Setting("sigma=0.01 (paper default)", "sigma", 0.01, 0.0),
-            Setting("alpha=0.2", "alpha", 0.01, 0.2)]
-    summary = run_ablation(config, ["train.steps=20"], tmp_path / "ablate", seeds=2, grid=grid)
-    out = tmp_path / "ablate"
+    feature_config(tmp_path, tmp_path / "train", tmp_path / "test")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "config": "features.yaml", "seeds": 2, "overrides": ["train.steps=12"],
+        "baseline": {"sigma": 0, "alpha": 0, "mixup": "fusemix", "train_fraction": 0.5},
+        "grid": {"sigma": [0.05], "caption_noise": [0, 0.25]}, "compare_within": ["caption_noise"]}))
+    study = load_study(tmp_path / "study.yaml")
+    assert [s.name(study.baseline) for s in study.settings()] == [
+        "baseline", "sigma=0.05", "caption_noise=0.25", "sigma=0.05, caption_noise=0.25"]
+    summary = run_study(study, [], tmp_path / "ablate")
+    out = tmp_path / "ablate" / "tiny"
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 6 and {r["setting"] for r in rows} == {g.name for g in grid}
-    assert set(METRICS) <= set(rows[0])
-    table = (out / "results.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 4 and "± " in table  # header + 3 rows
-    assert [s["seeds"] for s in summary] == [2, 2, 2]
-    assert (out / "r_at_k_vs_sigma.png").stat().st_size > 1000 and (out / "r_at_k_vs_alpha.png").exists()
+    assert len(rows) == 8 and set(METRICS) <= set(rows[0])
+    for row in rows:
+        noisy = int(row["noisy_captions"]) / int(row["good_samples"])
+        assert (0.15 < noisy < 0.35) if float(row["caption_noise"]) else noisy == 0
+    assert [s["reference"] for s in summary] == [None, "baseline", None, "caption_noise=0.25"]
+    report = (out / "results.md").read_text()
+    assert "Paired difference to the baseline at the same caption_noise" in report
+    assert "(rel " in report and "Training feature RMS" in report  # sigma shown in both units
+    assert (out / "paired_differences.png").stat().st_size > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dirs = sorted((out / "runs").iterdir())
-    assert len(run_dirs) == 6
-    for run_dir in run_dirs:  # one TensorBoard hparams entry per run
+    run_dirs = sorted((tmp_path / "ablate" / "runs").iterdir())
+    assert len(run_dirs) == 8
+    for run_dir in run_dirs:  # one TensorBoard hparams entry per run, calibration among the eval scalars
         events = EventAccumulator(str(run_dir / "tb"))
         events.Reload()
         assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
-    # Reruns are skipped: the summaries exist.
-    before = (out / "results.csv").read_text()
-    run_ablation(config, ["train.steps=20"], out, seeds=2, grid=grid)
+        assert {"eval/i2t_ece", "eval/t2i_nll", "eval/i2t_confidence"} <= set(events.Tags()["scalars"])
+    before = (out / "results.csv").read_text()  # a rerun finds every summary: nothing runs again
+    run_study(study, [], tmp_path / "ablate")
     assert (out / "results.csv").read_text() == before
+
+
+def test_study_files_are_checked_before_any_run(tmp_path):
+    for name in ("sigma", "alpha", "caption_noise", "sigma_alpha_grid", "sigma_relative", "mixup",
+                 "data_efficiency"):
+        study = load_study(name)  # shipped, by name
+        assert study.seeds >= 3 and study.config.name == "demo.yaml" and study.baseline["mixup"] == "fusemix"
+    assert len(load_study("sigma_alpha_grid").settings()) == 25
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"grid": {"sgima": [0.1]}}))
+    with pytest.raises(ConfigError, match="unknown axes \\['sgima'\\]"):
+        load_study(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"seed": 3}))
+    with pytest.raises(ConfigError, match="unknown keys \\['seed'\\]"):
+        load_study(tmp_path / "bad.yaml")
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    """Differences 1, 2, 3: mean 2, sd 1, t_{0.975, 2} = 4.303: 2 +- 4.303 / sqrt(3)."""
+    mean, low, high = paired_interval([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert mean == pytest.approx(2.0)
+    assert (low, high) == pytest.approx((2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5), rel=1e-4)
+    assert t_quantile_975(40) == pytest.approx(2.021, abs=1e-3)  # past the table: Cornish-Fisher
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 30, 31, 60, 200):
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-3)
 
 
 def test_extract_then_cached_training_then_eval(tmp_path):

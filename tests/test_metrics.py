@@ -1,9 +1,11 @@
+import math
 import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from alignvl_scale.metrics import retrieval_metrics
+from alignvl_scale.metrics import expected_calibration_error, retrieval_metrics
 
 
 def brute_force(image_emb, text_emb, caption_to_image):
@@ -94,3 +96,45 @@ def test_duplicated_images_and_captions_are_ties_against_the_model(seed):
     want = brute_force(image_emb, text_emb, caption_to_image)
     for key in want:
         assert got[key] == pytest.approx(want[key]), key
+
+
+def test_ece_on_a_hand_computed_case():
+    """Two bins in use: bin [0.6, 0.667) holds confidences 0.6 and 0.62 (one right):
+    |1 - 1.22| = 0.22; bin [0.933, 1] holds 0.95 and 1.0 (both right): |2 - 1.95| = 0.05.
+    ECE = (0.22 + 0.05) / 4."""
+    confidence = torch.tensor([0.6, 0.62, 0.95, 1.0])
+    correct = torch.tensor([True, False, True, True])
+    assert expected_calibration_error(confidence, correct) == pytest.approx(0.27 / 4)
+    assert expected_calibration_error(torch.tensor([0.3, 0.9]), torch.tensor([False, True])) == pytest.approx(
+        (0.3 + 0.1) / 2)
+
+
+def test_calibration_on_a_hand_computed_case():
+    """Two images, two captions, scores [[1, 0], [0.5, 0.5]] at logit scale ln 3:
+    image 0's softmax is (3/4, 1/4): right, confidence 3/4, NLL ln(4/3); image 1's is
+    (1/2, 1/2): a tie, wrong (ties count against the model), confidence 1/2, NLL ln 2."""
+    image_emb = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    text_emb = torch.eye(2)
+    m = retrieval_metrics(image_emb, text_emb, torch.arange(2), logit_scale=math.log(3))
+    assert m["i2t_confidence"] == pytest.approx(100 * (0.75 + 0.5) / 2)
+    assert m["i2t_nll"] == pytest.approx((math.log(4 / 3) + math.log(2)) / 2)
+    # bins: 0.75 alone (right): 0.25; 0.5 alone (wrong): 0.5
+    assert m["i2t_ece"] == pytest.approx(100 * (0.25 + 0.5) / 2)
+    assert "t2i_ece" in m and "i2t_ece" not in retrieval_metrics(image_emb, text_emb, torch.arange(2))
+
+
+def test_calibration_matches_a_brute_force_softmax_with_several_captions_per_image():
+    g = torch.Generator().manual_seed(4)
+    image_emb = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    caption_to_image = torch.cat([torch.arange(20), torch.randint(0, 20, (17,), generator=g)])
+    text_emb = F.normalize(image_emb[caption_to_image] + 0.7 * torch.randn(37, 8, generator=g), dim=1)
+    scale = 14.3
+    got = retrieval_metrics(image_emb, text_emb, caption_to_image, chunk_size=6, logit_scale=scale)
+    owns = caption_to_image[None, :] == torch.arange(20)[:, None]  # image x caption
+    for prefix, probs, correct_mask in (("i2t", (scale * image_emb @ text_emb.T).double().softmax(1), owns),
+                                        ("t2i", (scale * text_emb @ image_emb.T).double().softmax(1), owns.T)):
+        top = probs.max(dim=1)
+        right = probs.masked_fill(~correct_mask, -1).amax(1) > probs.masked_fill(correct_mask, -1).amax(1)
+        assert got[f"{prefix}_confidence"] == pytest.approx(100 * top.values.mean().item(), rel=1e-5)
+        assert got[f"{prefix}_nll"] == pytest.approx(-(probs * correct_mask).sum(1).log().mean().item(), rel=1e-5)
+        assert got[f"{prefix}_ece"] == pytest.approx(100 * expected_calibration_error(top.values, right), rel=1e-5)

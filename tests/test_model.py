@@ -16,7 +16,7 @@ from alignvl_scale.model import (
 def test_zero_sigma_and_no_mixup_are_identities():
     x, y = torch.randn(8, 16), torch.randn(8, 16)
     assert RandomPerturbation(0.0)(x) is x
-    mx, my = LatentMixup(0.0)(x, y)
+    mx, my = LatentMixup("off")(x, y)
     assert mx is x and my is y
 
 
@@ -38,7 +38,7 @@ def test_relative_noise_scales_with_rms():
 
 def test_eval_mode_adds_no_noise_and_no_mixup():
     x, y = torch.randn(8, 16), torch.randn(8, 16)
-    rp, mix = RandomPerturbation(0.5).eval(), LatentMixup(1.0).eval()
+    rp, mix = RandomPerturbation(0.5).eval(), LatentMixup("fusemix").eval()
     assert torch.equal(rp(x), x)
     mx, my = mix(x, y)
     assert torch.equal(mx, x) and torch.equal(my, y)
@@ -64,19 +64,40 @@ def test_rng_state_round_trip():
     assert torch.equal(fresh(x), expected)
 
 
-def test_mixup_keeps_pairs_aligned():
-    # y is a fixed linear map of x: any shared (lam, perm) keeps y_mixed = A x_mixed.
+@pytest.mark.parametrize("mode", ["fusemix", "permutation"])
+def test_mixup_keeps_pairs_aligned(mode):
+    # y is a fixed linear map of x: any shared (lam, partners) keeps y_mixed = A x_mixed.
     a = torch.randn(16, 16)
     x = torch.randn(32, 16)
-    mx, my = LatentMixup(0.4, seed=5)(x, x @ a.T)
-    assert not torch.allclose(mx, x)
+    mx, my = LatentMixup(mode, 0.4, seed=5)(x, x @ a.T)
+    assert mx.shape == (16 if mode == "fusemix" else 32, 16)
     torch.testing.assert_close(my, mx @ a.T, rtol=1e-4, atol=1e-5)
 
 
-def test_mixup_lambda_is_beta_distributed():
+def test_fusemix_mixes_the_first_half_with_the_second():
+    """FuseMix's batch arithmetic: B rows -> B/2, row i = lam x_i + (1 - lam) x_{i + B/2}
+    with one lam for the batch and both modalities; every input row is used exactly once."""
+    b = 8
+    x = torch.arange(b, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 10.0]])  # row i = (i, 10 i)
+    y = -3 * x
+    mix = LatentMixup("fusemix", 1.0, seed=2)
+    mx, my = mix(x, y)
+    assert mx.shape == my.shape == (b // 2, 2)
+    lam = 1 - mx[0, 0].item() / (b // 2)  # row 0 = lam * 0 + (1 - lam) * (B/2)
+    assert 0 < lam < 1
+    expected = lam * x[: b // 2] + (1 - lam) * x[b // 2:]
+    torch.testing.assert_close(mx, expected)
+    torch.testing.assert_close(my, -3 * expected)
+    with pytest.raises(ValueError, match="even batch"):
+        mix(x[:7], y[:7])
+
+
+@pytest.mark.parametrize("mode", ["fusemix", "permutation"])
+def test_mixup_lambda_is_beta_distributed(mode):
+    """Beta(2, 2): mean 1/2, variance 1/20 (FuseMix's default is Beta(1, 1))."""
     x = torch.zeros(2, 1)
-    x[1] = 1.0  # x_mixed[0] = (1 - lam) when the permutation swaps, else 0
-    mix = LatentMixup(2.0, seed=0)
+    x[1] = 1.0  # fusemix: x_mixed[0] = 1 - lam; permutation: 1 - lam when it swaps, else 0
+    mix = LatentMixup(mode, 2.0, seed=0)
     lams = []
     for _ in range(4000):
         mx, _ = mix(x, x)
@@ -93,7 +114,9 @@ def test_bad_model_arguments():
     with pytest.raises(ValueError, match="noise mode"):
         RandomPerturbation(0.1, mode="gaussian")
     with pytest.raises(ValueError, match="mixup alpha"):
-        LatentMixup(-1)
+        LatentMixup("fusemix", 0.0)
+    with pytest.raises(ValueError, match="mixup mode"):
+        LatentMixup("halves")
     with pytest.raises(ValueError, match="adapter kind"):
         build_adapter("transformer", 4, 4)
 
@@ -110,7 +133,7 @@ def test_temperature_is_1d_and_clamped_in_forward():
 
 @pytest.mark.parametrize("adapter", ["mlp", "linear"])
 def test_head_runs_in_fp32_on_bf16_tower_outputs_under_autocast(adapter):
-    head = AlignVLHead(24, 40, 16, adapter=adapter, noise_sigma=0.05, mixup_alpha=0.5)
+    head = AlignVLHead(24, 40, 16, adapter=adapter, noise_sigma=0.05, mixup="permutation", mixup_alpha=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         u, v, scale = head(torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16))
     assert u.dtype == v.dtype == scale.dtype == torch.float32

@@ -27,6 +27,7 @@ REQUIRED_SCALARS = {
     "perf/tflop_per_step_per_rank", "perf/peak_memory_gib", "data/skipped_undecodable_image",
     "eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10", "eval/t2i_R@1", "eval/t2i_R@5", "eval/t2i_R@10",
     "eval/zeroshot/zs/top1",  # 3 classes: no top5
+    "eval/i2t_ece", "eval/t2i_ece", "eval/i2t_nll", "eval/t2i_confidence", "data/noisy_captions",
 }
 # Seen on this machine: a finished accelerate-launched rank can abort at interpreter exit.
 EXIT_ABORT = "terminate called without an active exception"

@@ -22,8 +22,8 @@ def check_shards(specs: list[str], kind: str = "image-text", limits: DecodeLimit
         for shard in resolve_spec(spec, samples_per_shard):
             counts = SkipCounts()
             # window 1: file order; the check needs no shuffling
-            for _, example, unsafe in shard_examples(shard.url, decode, 1, random.Random(0), expected=shard.samples):
-                if not counts.record(example, unsafe) and bad is not None:
+            for _, example, raw in shard_examples(shard.url, decode, 1, random.Random(0), expected=shard.samples):
+                if not counts.record(example, raw.unsafe) and bad is not None:
                     bad.append((shard.url, example.key, str(example)))
             counts.skipped = +counts.skipped  # drop zero entries
             report[shard.url] = counts

@@ -19,6 +19,7 @@ rank ever waits in a collective that the others left.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from alignvl_scale.config import DataConfig
 from alignvl_scale.data.samples import (
+    CAPTION_MEMBERS,
     DecodeLimits,
     RawSample,
     SkipCounts,
@@ -69,25 +71,94 @@ def window_shuffle(items: Iterator[RawSample], window: int, rng: random.Random) 
     yield from buffer
 
 
+def _unit_hash(*parts: object) -> float:
+    """A number in [0, 1) that depends on `parts` only: the same on every machine and run."""
+    return int.from_bytes(hashlib.sha1(":".join(map(str, parts)).encode()).digest()[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class SampleSelection:
+    """Which samples of a shard train (data.train_fraction) and which of those train with
+    another sample's caption (data.caption_noise): functions of the sample keys and
+    data.caption_noise_seed alone, so the same in every run, rank layout and run seed.
+
+    - train_fraction f: the round(f x n) keys of the shard's n (its manifest count) with the
+      lowest hash; a smaller fraction keeps a subset of a larger one's.
+    - caption_noise p: round(p x m) of the m usable kept samples, picked by a second hash,
+      swap captions in a cycle (each gets the next one's), so each of their captions is
+      still used once, never with its own image.
+    Either needs one read of the shard ahead of its samples (`plan`); with neither, none.
+    """
+
+    train_fraction: float = 1.0
+    caption_noise: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> SampleSelection:
+        return cls(cfg.train_fraction, cfg.caption_noise, cfg.caption_noise_seed)
+
+    def kept_samples(self, n: int) -> int:
+        """How many of a shard's n samples train: what epoch lengths are computed from."""
+        return n if self.train_fraction >= 1 else round(self.train_fraction * n)
+
+    def plan(self, url: str, expected: int | None, max_member_bytes: int
+             ) -> tuple[set[str] | None, dict[str, dict[str, bytes]]]:
+        """(the keys that train, None for all; key -> the caption members it trains with)."""
+        if self.train_fraction >= 1 and self.caption_noise == 0:
+            return None, {}
+        samples = list(raw_samples(url, max_member_bytes))
+        keep = None
+        if self.train_fraction < 1:
+            n = self.kept_samples(expected if expected is not None else len(samples))
+            keep = set(sorted((raw.key for raw in samples), key=lambda k: _unit_hash("fraction", k))[:n])
+        usable = [raw for raw in samples if raw.reason is None and (keep is None or raw.key in keep)
+                  and any(m in raw.members for m in CAPTION_MEMBERS)]
+        count = round(self.caption_noise * len(usable))
+        if count < 2:  # one sample cannot swap with another
+            return keep, {}
+        noisy = sorted(usable, key=lambda raw: _unit_hash(self.seed, "caption_noise", raw.key))[:count]
+        captions = [{m: raw.members[m] for m in CAPTION_MEMBERS if m in raw.members} for raw in noisy]
+        return keep, {raw.key: captions[(i + 1) % count] for i, raw in enumerate(noisy)}
+
+
+def _selected(samples: Iterator[RawSample], keep: set[str] | None, swaps: dict[str, dict[str, bytes]]
+              ) -> Iterator[RawSample | None]:
+    """The shard's samples with swapped captions, None in place of those left out (they
+    still count as read, for resume positions and the manifest check)."""
+    for raw in samples:
+        if keep is not None and raw.key not in keep:
+            yield None
+            continue
+        if raw.key in swaps and raw.reason is None:
+            rest = {m: data for m, data in raw.members.items() if m not in CAPTION_MEMBERS}
+            raw = RawSample(raw.key, {**rest, **swaps[raw.key]}, unsafe=raw.unsafe, noisy=True)
+        yield raw
+
+
 def shard_examples(url: str, decode: Callable[[RawSample], object], window: int, rng: random.Random,
-                   start: int = 0, expected: int | None = None) -> Iterator[tuple[int, object | SkipSample, int]]:
-    """(raw items consumed so far, example or SkipSample, unsafe members) for one shard,
+                   start: int = 0, expected: int | None = None, selection: SampleSelection | None = None
+                   ) -> Iterator[tuple[int, object | SkipSample, RawSample]]:
+    """(raw items consumed so far, example or SkipSample, its raw sample) for one shard,
     skipping the first `start` raw items undecoded. With `expected` (the manifest's count),
     a shard that ends early yields one 'missing_samples' skip per missing sample: a tar cut
-    at a block boundary reads as a shorter, valid tar, and would otherwise lose them silently."""
+    at a block boundary reads as a shorter, valid tar, and would otherwise lose them silently.
+    `selection` leaves samples out and swaps captions (data.train_fraction, data.caption_noise)."""
+    keep, swaps = (selection or SampleSelection()).plan(url, expected, decode.limits.max_member_bytes)
+    samples = _selected(raw_samples(url, decode.limits.max_member_bytes), keep, swaps)
     consumed = 0
-    for consumed, raw in enumerate(window_shuffle(raw_samples(url, decode.limits.max_member_bytes), window, rng),
-                                   start=1):
-        if consumed <= start:
+    for consumed, raw in enumerate(window_shuffle(samples, window, rng), start=1):
+        if consumed <= start or raw is None:
             continue
         try:
             raw.check()
-            yield consumed, decode(raw), raw.unsafe
+            yield consumed, decode(raw), raw
         except SkipSample as skip:
             skip.key = raw.key
-            yield consumed, skip, raw.unsafe
+            yield consumed, skip, raw
     for missing in range(max(consumed, start) + 1, (expected or 0) + 1):
-        yield missing, SkipSample("missing_samples", f"{url}: manifest says {expected}, shard holds {consumed}"), 0
+        yield missing, SkipSample("missing_samples", f"{url}: manifest says {expected}, shard holds {consumed}"), \
+            RawSample("", {})
 
 
 class ImageTextDecoder:
@@ -163,6 +234,7 @@ class ShardStream(IterableDataset):
                  rank: int, world: int, seed: int, state: StreamState) -> None:
         self.sources, self.weights, self.cfg, self.decode = sources, weights, cfg, decode
         self.rank, self.world, self.seed, self.state = rank, world, seed, state
+        self.selection = SampleSelection.from_config(cfg)
 
     def worker_shards(self, worker: int, workers: int) -> Iterator[Shard]:
         if self.cfg.mode == "resampled":
@@ -192,9 +264,9 @@ class ShardStream(IterableDataset):
                 continue
             rng = seeded_rng(self.seed, self.state.epoch, self.rank, worker, place)
             start = start0 if place == place0 else 0
-            for consumed, example, unsafe in shard_examples(shard.url, self.decode, self.cfg.shuffle_window, rng,
-                                                            start, shard.samples):
-                if not counts.record(example, unsafe):
+            for consumed, example, raw in shard_examples(shard.url, self.decode, self.cfg.shuffle_window, rng,
+                                                         start, shard.samples, self.selection):
+                if not counts.record(example, raw.unsafe, raw.noisy):
                     if counts.total >= REPORT_SKIPS_EVERY:  # skips with no batch in sight: report them
                         yield self._item(None, worker, committed, shard, counts)
                         counts = SkipCounts()
@@ -225,9 +297,10 @@ def load_sources(cfg: DataConfig) -> list[list[Shard]]:
 
 
 def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batch_size: int, seed: int = 0,
-                      epoch: int = 0) -> int:
+                      epoch: int = 0, train_fraction: float = 1.0) -> int:
     """The number of batches every rank yields in epoch mode: the least over ranks of the
-    full batches its workers can make from the manifests' sample counts."""
+    full batches its workers can make from the manifests' sample counts (of them, the
+    data.train_fraction that trains)."""
     shards = [s for source in sources for s in source]
     unknown = [s.url for s in shards if s.samples is None]
     if unknown:
@@ -238,13 +311,14 @@ def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batc
         raise DataSourceError(f"{len(shards)} shards cannot feed {world} ranks x {workers} workers in epoch mode; "
                               "write more, smaller shards, lower data.workers, or use data.mode=resampled")
     seeded_rng(seed, "epoch", epoch).shuffle(shards)
+    kept = SampleSelection(train_fraction).kept_samples
     per_rank = []
     for rank in range(world):
         mine = shards[rank::world]
-        per_rank.append(sum(sum(s.samples for s in mine[w::workers]) // batch_size for w in range(workers)))
+        per_rank.append(sum(sum(kept(s.samples) for s in mine[w::workers]) // batch_size for w in range(workers)))
     if min(per_rank) == 0:
         rank = per_rank.index(0)
-        samples = [sum(s.samples for s in shards[rank::world][w::workers]) for w in range(workers)]
+        samples = [sum(kept(s.samples) for s in shards[rank::world][w::workers]) for w in range(workers)]
         raise DataSourceError(f"data.batch_size={batch_size} per rank: rank {rank} of {world} gets "
                               f"{sum(samples)} samples per epoch ({samples} over its {workers} DataLoader workers), "
                               "and no worker can fill one batch; lower data.batch_size or data.workers, or add data")
@@ -261,7 +335,7 @@ class TrainStream:
         self.state = StreamState()
         self.counts = SkipCounts()
         self.batches_per_epoch = None if cfg.mode == "resampled" else batches_per_epoch(
-            self.sources, world, cfg.workers, cfg.batch_size, seed)
+            self.sources, world, cfg.workers, cfg.batch_size, seed, train_fraction=cfg.train_fraction)
 
     def state_dict(self) -> dict:
         return {"stream": self.state.as_dict(), "counts": self.counts.as_dict()}

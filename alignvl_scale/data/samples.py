@@ -29,6 +29,7 @@ from PIL import Image
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 FEATURE_IMAGE, FEATURE_TEXT = "img.npy", "txt.npy"
+CAPTION_MEMBERS = ("txt", "json", FEATURE_TEXT)  # what a sample's caption is made of (data.caption_noise swaps them)
 # Members that deserialize code or arbitrary objects: never opened, counted when seen.
 UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "mp", "msgpack")
 
@@ -75,6 +76,7 @@ class SkipCounts:
     good: int = 0
     skipped: Counter = field(default_factory=Counter)
     unsafe_members: int = 0  # members never opened (pickle, pyd, ...); their samples may still be good
+    noisy_captions: int = 0  # good samples trained with another sample's caption (data.caption_noise)
 
     @property
     def total(self) -> int:
@@ -84,26 +86,29 @@ class SkipCounts:
     def skip_fraction(self) -> float:
         return (self.total - self.good) / self.total if self.total else 0.0
 
-    def record(self, example: object, unsafe: int = 0) -> bool:
+    def record(self, example: object, unsafe: int = 0, noisy: bool = False) -> bool:
         """Count one decoded example or SkipSample; True when it is usable."""
         self.unsafe_members += unsafe
         if isinstance(example, SkipSample):
             self.skipped[example.reason] += 1
             return False
         self.good += 1
+        self.noisy_captions += noisy
         return True
 
     def add(self, other: SkipCounts) -> None:
         self.good += other.good
         self.skipped.update(other.skipped)
         self.unsafe_members += other.unsafe_members
+        self.noisy_captions += other.noisy_captions
 
     def as_dict(self) -> dict:
-        return {"good": self.good, "skipped": dict(self.skipped), "unsafe_members": self.unsafe_members}
+        return {"good": self.good, "skipped": dict(self.skipped), "unsafe_members": self.unsafe_members,
+                "noisy_captions": self.noisy_captions}
 
     @classmethod
     def from_dict(cls, d: dict) -> SkipCounts:
-        return cls(d["good"], Counter(d["skipped"]), d.get("unsafe_members", 0))
+        return cls(d["good"], Counter(d["skipped"]), d.get("unsafe_members", 0), d.get("noisy_captions", 0))
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -239,6 +244,7 @@ class RawSample:
     reason: str | None = None  # set when the sample is already known to be unusable
     detail: str = ""
     unsafe: int = 0  # members never opened because of their extension
+    noisy: bool = False  # its caption members are another sample's (data.caption_noise)
 
     def check(self) -> dict[str, bytes]:
         """The members, or the SkipSample this sample is already known to be."""
