@@ -82,8 +82,10 @@ class Setting:
 
     @classmethod
     def of(cls, values: dict) -> Setting:
-        return cls(tuple((axis, _axis_value(axis, values.get(axis, default)))
-                         for axis, (_, default) in AXES.items()))
+        values = {axis: _axis_value(axis, values.get(axis, default)) for axis, (_, default) in AXES.items()}
+        if values["sigma"] == 0:  # no noise: the noise mode changes nothing, so the runs are shared
+            values["noise_mode"] = AXES["noise_mode"][1]
+        return cls(tuple(values.items()))
 
     def __getitem__(self, axis: str):
         return dict(self.values)[axis]
@@ -107,20 +109,23 @@ class Study:
     overrides: list[str] = field(default_factory=list)
     seeds: int = 3
     epochs: int | None = None
-    baseline: Setting = field(default_factory=lambda: Setting.of({}))
+    base: dict = field(default_factory=dict)  # the baseline's axis values as the file gives them
     grid: dict[str, list] = field(default_factory=dict)
     description: str = ""
     compare_within: list[str] = field(default_factory=list)
 
     def reference(self, setting: Setting) -> Setting:
         """What `setting` is compared with: the baseline, at its values of compare_within."""
-        return Setting.of({**dict(self.baseline.values), **{a: setting[a] for a in self.compare_within}})
+        return Setting.of({**self.base, **{a: setting[a] for a in self.compare_within}})
+
+    @property
+    def baseline(self) -> Setting:
+        return Setting.of(self.base)
 
     def settings(self) -> list[Setting]:
         """The baseline, every grid point (in grid order) and the reference each point is
         compared with; repeats dropped."""
-        base = dict(self.baseline.values)
-        points = [Setting.of({**base, **dict(zip(self.grid, combo, strict=True))})
+        points = [Setting.of({**self.base, **dict(zip(self.grid, combo, strict=True))})
                   for combo in itertools.product(*self.grid.values())]
         return list(dict.fromkeys([self.baseline, *(s for p in points for s in (self.reference(p), p))]))
 
@@ -148,7 +153,7 @@ def load_study(path: str | Path, seeds: int | None = None) -> Study:
     config = Path(raw.get("config", "demo.yaml"))
     config = next((p for p in (path.parent / config, CONFIGS / config) if p.exists()), config)
     study = Study(raw.get("name", path.stem), config, list(raw.get("overrides") or []), seeds or raw.get("seeds", 3),
-                  raw.get("epochs"), Setting.of(raw.get("baseline") or {}), grid, raw.get("description", ""),
+                  raw.get("epochs"), dict(raw.get("baseline") or {}), grid, raw.get("description", ""),
                   list(raw.get("compare_within") or []))
     if study.seeds < 2:
         raise ConfigError(f"study {path}: seeds must be >= 2 for an interval over seeds, got {study.seeds}")
@@ -162,8 +167,9 @@ def check_runs(study: Study, overrides: list[str]) -> None:
 
 
 def run_dir_of(out: Path, study: Study, overrides: list[str], setting: Setting, seed: int) -> Path:
-    """Runs of the same base (config file, overrides, epochs) and setting are shared by studies."""
-    base = json.dumps([str(study.config.resolve()), study.run_overrides(), overrides])
+    """Runs of the same base (the config file's text, overrides, epochs) and setting are shared
+    by studies, wherever the config file lives."""
+    base = json.dumps([study.config.read_text(), study.run_overrides(), overrides])
     return out / "runs" / f"{setting.slug()}-{hashlib.sha1(base.encode()).hexdigest()[:8]}-seed{seed}"
 
 
