@@ -47,7 +47,7 @@ from pathlib import Path
 import yaml
 
 from alignvl_scale.config import CONFIGS, ConfigError, load_config
-from alignvl_scale.metrics import CALIBRATION_KEYS, RECALL_KEYS
+from alignvl_scale.metrics import CALIBRATION_KEYS, DIRECTIONS, RECALL_KEYS, recall_key
 from alignvl_scale.rundir import SUMMARY
 
 STUDIES = CONFIGS / "studies"
@@ -270,8 +270,11 @@ def markdown_tables(summary: list[dict], study: Study, rms: dict[str, float] | N
     lines = [f"Fixed: {fixed}; {summary[0]['seeds']} seeds per setting." if fixed else "", ""]
     lines += table("Retrieval, R@K in % (mean ± std over seeds):", RECALL_KEYS,
                    lambda s: [f"{s[m]:.1f} ± {s[m + '_std']:.1f}" for m in RECALL_KEYS])
-    lines += table("Calibration at the learned temperature (ECE and confidence in %, NLL in nats; mean ± std):",
-                   CALIBRATION_KEYS, lambda s: [f"{s[m]:.2f} ± {s[m + '_std']:.2f}" for m in CALIBRATION_KEYS])
+    gaps = [f"{d}_confidence - R@1" for d in DIRECTIONS]  # > 0: overconfident, < 0: underconfident
+    lines += table("Calibration at the learned temperature (ECE and confidence in %, NLL in nats; mean ± std; "
+                   "confidence - R@1 > 0 is overconfidence):", CALIBRATION_KEYS + gaps,
+                   lambda s: [f"{s[m]:.2f} ± {s[m + '_std']:.2f}" for m in CALIBRATION_KEYS]
+                   + [f"{s[f'{d}_confidence'] - s[recall_key(d, 1)]:+.1f}" for d in DIRECTIONS])
 
     def diff(s: dict, m: str) -> str:
         if s["reference"] is None:
