@@ -107,19 +107,23 @@ class SampleSelection:
         """(the keys that train, None for all; key -> the caption members it trains with)."""
         if self.train_fraction >= 1 and self.caption_noise == 0:
             return None, {}
-        samples = list(raw_samples(url, max_member_bytes))
+        # Keys and caption members only: a shard's images are not held in memory.
+        keys, captions = [], {}
+        for raw in raw_samples(url, max_member_bytes):
+            keys.append(raw.key)
+            members = {m: raw.members[m] for m in CAPTION_MEMBERS if m in raw.members}
+            if raw.reason is None and members:
+                captions[raw.key] = members
         keep = None
         if self.train_fraction < 1:
-            n = self.kept_samples(expected if expected is not None else len(samples))
-            keep = set(sorted((raw.key for raw in samples), key=lambda k: _unit_hash("fraction", k))[:n])
-        usable = [raw for raw in samples if raw.reason is None and (keep is None or raw.key in keep)
-                  and any(m in raw.members for m in CAPTION_MEMBERS)]
+            n = self.kept_samples(expected if expected is not None else len(keys))
+            keep = set(sorted(keys, key=lambda k: _unit_hash("fraction", k))[:n])
+        usable = [k for k in captions if keep is None or k in keep]
         count = round(self.caption_noise * len(usable))
         if count < 2:  # one sample cannot swap with another
             return keep, {}
-        noisy = sorted(usable, key=lambda raw: _unit_hash(self.seed, "caption_noise", raw.key))[:count]
-        captions = [{m: raw.members[m] for m in CAPTION_MEMBERS if m in raw.members} for raw in noisy]
-        return keep, {raw.key: captions[(i + 1) % count] for i, raw in enumerate(noisy)}
+        noisy = sorted(usable, key=lambda k: _unit_hash(self.seed, "caption_noise", k))[:count]
+        return keep, {k: captions[noisy[(i + 1) % count]] for i, k in enumerate(noisy)}
 
 
 def _selected(samples: Iterator[RawSample], keep: set[str] | None, swaps: dict[str, dict[str, bytes]]
