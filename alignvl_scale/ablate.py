@@ -237,7 +237,6 @@ def summarize(rows: list[dict], study: Study) -> list[dict]:
             base = by_setting[reference]
             for m in PAIRED:
                 entry[m + "_diff"] = paired_interval([runs[s][m] for s in seeds], [base[s][m] for s in seeds])
-        entry["noisy_fraction"] = statistics.fmean(runs[s]["noisy_captions"] / runs[s]["good_samples"] for s in seeds)
         out.append(entry)
     return out
 

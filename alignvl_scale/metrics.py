@@ -36,20 +36,41 @@ def _score_tiles(queries: Tensor, keys: Tensor, chunk: int):
         yield start, (queries @ keys[start:start + chunk].double().T).float()
 
 
-def _ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, chunk: int) -> Tensor:
-    """1 + #{keys not owned by q scoring >= q's best key among those it owns}, per query q.
+def _ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, chunk: int,
+           scale: float | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per query q: 1 + #{keys not owned by q scoring >= q's best key among those it owns};
+    with `scale`, also (from the same tiles, in the same pass) q's top-1 probability and
+    -log of the probability mass on its own keys, under the softmax of scale x scores over
+    all keys (None, None without).
 
     `query_owner[q]` is the id that marks q's correct keys; `key_owner[k]` the id of key k.
     """
     best = torch.full((queries.shape[0],), float("-inf"), device=queries.device)
+    lse = torch.full((queries.shape[0],), float("-inf"), dtype=torch.float64, device=queries.device)
+    correct_lse, top = lse.clone(), lse.clone()
     for start, scores in _score_tiles(queries, keys, chunk):
         correct = query_owner[:, None] == key_owner[None, start:start + chunk]
         best = torch.maximum(best, scores.masked_fill(~correct, float("-inf")).amax(dim=1))
+        if scale is not None:  # streamed log-sum-exps of the whole row and of the query's own keys
+            logits = scale * scores.double()
+            lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
+            correct_lse = torch.logaddexp(correct_lse, logits.masked_fill(~correct, float("-inf")).logsumexp(dim=1))
+            top = torch.maximum(top, logits.amax(dim=1))
     better = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     for start, scores in _score_tiles(queries, keys, chunk):
         wrong = query_owner[:, None] != key_owner[None, start:start + chunk]
         better += ((scores >= best[:, None]) & wrong).sum(dim=1)
-    return 1 + better
+    if scale is None:
+        return 1 + better, None, None
+    return 1 + better, (top - lse).exp(), lse - correct_lse
+
+
+def _direction(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, chunk: int,
+               scale: float | None) -> list[Tensor | None]:
+    """`_ranks` over chunks of queries, concatenated: [ranks, confidence, nll]."""
+    parts = [_ranks(queries[s:s + chunk], keys, query_owner[s:s + chunk], key_owner, chunk, scale)
+             for s in range(0, queries.shape[0], chunk)]
+    return [None if column[0] is None else torch.cat(column) for column in zip(*parts, strict=True)]
 
 
 ECE_BINS = 15
@@ -64,21 +85,6 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 
     hits = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct.double())
     # sum_b (n_b / n) |hits_b / n_b - conf_b / n_b| = sum_b |hits_b - conf_b| / n
     return ((hits - conf).abs().sum() / max(len(confidence), 1)).item()
-
-
-def _softmax_stats(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, scale: float,
-                   chunk: int) -> tuple[Tensor, Tensor]:
-    """Per query, over the softmax of scale x scores across all keys: (top-1 probability,
-    -log of the probability mass on the query's correct keys). Streamed over key tiles."""
-    lse = torch.full((queries.shape[0],), float("-inf"), dtype=torch.float64, device=queries.device)
-    correct_lse, top = lse.clone(), lse.clone()
-    for start, scores in _score_tiles(queries, keys, chunk):
-        logits = scale * scores.double()
-        correct = query_owner[:, None] == key_owner[None, start:start + chunk]
-        lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
-        correct_lse = torch.logaddexp(correct_lse, logits.masked_fill(~correct, float("-inf")).logsumexp(dim=1))
-        top = torch.maximum(top, logits.amax(dim=1))
-    return (top - lse).exp(), lse - correct_lse
 
 
 def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
@@ -122,19 +128,13 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
     if (captions_per_image == 0).any():
         raise ValueError(f"{int((captions_per_image == 0).sum())} images have no caption")
     image_ids = torch.arange(n_images, device=image_emb.device)
-    t2i = torch.cat([_ranks(text_emb[s:s + chunk_size], image_emb, caption_to_image[s:s + chunk_size], image_ids,
-                            chunk_size) for s in range(0, n_texts, chunk_size)])
-    i2t = torch.cat([_ranks(image_emb[s:s + chunk_size], text_emb, image_ids[s:s + chunk_size], caption_to_image,
-                            chunk_size) for s in range(0, n_images, chunk_size)])
-    out = {**_summary(i2t, "i2t"), **_summary(t2i, "t2i")}
-    if logit_scale is not None:
-        for prefix, queries, keys, query_owner, key_owner, ranks in (
-                ("i2t", image_emb, text_emb, image_ids, caption_to_image, i2t),
-                ("t2i", text_emb, image_emb, caption_to_image, image_ids, t2i)):
-            stats = [_softmax_stats(queries[s:s + chunk_size], keys, query_owner[s:s + chunk_size], key_owner,
-                                    logit_scale, chunk_size) for s in range(0, queries.shape[0], chunk_size)]
-            confidence, nll = torch.cat([c for c, _ in stats]), torch.cat([n for _, n in stats])
-            out[f"{prefix}_confidence"] = confidence.mean().item() * 100
-            out[f"{prefix}_ece"] = expected_calibration_error(confidence, ranks == 1) * 100
-            out[f"{prefix}_nll"] = nll.mean().item()
-    return out
+    out, calibration = {}, {}
+    for prefix, queries, keys, query_owner, key_owner in (("i2t", image_emb, text_emb, image_ids, caption_to_image),
+                                                          ("t2i", text_emb, image_emb, caption_to_image, image_ids)):
+        ranks, confidence, nll = _direction(queries, keys, query_owner, key_owner, chunk_size, logit_scale)
+        out.update(_summary(ranks, prefix))
+        if logit_scale is not None:
+            calibration[f"{prefix}_confidence"] = confidence.mean().item() * 100
+            calibration[f"{prefix}_ece"] = expected_calibration_error(confidence, ranks == 1) * 100
+            calibration[f"{prefix}_nll"] = nll.mean().item()
+    return {**out, **calibration}

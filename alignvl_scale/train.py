@@ -315,9 +315,10 @@ class Trainer:
             (self.run_dir / CONFIG).write_text(self.config_yaml)
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
         global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world  # samples read per step
-        contrastive_batch = global_batch // 2 if cfg.model.mixup == "fusemix" else global_batch
+        fusemix = cfg.model.mixup == "fusemix"  # B samples -> B/2 mixed pairs
+        contrastive_batch = global_batch // 2 if fusemix else global_batch
         accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
-        mixed = f"{global_batch} samples mixed in pairs (fusemix) = " if cfg.model.mixup == "fusemix" else ""
+        mixed = f"{global_batch} samples mixed in pairs (fusemix) = " if fusemix else ""
         self.log(f"{self.world} ranks x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch "
                  f"{contrastive_batch}; {self.total_steps} steps; "
                  f"ZeRO stage {zero_stage(self.ds_config)}")

@@ -470,3 +470,25 @@ def test_train_fraction_keeps_a_fixed_nested_subset_and_sizes_the_epoch(tmp_path
     trained = sum(map(len, epoch_captions(noisy)))
     assert noisy.counts.good == trained  # the samples left over after the last full batch are never decoded
     assert trained - 4 < noisy.counts.noisy_captions / 0.2 < sum(round(0.5 * n) for n in sizes) + 4
+
+
+def test_caption_noise_and_fraction_are_the_same_on_two_ranks_as_on_one(tmp_path):
+    """The selection is a function of the shards alone: two ranks together train on exactly
+    the (image, caption) pairs one process does, corrupted ones included."""
+    write_image_shards(tmp_path / "s", [20] * 4)
+    transform = ImageTransform(8, [0.5] * 3, [0.5] * 3)
+    index_of = {transform(Image.open(io.BytesIO(png_bytes(i))).convert("RGB")).numpy().tobytes(): i
+                for i in range(80)}
+
+    def pairs(rank: int, world: int) -> tuple[set, int]:
+        cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=1, workers=1, train_fraction=0.5,
+                         caption_noise=0.2)
+        stream = make_stream(cfg, rank, world, seed=3)
+        out = {(index_of[b["pixel_values"][0].numpy().tobytes()], b["captions"][0]) for b in stream}
+        return out, stream.counts.noisy_captions
+
+    one, noisy_one = pairs(0, 1)
+    (a, noisy_a), (b, noisy_b) = pairs(0, 2), pairs(1, 2)
+    assert len(one) == 40 and noisy_one == 4 * round(0.2 * 10)
+    assert a | b == one and not a & b and noisy_a + noisy_b == noisy_one
+    assert sum(caption != f"caption {i}" for i, caption in one) == noisy_one
