@@ -148,6 +148,10 @@ class DataConfig:
     """epoch: every shard once per epoch; resampled: an endless weighted draw of shards."""
     batch_size: int = 32
     """Micro batch per rank; the contrastive batch is batch_size x train.accumulation x world."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks (the contrastive batch before mixup): data.batch_size becomes
+    global / (world x train.accumulation), refused when that does not divide, so that a run resumed on another
+    number of ranks keeps its negatives and its loss. Set this or data.batch_size, not both; null: data.batch_size."""
     workers: int = 2
     """DataLoader worker processes per rank."""
     shuffle_window: int = 256
@@ -184,6 +188,8 @@ class DataConfig:
     """Largest tar member read at all; its declared size is checked before reading."""
 
     def validate(self, key: str) -> None:
+        _require(self.global_batch_size is None or self.global_batch_size >= 1, f"{key}.global_batch_size",
+                 "null or >= 1", self.global_batch_size)
         for name in ("batch_size", "shuffle_window", "image_size", "max_image_bytes", "max_image_pixels",
                      "max_caption_chars", "max_member_bytes"):
             _require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1", getattr(self, name))
@@ -245,6 +251,9 @@ class TrainConfig:
     """> 0: torch.profiler over this many steps (tables and traces in RUN_DIR/profile)."""
     profile_start: int = 10
     """Steps done before profiling starts (past the warm-up)."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Preemption: on one of these signals (at any rank) every rank finishes its step, saves a checkpoint and exits 0
+    (SLURM: --signal=USR1@120); a second signal exits at once. []: signals keep their default action."""
 
     def validate(self, key: str, data: DataConfig) -> None:
         _require((self.steps is None) != (self.epochs is None), f"{key}.steps", "set, or train.epochs set (one of "
@@ -268,6 +277,13 @@ class TrainConfig:
                  self.peak_tflops)
         _require(self.profile_steps >= 0, f"{key}.profile_steps", ">= 0", self.profile_steps)
         _require(self.profile_start >= 0, f"{key}.profile_start", ">= 0", self.profile_start)
+        import signal
+
+        catchable = sorted(s.name for s in signal.valid_signals() if isinstance(s, signal.Signals)
+                           and s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD))
+        for name in self.stop_signals:
+            _require(name in catchable, f"{key}.stop_signals",
+                     "a list of catchable signal names: " + ", ".join(catchable), self.stop_signals)
 
 
 DEFAULT_DS_CONFIG = "zero2"
@@ -278,6 +294,9 @@ class EngineConfig:
     ds_config: str | None = None
     """The DeepSpeed JSON (the ZeRO stage lives there): a path or a shipped name (zero1, zero2, zero3,
     zero3_offload); null: the one an `accelerate launch` config names, else zero2."""
+    collective_timeout: int = 1800
+    """Seconds a collective may wait for a peer (one that died or hangs) before the run stops with a line saying a
+    peer was lost."""
 
     def resolved_ds_config(self) -> Path:
         from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -289,6 +308,7 @@ class EngineConfig:
 
     def validate(self, key: str) -> None:
         self.resolved_ds_config()
+        _require(self.collective_timeout >= 1, f"{key}.collective_timeout", ">= 1 (seconds)", self.collective_timeout)
 
 
 @dataclass
@@ -464,9 +484,30 @@ def apply_override(tree: dict, override: str) -> None:
 
 
 def config_from_dict(tree: dict, validate: bool = True) -> RunConfig:
-    """validate=False for configs saved with a run (re-read elsewhere: paths may differ)."""
+    """validate=False for configs saved with a run (re-read elsewhere: paths may differ;
+    data.batch_size is resolved there)."""
+    data = tree.get("data")
+    if validate and isinstance(data, dict) and data.get("global_batch_size") is not None and "batch_size" in data:
+        raise ConfigError(f"data.global_batch_size: set it ({data['global_batch_size']}) or data.batch_size "
+                          f"({data['batch_size']}), not both: the per-rank batch is derived from the global one")
     cfg = _build(RunConfig, tree)
     return cfg.validate() if validate else cfg
+
+
+def for_world(cfg: RunConfig, world: int) -> RunConfig:
+    """The config as `world` ranks run it: data.batch_size derived from data.global_batch_size
+    (a new config; without a global batch the same one)."""
+    total = cfg.data.global_batch_size
+    if total is None:
+        return cfg
+    per_step = world * cfg.train.accumulation
+    _require(total % per_step == 0, "data.global_batch_size", f"a multiple of {world} ranks x train.accumulation "
+             f"{cfg.train.accumulation} = {per_step}", total)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=total // per_step))
+    _require(cfg.model.mixup != "fusemix" or cfg.data.batch_size % 2 == 0, "data.global_batch_size",
+             f"such that the per-rank batch is even with model.mixup fusemix ({world} ranks give "
+             f"{cfg.data.batch_size})", total)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -182,15 +182,15 @@ def prepare_features(out: Path, config: Path = DEMO_CONFIG) -> None:
 def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] = ()) -> dict:
     from alignvl_scale.evaluate import evaluate_specs
     from alignvl_scale.export import export, load_encoder
-    from alignvl_scale.rundir import claim_run_dir
+    from alignvl_scale.preflight import preflight
     from alignvl_scale.train import Trainer
 
     start = time.perf_counter()
     out = Path(out)
     prepare_features(out, config)
     cfg = load_config(config, [*demo_overrides(out), "eval.at_start=true", *overrides])
-    claim_run_dir(cfg.run_dir, resume=None, overwrite=True)  # the demo trains anew each time
-    trainer = Trainer(cfg)  # one process: the trainer sets up a process group of one
+    # The demo trains anew each time; one process: the trainer sets up a process group of one.
+    trainer = Trainer(preflight(cfg, overwrite=True))
     summary = trainer.run()
     trainer.close()
     baseline = {json.loads(line)["step"]: json.loads(line) for line in

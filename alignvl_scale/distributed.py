@@ -5,6 +5,8 @@ too (one rank), so library code calls them unconditionally.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -28,7 +30,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-_host_group = None  # created on first use, by every rank at the same collective call
+_host_group = None  # created by every rank at the same collective call (first use or make_host_group)
+
+
+def make_host_group(timeout: timedelta | None = None) -> None:
+    """Create the host group now (every rank), with the run's collective timeout."""
+    global _host_group
+    if is_distributed() and dist.get_backend() != "gloo" and _host_group is None:
+        _host_group = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def host_group():
@@ -36,11 +45,9 @@ def host_group():
     gloo group over the same ranks, because reducing a host number through NCCL means a
     copy to the GPU and back, which waits for every kernel queued before it (a host sync
     per call, and the next step's launches cannot run ahead of the GPU)."""
-    global _host_group
     if dist.get_backend() == "gloo":
         return None
-    if _host_group is None:
-        _host_group = dist.new_group(backend="gloo")
+    make_host_group()
     return _host_group
 
 
@@ -72,6 +79,15 @@ def any_rank(flag: bool) -> bool:
 def every_rank(flag: bool) -> bool:
     """True on every rank when it is true on all of them ("does every rank have a batch")."""
     return bool(all_reduce_floats([float(flag)], "min")[0])
+
+
+def all_gather_objects(value: object) -> list:
+    """Every rank's picklable value (a short message, say), in rank order, on the host group."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value, group=host_group())
+    return out
 
 
 def broadcast_from_rank0(value: object) -> object:

@@ -8,7 +8,6 @@ WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT, and Accelerate reads them.
 from __future__ import annotations
 
 import json
-import os
 import socket
 from contextlib import nullcontext
 from datetime import timedelta
@@ -24,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict with every "auto" replaced by the run config's value."""
+def fill_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict with every "auto" replaced by the run config's value.
+    load_universal: the run resumes from a universal checkpoint (checkpoint.py)."""
     path = cfg.engine.resolved_ds_config()
     ds = json.loads(path.read_text())
     micro = cfg.data.batch_size
@@ -51,6 +51,8 @@ def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
     # move in 1.5% jumps and the head's inputs lose the Random Perturbation noise
     # (docs/training.md, "Precision").
     ds["torch_autocast"] = {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"}
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     zero = ds.get("zero_optimization", {})
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if cfg.train.grad_clip == 0 and zero.get("stage", 0) in (1, 2) and not offload:
@@ -85,13 +87,15 @@ def zero3_init(ds_config: dict):
 _LIVE_HF_DS_CONFIG: list = []
 
 
-def make_accelerator(ds_config: dict, trackers: list[str] = (), project_dir: str | None = None):
+def make_accelerator(ds_config: dict, trackers: list[str] = (), project_dir: str | None = None,
+                     timeout_s: int = 1800):
     """trackers: Accelerate's tracker names other than TensorBoard (which the run logger
-    writes itself), started by the trainer with `init_trackers`."""
+    writes itself), started by the trainer with `init_trackers`. timeout_s: how long a
+    collective waits for a peer (engine.collective_timeout)."""
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    timeout = timedelta(seconds=int(os.environ.get("ALIGNVL_DIST_TIMEOUT_S", "1800")))
+    timeout = timedelta(seconds=timeout_s)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(deepspeed_plugin=plugin, mixed_precision="no",  # autocast is DeepSpeed's (fill_ds_config)
                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), timeout=timeout)],

@@ -4,7 +4,8 @@ second run on top of an earlier one (as the HF Trainer refuses a non-empty outpu
     RUN_DIR/config.yaml  metrics.jsonl  tb/  summary.json  checkpoints/  profile/  .lock
 
 `claim_run_dir` runs before any process group, on the launch's rank 0 only (the folder is
-on storage every node sees, so one rank decides); it holds the lock until the process ends.
+on storage every node sees, so one rank decides: preflight.py); it holds the lock until the
+process ends.
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ class RunDirError(RuntimeError):
     """The run folder cannot be used as asked; the message says what to do instead."""
 
 
-def launch_rank() -> int:
-    """This process's global rank as the launcher set it (before any process group)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def _lock(run_dir: Path) -> None:
     handle = (run_dir / LOCK).open("a+")
     try:
@@ -56,8 +52,6 @@ def _lock(run_dir: Path) -> None:
 def claim_run_dir(run_dir: str | Path, resume: str | None, overwrite: bool) -> None:
     """Lock RUN_DIR for this run. Without --resume, a folder that already holds a run is
     refused, unless `overwrite` (then its outputs are deleted first)."""
-    if launch_rank() != 0:
-        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _lock(run_dir)

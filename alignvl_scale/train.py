@@ -13,9 +13,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -26,32 +28,35 @@ import yaml
 from alignvl_scale.accumulate import accumulated_backward
 from alignvl_scale.checkpoint import (
     CheckpointError,
+    ResumePlan,
+    convert_to_universal,
     demote_checkpoint,
     load_checkpoint,
-    resolve_resume,
     save_checkpoint,
+    universal_dir,
 )
 from alignvl_scale.config import ConfigError, RunConfig, load_config
-from alignvl_scale.data.reader import (
-    DataError,
-    FeatureDecoder,
-    ImageTextDecoder,
-    TrainStream,
-    batches_per_epoch,
-    load_sources,
-)
+from alignvl_scale.data.reader import DataError, FeatureDecoder, ImageTextDecoder, TrainStream, redeal
 from alignvl_scale.data.samples import SKIP_REASONS
-from alignvl_scale.data.shards import DataSourceError, resolve_spec
-from alignvl_scale.distributed import all_reduce_floats, every_rank
-from alignvl_scale.engine import fill_ds_config, free_port, make_accelerator, zero3_init, zero_stage
+from alignvl_scale.data.shards import DataSourceError
+from alignvl_scale.distributed import (
+    all_gather_objects,
+    all_reduce_floats,
+    barrier,
+    broadcast_from_rank0,
+    make_host_group,
+)
+from alignvl_scale.engine import fill_ds_config, make_accelerator, zero3_init, zero_stage
 from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
+from alignvl_scale.launch import LaunchError
 from alignvl_scale.logger import RunLogger, flat_config
 from alignvl_scale.loss import align_vl_loss_with_stats
-from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing, with_feature_manifest
+from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
-from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError, claim_run_dir
-from alignvl_scale.towers import check_tower_source, set_train_mode, tower_warnings
-from alignvl_scale.zeroshot import load_zero_shot_set, zero_shot_layout
+from alignvl_scale.preflight import Prepared, preflight
+from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError
+from alignvl_scale.towers import set_train_mode, tower_warnings
+from alignvl_scale.zeroshot import load_zero_shot_set
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run_dir that holds an earlier run (deletes its checkpoints and logs)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the --resume checkpoint in full (only for files you trust: by default anything "
+                        "beyond tensors and DeepSpeed's own types is refused, since unpickling can run code)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
@@ -111,28 +119,43 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def single_process_env() -> None:
-    """Without a launcher: the environment of a one-rank launch (DeepSpeed wants a process group)."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+class PeerLost(RuntimeError):
+    """A collective failed or timed out: another rank died, hung or lost the network."""
+
+
+class StopRequested:
+    """train.stop_signals: the first one asks every rank to stop after its step (agreed
+    across ranks: the signal may reach only one), a second one exits at once."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.signal: str | None = None
+        for name in names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signal is not None:  # the second: now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = signal.Signals(signum).name
 
 
 class Trainer:
     """Holds what one run needs; `run()` is the loop, `close()` ends the process group."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        cfg = with_feature_manifest(cfg)  # cached features: dims and towers from their manifest, saved with the run
-        self.cfg = cfg
-        single_process_env()
-        world = int(os.environ["WORLD_SIZE"])
-        self.ds_config = fill_ds_config(cfg, world)
+    def __init__(self, prepared: Prepared) -> None:
+        cfg, plan = prepared.cfg, prepared.resume  # completed by preflight, before any process group
+        self.cfg, self.plan, self.trust_checkpoint = cfg, plan, prepared.trust_checkpoint
+        self.stop = StopRequested(cfg.train.stop_signals)
+        self.ds_config = fill_ds_config(cfg, prepared.launch.world, load_universal=bool(plan and plan.universal))
         others = [name for name in cfg.log.report_to if name != "tensorboard"]  # TensorBoard: RunLogger's own
-        self.accelerator = make_accelerator(self.ds_config, others, cfg.run_dir)
+        self.accelerator = make_accelerator(self.ds_config, others, cfg.run_dir, cfg.engine.collective_timeout)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        make_host_group(timedelta(seconds=cfg.engine.collective_timeout))
         self.device = self.accelerator.device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run_dir)
+        if plan is not None:
+            self.prepare_resume(plan)  # before the model: a conversion holds a whole checkpoint in memory
         # Only parameters inside zero.Init: its tensors land on the accelerator (issue 14).
         preprocessing = None if cfg.data.kind == "features" else build_preprocessing(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -143,7 +166,8 @@ class Trainer:
         for modality, tower in (("image", model.image_tower), ("text", model.text_tower)):
             for warning in tower_warnings(tower, modality, cfg.train.lr):
                 self.log(warning)
-        self.stream = TrainStream(cfg.data, make_decoder(cfg, preprocessing), self.rank, self.world, cfg.seed)
+        self.stream = TrainStream(cfg.data, make_decoder(cfg, preprocessing), self.rank, self.world, cfg.seed,
+                                  tuple(cfg.train.stop_signals))
         steps_per_epoch = (self.stream.batches_per_epoch or 0) // cfg.train.accumulation  # None: resampled
         self.total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
         # DeepSpeed steps this optimizer on its fp32 partitions; its param_groups' "lr" is
@@ -167,40 +191,111 @@ class Trainer:
         self.encoder = Encoder(self.model, preprocessing, self.device, self.dtype)  # features: no preprocessing
 
     # -- state -----------------------------------------------------------------------------
+    def contrastive_batch(self) -> int:
+        """Pairs in one step's loss: samples read per step (halved by fusemix mixup)."""
+        samples = self.cfg.data.batch_size * self.cfg.train.accumulation * self.world
+        return samples // 2 if self.cfg.model.mixup == "fusemix" else samples
+
     def trainer_state(self) -> dict:
-        # No scheduler state: the learning rate is a function of the step.
+        # No scheduler state: the learning rate is a function of the step (and total_steps).
         return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps,
-                "bad_steps_in_a_row": self.bad_steps_in_a_row}
+                "bad_steps_in_a_row": self.bad_steps_in_a_row, "total_steps": self.total_steps,
+                "budget": [self.cfg.train.steps, self.cfg.train.epochs], "contrastive_batch": self.contrastive_batch()}
 
-    def resume(self, resume: str) -> None:
-        path = resolve_resume(self.run_dir, resume)
-        if path is None:
-            self.log(f"--resume {resume}: no checkpoint yet in {self.run_dir}, starting fresh")
+    def prepare_resume(self, plan: ResumePlan) -> None:
+        """Every rank resumes the same checkpoint; rank 0 writes its universal conversion
+        while the others wait (at most engine.collective_timeout)."""
+        paths = all_gather_objects(str(plan.path))
+        if len(set(paths)) > 1:
+            raise CheckpointError(f"the ranks chose different checkpoints to resume ({sorted(set(paths))}); was "
+                                  "`latest` moved during the launch?")
+        if not plan.universal:
             return
-        state = load_checkpoint(self.engine, path, self.random_modules)
-        self.step = state["step"]
-        self.stream.load_state_dict(state["data"])
-        self.skipped_steps, self.bad_steps_in_a_row = state["skipped_steps"], state["bad_steps_in_a_row"]
-        self.log(f"resumed from {path} at step {self.step}")
+        if self.rank == 0:
+            self.log(f"{plan.path.name}: converting to a universal checkpoint for "
+                     f"ZeRO-{zero_stage(self.ds_config)} on {self.world} ranks -> {universal_dir(plan.path)}")
+        error = convert_to_universal(plan, self.trust_checkpoint) if self.rank == 0 else None
+        barrier()
+        error = broadcast_from_rank0(error)
+        if error:
+            raise CheckpointError(error)
 
-    def save(self) -> None:
+    def resume(self) -> None:
+        plan = self.plan
+        # The optimizer's hyperparameters are the config's: DeepSpeed's ZeRO-3 universal load
+        # gives every parameter group the first group's (weight decay on biases, norms, the scale).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.base_optimizer.param_groups]
+        state = load_checkpoint(self.engine, plan, self.random_modules, self.trust_checkpoint)
+        for group, saved in zip(self.base_optimizer.param_groups, hyper, strict=True):
+            group.update(saved)
+        # ...and it gives every group the same `step` tensor, which AdamW then advances once per
+        # group per step (bias correction off by the group count): one tensor each.
+        for param_state in self.base_optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+        self.step = state["step"]
+        self.skipped_steps, self.bad_steps_in_a_row = state["skipped_steps"], state["bad_steps_in_a_row"]
+        notes = [plan.describe(self.world, zero_stage(self.ds_config))]
+        if plan.universal:
+            notes.append(f"loaded from {universal_dir(plan.path).name}")
+        if state.get("budget") == [self.cfg.train.steps, self.cfg.train.epochs] and "total_steps" in state:
+            if state["total_steps"] != self.total_steps:
+                notes.append(f"the schedule keeps its {state['total_steps']} steps (this world would make "
+                             f"{self.total_steps})")
+            self.total_steps = state["total_steps"]
+        was = state.get("contrastive_batch", self.contrastive_batch())
+        if was != self.contrastive_batch():
+            notes.append(f"the contrastive batch changed from {was} to {self.contrastive_batch()} (set "
+                         "data.global_batch_size to keep it)")
+        if plan.resized:
+            dealt = redeal([s["data"] for s in state["states"]], self.stream.sources, self.cfg.seed, self.cfg.data,
+                           self.world)
+            self.stream.load_state_dict(dealt.streams[self.rank])
+            epoch = self.stream.state.epoch
+            notes.append(f"the rest of the epoch ({dealt.samples} samples) re-dealt to {self.world} ranks: "
+                         f"{self.stream.epoch_batches()} batches each in epoch {epoch}, {dealt.dropped} left out"
+                         if self.stream.state.tasks is not None else
+                         f"{dealt.samples} samples were left in the epoch, too few for a batch on every rank: "
+                         f"epoch {epoch} starts")
+            self.reseed(self.step)  # RNG streams cannot carry over to other ranks: new ones, from (seed, step, rank)
+        else:
+            self.stream.load_state_dict(state["data"])
+        self.log(f"resumed from {plan.path} at step {self.step} ({'; '.join(notes)})")
+
+    def reseed(self, step: int) -> None:
+        """Fresh RNG streams for this rank after a resize: torch, numpy, python, noise, mixup."""
+        seed = self.cfg.seed + 1_000_003 * (self.rank + 1) + 7_919 * step
+        seed_everything(seed)
+        for offset, module in enumerate(self.random_modules.values(), start=1):
+            module.load_rng_state(torch.Generator().manual_seed(seed + offset).get_state())
+
+    def save(self) -> Path:
         path = save_checkpoint(self.engine, self.run_dir, self.step, self.trainer_state(), self.random_modules,
-                               self.cfg.checkpoint.keep, self.config_yaml)
+                               self.cfg.checkpoint.keep, self.config_yaml, zero_stage(self.ds_config))
         self.log(f"step {self.step}: checkpoint {path}")
+        return path
 
     def log(self, message: str) -> None:
         if self.rank == 0:
             print(f"[alignvl-scale] {message}", flush=True)
 
     # -- pieces of a step ------------------------------------------------------------------
-    def next_micro_batches(self, batches) -> list[dict] | None:
+    def next_micro_batches(self, batches) -> list[dict] | str | None:
         """The next train.accumulation batches on every rank, or None on every rank when any
         rank runs out of data (so no rank waits in a collective the others left); an
-        incomplete accumulation cycle at the end of an epoch is dropped, like a partial batch."""
+        incomplete accumulation cycle at the end of an epoch is dropped, like a partial batch.
+        A stop signal at any rank: its name on every rank, with the stream rewound to where
+        this step began (so the checkpoint holds no batch that was not trained on). One
+        host all-reduce per micro-batch carries both agreements."""
+        before = self.stream.state_dict()
         micro = []
         for _ in range(self.cfg.train.accumulation):
             batch = next(batches, None)
-            if not every_rank(batch is not None):
+            have, stop = all_reduce_floats([float(batch is not None), -float(self.stop.signal is not None)], "min")
+            if stop < 0:
+                self.stream.load_state_dict(before)
+                return self.stop.signal or "a stop signal to another rank"
+            if not have:
                 return None
             micro.append(_to_device(batch, self.device))
         return micro
@@ -310,30 +405,43 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to train.steps (or train.epochs), then save, evaluate and summarize; or stop
+        early on a stop signal with a checkpoint."""
         cfg = self.cfg
         if self.rank == 0:
             (self.run_dir / CONFIG).write_text(self.config_yaml)
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
-        global_batch = cfg.data.batch_size * cfg.train.accumulation * self.world  # samples read per step
-        fusemix = cfg.model.mixup == "fusemix"  # B samples -> B/2 mixed pairs
-        contrastive_batch = global_batch // 2 if fusemix else global_batch
+        samples = cfg.data.batch_size * cfg.train.accumulation * self.world  # read per step
         accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
-        mixed = f"{global_batch} samples mixed in pairs (fusemix) = " if fusemix else ""
+        mixed = f"{samples} samples mixed in pairs (fusemix) = " if cfg.model.mixup == "fusemix" else ""
         self.log(f"{self.world} ranks x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch "
-                 f"{contrastive_batch}; {self.total_steps} steps; "
-                 f"ZeRO stage {zero_stage(self.ds_config)}")
+                 f"{self.contrastive_batch()}; {self.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
         if cfg.eval.at_start and self.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)
         progress = _progress(self.total_steps, self.step, enabled=self.rank == 0)
-        batches = iter(self.stream)
+        self.batches = iter(self.stream)
+        try:
+            stop, last = self.train_loop(progress, samples)
+        finally:  # whatever ended the loop, the DataLoader's workers shut down now (not at exit)
+            self.batches.close()
+        progress.close()
+        return self.stopped(stop) if stop else self.finish(last)
+
+    def train_loop(self, progress, samples_per_step: int) -> tuple[str | None, dict]:
+        """Steps until the budget is spent or a stop signal is agreed: (that signal or None,
+        the last logged scalars)."""
+        cfg = self.cfg
         window, last = MetricsWindow(), {}
         while self.step < self.total_steps:
             with window.waiting_for_data():
-                micro = self.next_micro_batches(batches)
+                micro = self.next_micro_batches(self.batches)
             if micro is None:  # end of epoch, agreed by all ranks
-                batches = self.next_epoch()
+                self.batches.close()
+                self.batches = self.next_epoch()
                 continue
+            if isinstance(micro, str):  # a stop signal, agreed by all ranks
+                return micro, last
             scalars = self.train_step(micro)
             if scalars is None:
                 continue
@@ -344,18 +452,23 @@ class Trainer:
             if due(self.step, cfg.train.log_every, self.total_steps) or self.step == self.total_steps:
                 grad_norm = self.engine.get_global_grad_norm()
                 last = {**{k: float(v) for k, v in scalars.items()},
-                        **window.close(global_batch, self.world, self.flops_per_step, self.peak_tflops),
+                        **window.close(samples_per_step, self.world, self.flops_per_step, self.peak_tflops),
                         "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device)], "max")[0],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "train/contrastive_batch": contrastive_batch, "train/skipped_steps": self.skipped_steps,
-                        "train/epoch": self.stream.state.epoch, **self.data_scalars()}
+                        "train/contrastive_batch": self.contrastive_batch(),
+                        "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.state.epoch,
+                        **self.data_scalars()}
                 self.logger.scalars(self.step, last)
                 progress.set_postfix(loss=f"{last['train/loss']:.4f}")
             if due(self.step, cfg.checkpoint.every, self.total_steps):
                 self.save()
             if due(self.step, cfg.eval.every, self.total_steps):
                 self.evaluate()
-        progress.close()
+        return None, last
+
+    def finish(self, last: dict) -> dict:
+        """The end of a run: a checkpoint, the final evaluation, the summary."""
+        cfg = self.cfg
         self.save()
         final = self.evaluate()
         summary = {"step": self.step, "skipped_steps": self.skipped_steps, "last": last, "eval": final,
@@ -364,11 +477,19 @@ class Trainer:
         self.logger.hparams({"noise_sigma": cfg.model.noise_sigma, "smoothing": cfg.loss.smoothing,
                              "mixup": cfg.model.mixup, "caption_noise": cfg.data.caption_noise,
                              "train_fraction": cfg.data.train_fraction, "seed": cfg.seed, "lr": cfg.train.lr,
-                             "contrastive_batch": contrastive_batch}, {f"hparams/{k}": v for k, v in final.items()})
+                             "contrastive_batch": self.contrastive_batch()},
+                            {f"hparams/{k}": v for k, v in final.items()})
         if self.rank == 0:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
         self.logger.close()
         return summary
+
+    def stopped(self, why: str) -> dict:
+        """Preempted: a checkpoint of the last whole step, then a clean exit (0)."""
+        path = self.save()
+        self.logger.close()
+        self.log(f"stopped by {why} at step {self.step}: checkpoint {path}; continue with --resume latest")
+        return {"step": self.step, "stopped": why, "checkpoint": str(path)}
 
     def close(self) -> None:
         """A clean end for every rank (an abandoned process group can abort the interpreter at exit)."""
@@ -414,50 +535,42 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Everything a run needs that can be checked without a process group, so that a typo
-    fails in a second with its key named, not after the engine starts (or after training,
-    for an eval set): shards and their manifests, the batches an epoch gives each rank, eval
-    sets, tower folders. (The DeepSpeed JSON is checked with the config.)"""
-    sources = load_sources(cfg.data)
-    if cfg.data.mode == "epoch":
-        per_epoch = batches_per_epoch(sources, int(os.environ.get("WORLD_SIZE", "1")), cfg.data.workers,
-                                      cfg.data.batch_size, cfg.seed, train_fraction=cfg.data.train_fraction)
-        if per_epoch < cfg.train.accumulation:
-            raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives each rank only "
-                                  f"{per_epoch} batches of data.batch_size={cfg.data.batch_size}")
-    for spec in cfg.eval.data:
-        if Path(spec).suffix.lower() == ".jsonl":
-            if not Path(spec).is_file():
-                raise DataSourceError(f"eval.data: {spec} is not a file")
-        else:
-            resolve_spec(spec)
-    for folder in cfg.eval.zero_shot:
-        zero_shot_layout(folder)  # folders, class and template files (its images are read at the first eval)
-    if cfg.data.kind != "features":
-        for modality in ("image", "text"):
-            check_tower_source(getattr(cfg.model, f"{modality}_tower"), f"model.{modality}_tower")
+USER_ERRORS = (ConfigError, DataSourceError, DataError, RunDirError, CheckpointError, LaunchError)
+# What a collective raises when a peer died (gloo: its connection closed) or hung (a timeout).
+PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+               "timeout", "Connection refused", "NCCL communicator was aborted")
 
 
-USER_ERRORS = (ConfigError, DataSourceError, DataError, RunDirError, CheckpointError)
+def _peer_lost(exc: BaseException) -> bool:
+    return isinstance(exc, dist.DistError) or any(p in str(exc) for p in PEER_ERRORS)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Train. A user's mistake (bad config, data, run folder or checkpoint) ends the process
-    with one line naming it, not a traceback per rank."""
+    with one line naming it, not a traceback per rank; so does a lost peer rank."""
     args = parse_args(argv)
+    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)  # validated before any process group exists
-        check_inputs(cfg)
-        claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
-        trainer = Trainer(cfg)
-        if args.resume:
-            trainer.resume(args.resume)
+        trainer = Trainer(preflight(cfg, args.resume, args.overwrite, args.trust_checkpoint))
+        if trainer.plan is not None:
+            trainer.resume()
         summary = trainer.run()
     except USER_ERRORS as exc:
-        print(f"[alignvl-scale] error: {exc}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
+        _exit_with(f"error: {exc}", 2)
+    except RuntimeError as exc:
+        if not (dist.is_initialized() and _peer_lost(exc)):
+            raise
+        step = trainer.step if trainer is not None and hasattr(trainer, "step") else "?"
+        _exit_with(f"error: lost contact with another rank at step {step} (it died, hung past "
+                   f"engine.collective_timeout, or the network failed): {str(exc).splitlines()[0][:200]}; "
+                   "the run stopped. Continue with --resume latest", 3, destroy=False)
     trainer.close()
     return summary
+
+
+def _exit_with(message: str, code: int, destroy: bool = True) -> None:
+    print(f"[alignvl-scale] {message}", file=sys.stderr, flush=True)
+    if destroy and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)

@@ -77,7 +77,9 @@ def test_accumulation_equals_one_graph_over_the_concatenated_batch(tmp_path, wor
         assert "error" not in result, result.get("traceback")
         assert result["loss"][0] == pytest.approx(result["loss"][1], rel=1e-6)
         for name, want in result["want"].items():
-            torch.testing.assert_close(result["got"][name], want, rtol=1e-5, atol=1e-7, msg=name)
+            # atol: float32 rounding of sums of terms up to max|want| (other summation orders differ by ~1e-7 of it)
+            atol = 1e-6 * max(want.abs().max().item(), 1e-1)
+            torch.testing.assert_close(result["got"][name], want, rtol=1e-5, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("sabotage", ["no_rng_replay", "double_scale"])

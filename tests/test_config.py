@@ -42,12 +42,32 @@ def test_yaml_plus_overrides(tmp_path):
     ("model.mixup_alpha=0.4", "model.mixup_alpha: must be null while model.mixup is off"),
     ("data.caption_noise=1.5", "data.caption_noise: must be in [0, 1]"),
     ("data.train_fraction=0", "data.train_fraction: must be in (0, 1]"),
+    ("train.stop_signals=[SIGKILL]", "train.stop_signals: must be a list of catchable signal names"),
+    ("train.stop_signals=[USR1]", "train.stop_signals: must be a list of catchable signal names"),
+    ("engine.collective_timeout=0", "engine.collective_timeout: must be >= 1 (seconds)"),
+    ("data.global_batch_size=0", "data.global_batch_size: must be null or >= 1"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     path = write(tmp_path, {"data": {"train": ["a", "b"]}, "train": {"steps": 10}})
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     assert message in str(err.value)
+
+
+def test_a_global_batch_sets_the_per_rank_batch_for_each_world(tmp_path):
+    from alignvl_scale.config import for_world
+
+    path = write(tmp_path, {"data": {"train": ["a"], "global_batch_size": 96},
+                            "train": {"steps": 1, "accumulation": 2}})
+    cfg = load_config(path)
+    assert [for_world(cfg, w).data.batch_size for w in (1, 2, 3, 4, 6)] == [48, 24, 16, 12, 8]
+    with pytest.raises(ConfigError, match=r"data.global_batch_size: must be a multiple of 5 ranks x "
+                                          r"train.accumulation 2 = 10, got 96"):
+        for_world(cfg, 5)
+    with pytest.raises(ConfigError, match="per-rank batch is even with model.mixup fusemix"):
+        for_world(load_config(path, ["model.mixup=fusemix"]), 16)  # 96 / 32 = 3
+    with pytest.raises(ConfigError, match=r"set it \(96\) or data.batch_size \(8\), not both"):
+        load_config(path, ["data.batch_size=8"])
 
 
 def test_unequal_weights_need_resampled_mode(tmp_path):

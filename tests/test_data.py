@@ -23,6 +23,7 @@ from alignvl_scale.data.reader import (
     ImageTextDecoder,
     SampleSelection,
     TrainStream,
+    redeal,
     shard_examples,
 )
 from alignvl_scale.data.samples import DecodeLimits, decode_features
@@ -81,6 +82,68 @@ def test_fewer_shards_than_ranks_times_workers_fails_at_start(tmp_path):
     write_image_shards(tmp_path / "s", [20])
     with pytest.raises(DataSourceError, match="1 shards cannot feed 2 ranks x 1 workers"):
         make_stream(DataConfig(train=[str(tmp_path / "s")], workers=1), rank=0, world=2)
+
+
+def _read_some(streams: list[TrainStream], batches: int | None) -> list[str]:
+    """Captions of the first `batches` batches of each stream (None: to the end of the epoch)."""
+    seen = []
+    for stream in streams:
+        for i, batch in enumerate(stream, start=1):
+            seen += batch["captions"]
+            if i == batches:
+                break
+    return seen
+
+
+def _resized(dealt, cfg: DataConfig, world: int) -> list[TrainStream]:
+    streams = []
+    for rank in range(world):
+        stream = make_stream(cfg, rank, world)
+        stream.load_state_dict(dealt.streams[rank])
+        streams.append(stream)
+    return streams
+
+
+@pytest.mark.parametrize("world", [3, 1])
+def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_number_with_every_sample_once(tmp_path, world):
+    """Resize mid-epoch: 2 ranks x 2 workers read 3 batches each; the rest of the epoch is
+    re-dealt to `world` ranks with the same global batch (12) and other workers. No caption
+    twice; the ones never read are exactly the re-deal's `dropped` (each new worker's last
+    partial batch, a rank's batches past the least over ranks)."""
+    captions = write_image_shards(tmp_path / "s", [6 + (i * 5) % 7 for i in range(14)])  # uneven shards
+    old_cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=6, workers=2, shuffle_window=4)
+    old = [make_stream(old_cfg, rank, 2) for rank in range(2)]
+    seen = _read_some(old, 3)
+    new_cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=12 // world, workers=1 if world == 3 else 2,
+                         shuffle_window=4)
+    dealt = redeal([s.state_dict() for s in old], old[0].sources, 0, new_cfg, world)
+    new = _resized(dealt, new_cfg, world)
+    seen += _read_some(new, None)
+    assert len(seen) == len(set(seen)), Counter(seen).most_common(3)
+    assert set(seen) <= set(captions)
+    assert len(captions) - len(seen) == dealt.dropped
+    assert dealt.samples == len(captions) - 2 * 3 * 6
+    assert all(s.state.batches == new[0].state.batches == new[0].epoch_batches() > 0 for s in new)
+    assert dealt.dropped < world * new_cfg.workers * new_cfg.batch_size + new_cfg.batch_size * world  # a few batches
+
+
+def test_an_epoch_resized_twice_still_reads_every_sample_once(tmp_path):
+    """2 ranks -> 3 ranks (2 batches each) -> 1 rank: the second re-deal starts from
+    re-dealt tasks and positions inside them; and the next epoch is a whole one."""
+    captions = write_image_shards(tmp_path / "s", [9] * 12)
+    cfg = {world: DataConfig(train=[str(tmp_path / "s")], batch_size=12 // world, workers=1, shuffle_window=4)
+           for world in (1, 2, 3)}
+    first = [make_stream(cfg[2], rank, 2) for rank in range(2)]
+    seen = _read_some(first, 2)
+    second = _resized(redeal([s.state_dict() for s in first], first[0].sources, 0, cfg[3], 3), cfg[3], 3)
+    seen += _read_some(second, 2)
+    last = redeal([s.state_dict() for s in second], first[0].sources, 0, cfg[1], 1)
+    third = _resized(last, cfg[1], 1)
+    seen += _read_some(third, None)
+    assert len(seen) == len(set(seen))
+    assert len(captions) - len(seen) == last.dropped
+    third[0].next_epoch()
+    assert len(_read_some(third, None)) == third[0].batches_per_epoch * 12  # a whole epoch on the new world
 
 
 def test_resampled_mode_feeds_any_layout_equally(tmp_path):

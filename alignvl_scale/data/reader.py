@@ -19,8 +19,11 @@ rank ever waits in a collective that the others left.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -212,23 +215,52 @@ class FeatureDecoder:
         return {"image_features": torch.stack(images), "text_features": torch.stack(texts)}
 
 
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard as one worker reads it in one epoch: the parts its window shuffle is seeded
+    from, and the raw samples of it already read (a shard re-dealt mid-epoch by `redeal`:
+    the new reader replays the same shuffle and skips them)."""
+
+    url: str
+    samples: int | None  # the manifest's count
+    rng: tuple
+    start: int = 0
+
+    def as_list(self) -> list:
+        return [self.url, self.samples, list(self.rng), self.start]
+
+    @classmethod
+    def from_list(cls, x: list) -> ShardTask:
+        return cls(x[0], x[1], tuple(x[2]), x[3])
+
+
 @dataclass
 class StreamState:
     """Where one rank's stream stands; saved in every checkpoint (JSON-able)."""
 
     epoch: int = 0
     batches: int = 0  # handed to the trainer in this epoch
-    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (shard place, raw consumed)
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (task place, raw consumed)
     items: int = 0  # DataLoader items received in this epoch: batches and count-only reports
+    workers: int | None = None  # DataLoader workers the positions belong to
+    # An epoch re-dealt after a resize: each worker's tasks and the batches every rank makes of them.
+    tasks: dict[int, list[ShardTask]] | None = None
+    limit: int | None = None
 
     def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "items": self.items,
-                "positions": {str(w): list(p) for w, p in self.positions.items()}}
+        out = {"epoch": self.epoch, "batches": self.batches, "items": self.items, "workers": self.workers,
+               "positions": {str(w): list(p) for w, p in self.positions.items()}}
+        if self.tasks is not None:
+            out.update(limit=self.limit, tasks={str(w): [t.as_list() for t in ts] for w, ts in self.tasks.items()})
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
+        tasks = d.get("tasks")
         return cls(d["epoch"], d["batches"], {int(w): (p[0], p[1]) for w, p in d["positions"].items()},
-                   d.get("items", d["batches"]))
+                   d.get("items", d["batches"]), d.get("workers"),
+                   None if tasks is None else {int(w): [ShardTask.from_list(t) for t in ts] for w, ts in tasks.items()},
+                   d.get("limit"))
 
 
 class ShardStream(IterableDataset):
@@ -240,15 +272,18 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.seed, self.state = rank, world, seed, state
         self.selection = SampleSelection.from_config(cfg)
 
-    def worker_shards(self, worker: int, workers: int) -> Iterator[Shard]:
-        if self.cfg.mode == "resampled":
-            rng = seeded_rng(self.seed, "resampled", self.rank, worker)
-            while True:
+    def worker_tasks(self, worker: int, workers: int) -> Iterator[ShardTask]:
+        if self.state.tasks is not None:  # the rest of an epoch, re-dealt after a resize
+            yield from self.state.tasks.get(worker, [])
+        elif self.cfg.mode == "epoch":
+            order = epoch_order(self.sources, self.seed, self.state.epoch)
+            yield from epoch_tasks(order, self.seed, self.state.epoch, self.rank, self.world, worker, workers)
+        else:  # resampled: an endless weighted draw (a resize starts the next "epoch": fresh draws)
+            rng = seeded_rng(self.seed, "resampled", self.state.epoch, self.rank, worker)
+            for place in itertools.count():
                 source = rng.choices(range(len(self.sources)), weights=self.weights)[0]
-                yield rng.choice(self.sources[source])
-        shards = [s for source in self.sources for s in source]
-        seeded_rng(self.seed, "epoch", self.state.epoch).shuffle(shards)
-        yield from shards[self.rank::self.world][worker::workers]
+                shard = rng.choice(self.sources[source])
+                yield ShardTask(shard.url, shard.samples, (self.seed, self.state.epoch, self.rank, worker, place))
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -263,41 +298,54 @@ class ShardStream(IterableDataset):
         # Where a resume restarts this worker: just after its last batch. Count-only reports
         # carry it too, so that the samples pending in an unfinished batch are not skipped.
         committed = (place0, start0)
-        for place, shard in enumerate(self.worker_shards(worker, workers)):
+        for place, task in enumerate(self.worker_tasks(worker, workers)):
             if place < place0:
                 continue
-            rng = seeded_rng(self.seed, self.state.epoch, self.rank, worker, place)
-            start = start0 if place == place0 else 0
-            for consumed, example, raw in shard_examples(shard.url, self.decode, self.cfg.shuffle_window, rng,
-                                                         start, shard.samples, self.selection):
+            start = start0 if place == place0 else task.start
+            for consumed, example, raw in shard_examples(task.url, self.decode, self.cfg.shuffle_window,
+                                                         seeded_rng(*task.rng), start, task.samples, self.selection):
                 if not counts.record(example, raw.unsafe, raw.noisy):
                     if counts.total >= REPORT_SKIPS_EVERY:  # skips with no batch in sight: report them
-                        yield self._item(None, worker, committed, shard, counts)
+                        yield self._item(None, worker, committed, task.url, counts)
                         counts = SkipCounts()
                     continue
                 batch.append(example)
                 if len(batch) == self.cfg.batch_size:
                     committed = (place, consumed)
-                    yield self._item(self.decode.collate(batch), worker, committed, shard, counts)
+                    yield self._item(self.decode.collate(batch), worker, committed, task.url, counts)
                     batch, counts = [], SkipCounts()
             if counts.total > counts.good:  # a shard's skips reach the trainer even if no batch follows
-                yield self._item(None, worker, committed, shard, counts)
+                yield self._item(None, worker, committed, task.url, counts)
                 counts = SkipCounts()
         # A worker's last partial batch is dropped (fewer than batch_size samples per
         # worker per epoch): ranks must stay equal.
 
     @staticmethod
-    def _item(batch: dict | None, worker: int, position: tuple[int, int], shard: Shard, counts: SkipCounts) -> dict:
+    def _item(batch: dict | None, worker: int, position: tuple[int, int], url: str, counts: SkipCounts) -> dict:
         """What a worker hands the trainer: a batch (or None: a count-only report), where a
         resume restarts the worker, and the samples it counted since its last item."""
-        return {"batch": batch, "worker": worker, "position": position, "shard": shard.url,
-                "counts": counts.as_dict()}
+        return {"batch": batch, "worker": worker, "position": position, "shard": url, "counts": counts.as_dict()}
 
 
 def load_sources(cfg: DataConfig) -> list[list[Shard]]:
     if not cfg.train:
         raise DataSourceError("data.train: no training shards given")
     return [resolve_spec(spec, cfg.samples_per_shard) for spec in cfg.train]
+
+
+def epoch_order(sources: list[list[Shard]], seed: int, epoch: int) -> list[Shard]:
+    """Every shard of every source, in the order of epoch `epoch` (shuffled by seed and epoch)."""
+    shards = [s for source in sources for s in source]
+    seeded_rng(seed, "epoch", epoch).shuffle(shards)
+    return shards
+
+
+def epoch_tasks(order: list[Shard], seed: int, epoch: int, rank: int, world: int, worker: int,
+                workers: int) -> list[ShardTask]:
+    """A worker's shards in epoch mode: the epoch's order dealt to ranks, then to workers
+    (split_by_node, then split_by_worker, explicitly)."""
+    return [ShardTask(s.url, s.samples, (seed, epoch, rank, worker, place))
+            for place, s in enumerate(order[rank::world][worker::workers])]
 
 
 def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batch_size: int, seed: int = 0,
@@ -314,29 +362,109 @@ def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batc
     if len(shards) < world * workers:
         raise DataSourceError(f"{len(shards)} shards cannot feed {world} ranks x {workers} workers in epoch mode; "
                               "write more, smaller shards, lower data.workers, or use data.mode=resampled")
-    seeded_rng(seed, "epoch", epoch).shuffle(shards)
+    order = epoch_order(sources, seed, epoch)
     kept = SampleSelection(train_fraction).kept_samples
-    per_rank = []
-    for rank in range(world):
-        mine = shards[rank::world]
-        per_rank.append(sum(sum(kept(s.samples) for s in mine[w::workers]) // batch_size for w in range(workers)))
+    samples = [[sum(kept(s.samples) for s in order[rank::world][w::workers]) for w in range(workers)]
+               for rank in range(world)]
+    per_rank = [sum(n // batch_size for n in mine) for mine in samples]
     if min(per_rank) == 0:
         rank = per_rank.index(0)
-        samples = [sum(kept(s.samples) for s in shards[rank::world][w::workers]) for w in range(workers)]
         raise DataSourceError(f"data.batch_size={batch_size} per rank: rank {rank} of {world} gets "
-                              f"{sum(samples)} samples per epoch ({samples} over its {workers} DataLoader workers), "
-                              "and no worker can fill one batch; lower data.batch_size or data.workers, or add data")
+                              f"{sum(samples[rank])} samples per epoch ({samples[rank]} over its {workers} DataLoader "
+                              "workers), and no worker can fill one batch; lower data.batch_size or data.workers, or "
+                              "add data")
     return min(per_rank)
+
+
+@dataclass(frozen=True)
+class Redeal:
+    """The rest of an interrupted epoch on a new number of ranks (`redeal`)."""
+
+    streams: list[dict]  # one `TrainStream.state_dict()` per new rank
+    samples: int  # samples of the epoch not yet trained on
+    dropped: int  # of them, left out so that every rank makes the same number of batches
+
+
+def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConfig, world: int) -> Redeal:
+    """Deal what an epoch interrupted on len(old) ranks has left to `world` ranks x
+    cfg.workers workers, so that over the old and the new ranks every sample of the epoch
+    is read once.
+
+    old: each old rank's saved stream (`TrainStream.state_dict()`). Each old worker's tasks
+    are recomputed (or read, for an epoch already re-dealt) and cut at its saved position:
+    the shard it was reading goes on from the raw sample after its last batch (with the same
+    window shuffle, so exactly the samples it had not batched), the shards after it whole.
+    Those are dealt largest first to the least loaded new (rank, worker); every rank then
+    makes the least number of batches over ranks. Left out by design, as in any epoch: each
+    worker's last partial batch and a rank's batches beyond that least (`dropped`). Skip
+    counts carry over to new rank 0. Resampled streams restart with fresh draws.
+    """
+    states = [StreamState.from_dict(d["stream"]) for d in old]
+    counts = SkipCounts()
+    for d in old:
+        counts.add(SkipCounts.from_dict(d["counts"]))
+    epoch = states[0].epoch
+    if any(st.epoch != epoch for st in states):
+        raise DataError(f"the saved streams are in different epochs ({sorted({st.epoch for st in states})})")
+    workers = max(cfg.workers, 1)
+
+    def streams(new_states: list[StreamState]) -> list[dict]:
+        return [{"stream": st.as_dict(), "counts": (counts if r == 0 else SkipCounts()).as_dict()}
+                for r, st in enumerate(new_states)]
+
+    next_epoch = streams([StreamState(epoch=epoch + 1, workers=cfg.workers) for _ in range(world)])
+    if cfg.mode == "resampled":
+        return Redeal(next_epoch, 0, 0)
+    order = epoch_order(sources, seed, epoch)
+    kept = SampleSelection(cfg.train_fraction).kept_samples
+    full_epoch = {}  # old workers -> batches each old rank made in a whole epoch
+    rest: list[ShardTask] = []
+    for rank, st in enumerate(states):
+        old_workers = max(st.workers or cfg.workers, 1)
+        if st.tasks is None and old_workers not in full_epoch:
+            full_epoch[old_workers] = batches_per_epoch(sources, len(states), old_workers, cfg.batch_size, seed, epoch,
+                                                        cfg.train_fraction)
+        if st.batches >= (st.limit if st.tasks is not None else full_epoch[old_workers]):
+            continue  # this rank had finished the epoch: what it did not read is its drop
+        for worker in range(old_workers):
+            tasks = (st.tasks.get(worker, []) if st.tasks is not None
+                     else epoch_tasks(order, seed, epoch, rank, len(states), worker, old_workers))
+            place, consumed = st.positions.get(worker, (0, None))
+            if place < len(tasks):
+                start = tasks[place].start if consumed is None else consumed
+                rest += [dataclasses.replace(tasks[place], start=start), *tasks[place + 1:]]
+
+    def left(task: ShardTask) -> int:  # samples of the task still to train (kept ones, pro rata)
+        n = task.samples or 0
+        return kept(n) * max(n - task.start, 0) // n if n else 0
+
+    load, dealt = [0] * (world * workers), [[] for _ in range(world * workers)]
+    for task in sorted(rest, key=lambda t: (-left(t), t.url, t.start)):
+        slot = min(range(len(load)), key=lambda i: (load[i], i))
+        dealt[slot].append(task)
+        load[slot] += left(task)
+    # Slot i is worker i // world of rank i % world: the largest shards go to different ranks first.
+    limit = min(sum(load[w * world + r] // cfg.batch_size for w in range(workers)) for r in range(world))
+    total = sum(load)
+    if limit == 0:  # too little left for a batch on every rank: the epoch ends here
+        return Redeal(next_epoch, total, total)
+    new_states = [StreamState(epoch=epoch, workers=cfg.workers, limit=limit,
+                              tasks={w: dealt[w * world + r] for w in range(workers)}) for r in range(world)]
+    return Redeal(streams(new_states), total, total - limit * cfg.batch_size * world)
 
 
 class TrainStream:
     """One rank's view for the trainer: equal-length epochs, exact resume position, skip
     counts, and the stop rule for bad data."""
 
-    def __init__(self, cfg: DataConfig, decode, rank: int, world: int, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, decode, rank: int, world: int, seed: int,
+                 ignore_signals: tuple[str, ...] = ()) -> None:
+        """ignore_signals: signals the DataLoader workers ignore (train.stop_signals: a
+        launcher that signals the whole process group must not kill them mid-batch)."""
         self.cfg, self.decode, self.rank, self.world, self.seed = cfg, decode, rank, world, seed
+        self.ignore_signals = ignore_signals
         self.sources = load_sources(cfg)
-        self.state = StreamState()
+        self.state = StreamState(workers=cfg.workers)
         self.counts = SkipCounts()
         self.batches_per_epoch = None if cfg.mode == "resampled" else batches_per_epoch(
             self.sources, world, cfg.workers, cfg.batch_size, seed, train_fraction=cfg.train_fraction)
@@ -355,8 +483,17 @@ class TrainStream:
                             f"skipped (limit data.max_skip_fraction={self.cfg.max_skip_fraction}), last in {shard}; "
                             f"reasons {dict(self.counts.skipped)}")
 
+    def epoch_batches(self) -> int | None:
+        """Batches every rank makes in this epoch (None: resampled, no end)."""
+        return self.state.limit if self.state.tasks is not None else self.batches_per_epoch
+
     def epoch_done(self) -> bool:
-        return self.batches_per_epoch is not None and self.state.batches >= self.batches_per_epoch
+        limit = self.epoch_batches()
+        return limit is not None and self.state.batches >= limit
+
+    def _worker_init(self, _worker_id: int) -> None:
+        for name in self.ignore_signals:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     def __iter__(self) -> Iterator[dict]:
         """Batches of the current epoch from the saved position on (resampled mode: for
@@ -370,7 +507,8 @@ class TrainStream:
         # Pinned batches: the trainer's non_blocking copies then overlap the step on a GPU.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=self._worker_init if self.ignore_signals else None)
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])
             self.state.items += 1
@@ -384,4 +522,4 @@ class TrainStream:
                 return
 
     def next_epoch(self) -> None:
-        self.state = StreamState(epoch=self.state.epoch + 1)
+        self.state = StreamState(epoch=self.state.epoch + 1, workers=self.cfg.workers)

@@ -1,0 +1,423 @@
+"""Runs that outlive their machines: a checkpoint resumed on another number of ranks and
+another ZeRO stage (weights and Adam moments exactly the checkpoint's, the epoch's data
+re-dealt), preemption by a signal that reaches one rank, a full disk during a save, a
+peer that dies or hangs, and the launchers on two "nodes" on loopback. Cached-feature
+runs (adapters + loss: seconds per run) with noise and dropout on and a decaying LR.
+
+Slow-marked here: the rest of the two-node launcher cells (`pytest -m slow`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_train import BIN, ROOT, assert_lr_follows_the_schedule, env, kill_tree, launch_cmd, logged, run
+
+from alignvl_scale.checkpoint import weights_only_loads
+from alignvl_scale.engine import free_port
+from alignvl_scale.launch import LaunchEnv, LaunchError, check_declared_world, export_torch_env, launch_env
+from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.universal import convert
+
+GLOBAL_BATCH = 12  # 2 ranks x 6, 3 x 4, 1 x 12
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    write_feature_shards(root / "train", 12 * 16, shards=12)  # an epoch: 16 steps of 12
+    return root / "train"
+
+
+def cluster_config(tmp_path: Path, features: Path, name: str = "run", **sections) -> tuple[Path, Path]:
+    run_dir = tmp_path / name
+    cfg = {"model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.05, "dropout": 0.1},
+           "data": {"kind": "features", "train": [str(features)], "global_batch_size": GLOBAL_BATCH, "workers": 1},
+           "train": {"steps": 24, "lr": 0.01, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 1},
+           "checkpoint": {"every": 5, "keep": 3}, "run_dir": str(run_dir)}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
+
+
+class Started:
+    """A launch in the background whose output goes to files (a pipe nobody reads fills up
+    and blocks the ranks that write to it)."""
+
+    def __init__(self, cmd: list[str], folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = folder / "stdout.log", folder / "stderr.log"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            kill_tree(self.proc.pid)
+        return code, self.out.read_text(), self.err.read_text()
+
+
+def torchrun(config: Path, ranks: int, stage: int, *args: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port()), str(ROOT / "launchers" / "train.py"), "--config", str(config), *args,
+            f"engine.ds_config=zero{stage}"]
+
+
+def optimizer_view(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every trained parameter's fp32 weight, Adam moments and step, by name, whatever
+    ZeRO stage and world wrote the checkpoint (through the universal conversion)."""
+    out = Path(tempfile.mkdtemp()) / "state"
+    with weights_only_loads():
+        convert(checkpoint / "state", out)
+    view = {}
+    for folder in (p for p in (out / "zero").iterdir() if p.is_dir()):
+        for file in folder.glob("*.pt"):
+            value = torch.load(file, weights_only=True)
+            view[f"{folder.name}/{file.stem}"] = (value["param"] if isinstance(value, dict) else value).flatten()
+    return view
+
+
+@pytest.fixture(scope="module")
+def saved_on_two(tmp_path_factory, features):
+    """2-rank runs under ZeRO-2 and ZeRO-3 with a checkpoint at step 7 (mid-epoch)."""
+    runs = {}
+    for stage in (2, 3):
+        tmp = tmp_path_factory.mktemp(f"two_ranks_zero{stage}")
+        config, run_dir = cluster_config(tmp, features, checkpoint={"every": 7, "keep": 4})
+        run(torchrun(config, 2, stage), run_dir)
+        runs[stage] = run_dir
+    return runs
+
+
+def resumable_copy(run_dir: Path, step: int, to: Path) -> Path:
+    """A run folder holding only `run_dir`'s checkpoint of `step`, named by `latest`."""
+    import shutil
+
+    name = f"step_{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, to / "checkpoints" / name)
+    (to / "checkpoints" / "latest").write_text(name)
+    return to / "checkpoints" / name
+
+
+@pytest.mark.parametrize("old_stage,ranks,stage", [(2, 3, 3), (3, 1, 1)])
+def test_a_checkpoint_resumes_on_another_world_and_zero_stage_exactly(tmp_path, features, saved_on_two, old_stage,
+                                                                      ranks, stage):
+    """2 ranks under ZeRO-2 -> 3 under ZeRO-3, and ZeRO-3 -> 1 rank under ZeRO-1: right after
+    the resume (a run of 0 more steps saves again) weights, Adam moments and steps equal the
+    checkpoint's; the original is untouched; then training goes on from the loss it had
+    (not from scratch), on the schedule, with the same contrastive batch."""
+    source = saved_on_two[old_stage] / "checkpoints" / "step_00000007"
+    run_dir = tmp_path / "run"
+    resumable_copy(saved_on_two[old_stage], 7, run_dir)
+    before = {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    config, _ = cluster_config(tmp_path, features)
+
+    out = run(torchrun(config, ranks, stage, "--resume", "latest", "train.steps=7"), run_dir)
+    line = next(x for x in out.stdout.splitlines() if "resumed from" in x)
+    assert f"written by ZeRO-{old_stage} on 2 ranks, now ZeRO-{stage} on {ranks} ranks" in line, line
+    assert "loaded from step_00000007.universal" in line and "re-dealt" in line, line
+    assert "contrastive batch changed" not in line
+    assert {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
+    want, got = optimizer_view(source), optimizer_view(run_dir / "checkpoints" / "step_00000007")
+    assert sorted(want) == sorted(got) and any(k.endswith("/exp_avg_sq") for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+    run(torchrun(config, ranks, stage, "--resume", "latest"), run_dir)
+    losses, old = logged(run_dir, "train/loss"), logged(saved_on_two[old_stage], "train/loss")
+    assert sorted(losses) == list(range(8, 25))
+    # It goes on where it was: a fresh start would be back near old[1]. (The batches differ, so the
+    # per-step losses of 12 pairs do; their mean over the next steps stays that of the unresized run.)
+    mean = [sum(x[s] for s in range(8, 13)) / 5 for x in (losses, old)]
+    assert mean[0] < 0.3 * old[1] and 0.5 < mean[0] / mean[1] < 2, (old, losses)
+    assert logged(run_dir, "train/contrastive_batch")[24] == GLOBAL_BATCH
+    assert_lr_follows_the_schedule(run_dir)
+
+
+def test_the_same_world_on_another_stage_continues_exactly(tmp_path, features, saved_on_two):
+    """ZeRO-2 -> ZeRO-3 on the same 2 ranks: data positions and RNG streams carry over, so
+    the losses after the resume equal those of the run that never changed stage."""
+    run_dir = tmp_path / "run"
+    resumable_copy(saved_on_two[2], 7, run_dir)
+    config, _ = cluster_config(tmp_path, features)
+    out = run(torchrun(config, 2, 3, "--resume", "latest"), run_dir)
+    assert "ZeRO-2 on 2 ranks, now ZeRO-3 on 2 ranks" in out.stdout
+    want, got = logged(saved_on_two[2], "train/loss"), logged(run_dir, "train/loss")
+    assert got[8] == pytest.approx(want[8], rel=1e-6)  # the same weights, batch and noise
+    # After that only the stages' reduction orders differ: no more than between the two stages from scratch.
+    from_scratch = logged(saved_on_two[3], "train/loss")
+    drift = max(abs(got[s] / want[s] - 1) for s in range(8, 25))
+    assert drift <= 2 * max(abs(from_scratch[s] / want[s] - 1) for s in range(1, 25)) + 1e-6, drift
+
+
+def test_a_stage_change_deepspeed_cannot_convert_is_one_line(tmp_path, features):
+    """ZeRO-0 has no universal checkpoint: moving a ZeRO-0 checkpoint to ZeRO-2 is refused
+    before any process group, in one line."""
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                                 "zero_optimization": {"stage": 0}}))
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 2})
+    cmd = torchrun(config, 2, 2)
+    run(cmd[:-1] + [f"engine.ds_config={zero0}"], run_dir)
+    proc = subprocess.run(torchrun(config, 1, 2, "--resume", "latest"), cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    line = next(x for x in proc.stderr.splitlines() if "[alignvl-scale] error:" in x)
+    assert "ZeRO-0 on 2 ranks; this run is ZeRO-2 on 1 ranks" in line and "ZeRO stages 1-3" in line, line
+    assert "]: Traceback" not in proc.stderr and "AssertionError" not in proc.stderr
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the trainer processes a torchrun process started (its children)."""
+    found = {}
+    for task in Path(f"/proc/{launcher}/task").glob("*"):
+        for pid in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            rank = [v.split("=", 1)[1] for v in environ if v.startswith("RANK=")]
+            if rank:
+                found[int(rank[0])] = int(pid)
+    return found
+
+
+def test_sigterm_to_one_rank_checkpoints_the_step_and_exits_0(tmp_path, features):
+    """SIGTERM reaches rank 1 only (as when a scheduler signals one node): both ranks agree
+    to stop after the step, save it, and exit 0; the resumed run's losses equal those of a
+    run that never stopped."""
+    long = {"steps": 100}  # long enough to be signalled mid-run
+    reference_config, reference = cluster_config(tmp_path, features, "reference", checkpoint={"every": 0}, train=long)
+    run(torchrun(reference_config, 2, 2), reference)
+    config, run_dir = cluster_config(tmp_path, features, checkpoint={"every": 0}, train=long)
+    proc = subprocess.Popen(torchrun(config, 2, 2), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and max(logged(run_dir, "train/loss") if (run_dir / "metrics.jsonl").exists()
+                                             else [0], default=0) < 5:
+            time.sleep(0.05)
+        pids = rank_pids(proc.pid)
+        os.kill(pids[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(x for x in out.splitlines() if "stopped by" in x)
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert "a stop signal to another rank" in line or "SIGTERM" in line
+    assert 5 <= step < 100 and f"checkpoints/step_{step:08d}" in line
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert not (run_dir / "summary.json").exists()
+    run(torchrun(config, 2, 2, "--resume", "latest"), run_dir)
+    want, got = logged(reference, "train/loss"), logged(run_dir, "train/loss")
+    for s in range(step + 1, 101):
+        assert got[s] == pytest.approx(want[s], rel=1e-5), s
+
+
+def test_a_full_disk_during_a_save_names_the_path_and_keeps_latest(tmp_path, features):
+    """The run folder on a 6 MiB tmpfs that a filler leaves nearly full after the first
+    checkpoint: the next save fails with one line naming the path and "No space left on
+    device"; `latest` still names the first checkpoint; no partial folder is left."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        config, run_dir = cluster_config(tmp_path, features, train={"steps": 40}, checkpoint={"every": 10})
+        config.write_text(config.read_text().replace(str(tmp_path / "run"), str(mount / "run")))
+        run_dir = mount / "run"
+        launch = Started(torchrun(config, 2, 2), tmp_path / "logs")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "checkpoints" / "latest").exists():
+            time.sleep(0.02)
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        (mount / "filler").write_bytes(b"\0" * max(free - 96 * 1024, 0))  # room for the logs, not a checkpoint
+        code, out, err = launch.wait(timeout=120)
+    finally:
+        saved = (run_dir / "checkpoints").exists() and sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        latest = (run_dir / "checkpoints" / "latest").read_text() if saved else None
+        subprocess.run(["umount", "-l", str(mount)])
+    assert code != 0
+    line = next(x for x in err.splitlines() if "[alignvl-scale] error:" in x)
+    assert "no space left on device" in line.lower() and "checkpoints/.step_" in line, line
+    assert "`latest` still names step_00000010" in line, line
+    assert latest == "step_00000010" and not [n for n in saved if n.endswith(".partial")], saved
+    assert "]: Traceback" not in err  # no rank's traceback (torchrun prints its own for a failed child)
+
+
+def test_a_hung_peer_ends_the_run_within_the_collective_timeout(tmp_path, features):
+    """Rank 1 stopped (SIGSTOP) mid-run: rank 0 waits at most engine.collective_timeout (20 s),
+    then exits with a line saying a peer was lost."""
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 400}, engine={"collective_timeout": 20})
+    launch = Started(torchrun(config, 2, 2), tmp_path / "logs")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and logged(run_dir, "train/loss")):
+            time.sleep(0.05)
+        pids = rank_pids(launch.pid)
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = time.time()
+        while time.time() < stopped + 120 and running(pids[0]):
+            time.sleep(0.2)
+        waited = time.time() - stopped
+        os.kill(pids[1], signal.SIGKILL)
+    finally:
+        _, _, err = launch.wait(timeout=60)
+    assert waited < 20 + 30, waited
+    assert "lost contact with another rank" in err, err[-3000:]
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def two_node_cmds(launcher: str, config: Path, tmp_path: Path) -> list[list[str]]:
+    """Two one-rank "nodes" on loopback, each its own launcher invocation."""
+    port, train = str(free_port()), [str(ROOT / "launchers" / "train.py"), "--config", str(config)]
+    if launcher == "torchrun":
+        return [[str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", port, *train, "engine.ds_config=zero2"]
+                for n in (0, 1)]
+    if launcher == "deepspeed":
+        hosts = tmp_path / "hostfile"
+        hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+        return [[str(BIN / "deepspeed"), "--no_ssh", "--hostfile", str(hosts), "--node_rank", str(n),
+                 "--master_addr", "127.0.0.1", "--master_port", port, *train, "engine.ds_config=zero2"]
+                for n in (0, 1)]
+    return [[str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launchers/accelerate/zero2.yaml"),
+             "--num_machines", "2", "--machine_rank", str(n), "--num_processes", "2", "--main_process_ip",
+             "127.0.0.1", "--main_process_port", port, *train] for n in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def one_node_two_ranks(tmp_path_factory, features):
+    tmp = tmp_path_factory.mktemp("one_node")
+    config, run_dir = cluster_config(tmp, features, train={"steps": 8})
+    run(launch_cmd("torchrun", 2, config), run_dir)
+    return logged(run_dir, "train/loss")
+
+
+@pytest.mark.parametrize("launcher", [pytest.param("torchrun"), pytest.param("deepspeed", marks=pytest.mark.slow),
+                                      pytest.param("accelerate", marks=pytest.mark.slow)])
+def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path, features, one_node_two_ranks, launcher):
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 8})
+    nodes = [Started(cmd, tmp_path / f"node{n}") for n, cmd in enumerate(two_node_cmds(launcher, config, tmp_path))]
+    results = [node.wait(timeout=300) for node in nodes]
+    assert [r[0] for r in results] == [0, 0], results[0][2][-3000:] + results[1][2][-3000:]
+    assert "2 ranks x 6 = contrastive batch 12" in results[0][1]
+    got = logged(run_dir, "train/loss")
+    assert got == pytest.approx(one_node_two_ranks, rel=1e-6)
+
+
+def test_accelerate_machines_that_would_train_alone_are_refused(tmp_path, features):
+    """accelerate launch --num_machines 2 with its default multi-node launcher (pdsh) starts a
+    one-rank world on the machine: refused before training, naming the fix."""
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 2})
+    cmd = two_node_cmds("accelerate", config, tmp_path)[0]
+    cmd[cmd.index("--num_machines"):cmd.index("--num_machines")] = ["--deepspeed_multinode_launcher", "pdsh"]
+    # cwd: Accelerate writes a .deepspeed_env file there for DeepSpeed's multi-node launchers.
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "accelerate launch declared 2 processes on 2 machine(s)" in proc.stderr, proc.stderr[-3000:]
+    assert "deepspeed_multinode_launcher: standard" in proc.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_a_second_stop_signal_exits_at_once(tmp_path):
+    """The first signal only asks for a stop after the step; the second ends the process."""
+    script = tmp_path / "stop.py"
+    script.write_text("import os, signal, time\nfrom alignvl_scale.train import StopRequested\n"
+                      "stop = StopRequested(['SIGUSR1'])\nos.kill(os.getpid(), signal.SIGUSR1)\n"
+                      "print('first:', stop.signal, flush=True)\nos.kill(os.getpid(), signal.SIGUSR1)\n"
+                      "time.sleep(30)\nprint('still here', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=60)
+    assert "first: SIGUSR1" in proc.stdout and "still here" not in proc.stdout
+    assert proc.returncode == -signal.SIGUSR1
+
+
+@pytest.mark.parametrize("environ,want", [
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"},
+     LaunchEnv(3, 8, 1, "torchrun", 1, 4)),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "CROSS_RANK": "1", "CROSS_SIZE": "2", "LOCAL_SIZE": "1"},
+     LaunchEnv(1, 2, 0, "deepspeed", 1, 2)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_NNODES": "8"},
+     LaunchEnv(5, 16, 1, "slurm", 2, 8)),
+    ({"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, LaunchEnv(6, 8, 2, "mpi", 1, 2)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, LaunchEnv(0, 1, 0, "none")),  # a one-task job: no launcher
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"},  # torchrun under srun
+     LaunchEnv(0, 2, 0, "torchrun", 0, 1)),
+])
+def test_the_launch_environment_of_each_launcher(environ, want):
+    assert launch_env(environ) == want
+
+
+def test_srun_without_torchrun_needs_the_rendezvous_address():
+    environ = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"}
+    with pytest.raises(LaunchError, match="set MASTER_ADDR and MASTER_PORT"):
+        export_torch_env(launch_env(environ), environ)
+    environ.update(MASTER_ADDR="node-a", MASTER_PORT="29500")
+    export_torch_env(launch_env(environ), environ)
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("1", "2", "1")
+
+
+def test_a_declared_world_that_differs_is_refused_naming_the_fix():
+    check_declared_world(LaunchEnv(0, 2, 0, "accelerate"), (2, 2, "standard"))
+    with pytest.raises(LaunchError, match="deepspeed_multinode_launcher: standard"):
+        check_declared_world(LaunchEnv(0, 1, 0, "deepspeed"), (2, 2, "pdsh"))
+
+
+def test_the_slurm_example_checkpoints_on_usr1_and_the_requeued_job_resumes(tmp_path, features):
+    """launchers/slurm.example.sh with stand-ins for srun (runs its command here) and
+    scontrol (names this host, records the requeue): USR1 to the batch script requeues the
+    job and reaches the ranks through srun and torchrun; they save and exit; the script run
+    again resumes from that checkpoint and finishes the run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n[ \"$1\" = show ] && echo 127.0.0.1 && exit 0\n"
+                                      f"echo \"$@\" >> {tmp_path / 'requeued'}\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 150}, checkpoint={"every": 0})
+    job = {**env(), "PATH": f"{bin_dir}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "RANKS_PER_NODE": "2", "RDZV_PORT": str(free_port())}
+    cmd = ["bash", str(ROOT / "launchers/slurm.example.sh"), str(config), "engine.ds_config=zero2"]
+    logs = tmp_path / "job.log"
+    with logs.open("w") as log:
+        script = subprocess.Popen(cmd, cwd=ROOT, env=job, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
+                                                  and max(logged(run_dir, "train/loss"), default=0) >= 3):
+                time.sleep(0.05)
+            os.kill(script.pid, signal.SIGUSR1)
+            script.wait(timeout=120)
+        finally:
+            kill_tree(script.pid)
+    out = logs.read_text()
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "7"], out[-3000:]
+    line = next(x for x in out.splitlines() if "stopped by SIGUSR1" in x)
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert 3 <= step < 150 and (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    again = subprocess.run(cmd, cwd=ROOT, env=job, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {step}" in again.stdout and (run_dir / "summary.json").exists()
