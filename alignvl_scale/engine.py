@@ -92,9 +92,13 @@ def make_accelerator(ds_config: dict, trackers: list[str] = (), project_dir: str
     """trackers: Accelerate's tracker names other than TensorBoard (which the run logger
     writes itself), started by the trainer with `init_trackers`. timeout_s: how long a
     collective waits for a peer (engine.collective_timeout)."""
+    import torch
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
+    from alignvl_scale.ds_ops import prepare_deepspeed_ops
+
+    prepare_deepspeed_ops(on_gpu=torch.cuda.is_available())  # before DeepSpeed's comm backend starts
     timeout = timedelta(seconds=timeout_s)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(deepspeed_plugin=plugin, mixed_precision="no",  # autocast is DeepSpeed's (fill_ds_config)

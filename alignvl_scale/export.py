@@ -6,6 +6,8 @@
     EXPORT/image_tower/, EXPORT/text_tower/   architecture and preprocessing files (HF towers)
 
 `export_hf` writes the same model as a transformers folder instead (alignvl_scale/hf.py).
+Both write beside OUT and rename into place when complete (`written_aside`): an export
+killed half way leaves an earlier export at OUT whole.
 
 Nothing here runs code from a file a user may have been handed: exports are safetensors,
 the config is YAML, the tower files are JSON and tokenizer files, and a training
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from contextlib import redirect_stdout
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -48,12 +53,36 @@ def consolidated_state_dict(checkpoint: Path, trust: bool = False) -> dict[str, 
     return {k: v.contiguous() for k, v in state.items()}
 
 
+@contextmanager
+def written_aside(out: str | Path):
+    """A fresh folder beside `out` to write into; renamed to `out` when the block completes
+    (an earlier `out` is replaced then, not before), removed when it fails."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path:
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint = Path(checkpoint)
     if not (checkpoint / TAG).is_dir():
         raise FileNotFoundError(f"{checkpoint}: not a training checkpoint (no {TAG}/ inside)")
+    with written_aside(out) as folder:
+        _export(checkpoint, folder, trust)
+    return Path(out)
+
+
+def _export(checkpoint: Path, out: Path, trust: bool) -> None:
     cfg = read_run_config(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
     state = consolidated_state_dict(checkpoint, trust)
     if cfg.data.kind != "features":  # towers are in the weights: keep their files beside them
         towers = build_towers(cfg, load_weights=True)
@@ -70,14 +99,12 @@ def export(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path
                 getattr(cfg.model, f"{modality}_tower").name = f"{modality}_tower"
     save_file(state, str(out / WEIGHTS))
     (out / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    return out
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path:
     """A checkpoint as a transformers folder (see alignvl_scale/hf.py), with a model card
     that quotes the run's final evaluation when the checkpoint is the run's last step."""
     import json
-    import tempfile
 
     from alignvl_scale.hf import save_hf
     from alignvl_scale.model import AlignVLModel
@@ -92,8 +119,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, trust: bool = False) -> P
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
         if summary and summary.get("step") != step_of(checkpoint):
             summary = None  # the run's final numbers are not this checkpoint's
-        out.mkdir(parents=True, exist_ok=True)
-        return save_hf(model, read_run_config(checkpoint), encoder.preprocessing, out, summary)
+        with written_aside(out) as folder:
+            save_hf(model, read_run_config(checkpoint), encoder.preprocessing, folder, summary)
+    return out
 
 
 def load_encoder(path: str | Path, device: str = "cpu", trust_checkpoint: bool = False) -> Encoder:

@@ -4,8 +4,11 @@ and Align-VL train: adapters then train on cached features at huge batches).
 Input shard i becomes output shard i (same keys): `img.npy` (d_img,) and `txt.npy`
 (captions, d_txt) in float16, plus the captions as json. Ranks take shards round robin;
 each output shard is written to a temporary name and renamed when complete, with a
-sidecar of its counts, so a rerun skips finished shards (idempotent, resumable shard by
-shard). Rank 0 writes the manifest (towers, dims, counts) once every rank is done.
+sidecar of its counts, its source and a fingerprint of what made it (tower configs and
+weight files, image transform, decode limits), so a rerun skips the shards that are done
+and redoes, saying so, those that another source, towers or preprocessing made
+(idempotent, resumable shard by shard, never a manifest that describes other features).
+Rank 0 writes the manifest (towers, dims, counts) once every rank is done.
 
     torchrun --nproc_per_node 2 -m alignvl_scale.cli extract --config configs/demo.yaml \
         --data shards/train --out features/train
@@ -14,6 +17,7 @@ shard). Rank 0 writes the manifest (towers, dims, counts) once every rank is don
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from contextlib import nullcontext
@@ -37,7 +41,7 @@ from alignvl_scale.data.samples import (
     raw_samples,
 )
 from alignvl_scale.data.shards import SHARD_PATTERN, resolve_spec, write_json_atomic, write_manifest
-from alignvl_scale.distributed import any_rank, barrier, rank_world
+from alignvl_scale.distributed import all_reduce_floats, any_rank, rank_world
 from alignvl_scale.engine import fill_ds_config, zero3_init, zero_stage
 from alignvl_scale.model import build_preprocessing, build_towers
 from alignvl_scale.towers import set_train_mode
@@ -56,6 +60,9 @@ class TowerPair:
         if self.lockstep:
             import deepspeed
 
+            from alignvl_scale.ds_ops import prepare_deepspeed_ops
+
+            prepare_deepspeed_ops(on_gpu=device.type == "cuda")
             deepspeed.init_distributed()  # DeepSpeed's view of the process group torchrun made
         self.preprocessing = build_preprocessing(cfg)  # outside zero.Init: plain CPU objects
         with zero3_init(ds_config) if self.lockstep else nullcontext():
@@ -135,6 +142,23 @@ def _first_image(shards: list, limits: DecodeLimits):
                 continue
 
 
+def fingerprint(cfg: RunConfig) -> str:
+    """What makes a feature shard what it is, hashed: the towers' configs and weight files
+    (name, size, time) and the image transform and decode limits."""
+    def weight_files(name: str) -> list:
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            return []
+        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                      if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+    towers = {m: dataclasses.asdict(getattr(cfg.model, f"{m}_tower")) for m in ("image", "text")}
+    made_of = {"towers": towers, "weights": {m: weight_files(t["name"]) for m, t in towers.items()},
+               "image_transform": [cfg.data.image_size, cfg.data.image_mean, cfg.data.image_std],
+               "limits": dataclasses.asdict(cfg.data.limits())}
+    return hashlib.sha1(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int = 64) -> dict | None:
     """Every rank calls this; returns the manifest on rank 0 (None elsewhere)."""
     rank, world = rank_world()
@@ -145,17 +169,24 @@ def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int =
     towers = TowerPair(cfg, world, device)
     limits = cfg.data.limits()
     mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
+    made_of, redone = fingerprint(cfg), 0
     for i, shard in tqdm(mine, desc=f"extract -> {out}", unit="shard", disable=rank != 0):
         target, sidecar = out / SHARD_PATTERN.format(i), out / f".{SHARD_PATTERN.format(i)}.json"
         if target.exists() and sidecar.exists():
-            continue  # done by an earlier run
+            info = json.loads(sidecar.read_text())
+            if info.get("fingerprint") == made_of and info.get("source") == shard.url:
+                continue  # done by an earlier run of this extraction
+            redone += 1
         counts = _extract_shard(shard.url, target, towers, limits, batch_size)
-        write_json_atomic(sidecar, {"source": shard.url, **counts.as_dict()})
+        write_json_atomic(sidecar, {"source": shard.url, "fingerprint": made_of, **counts.as_dict()})
     if towers.lockstep:
         if towers.dummy is None:  # nothing to encode here: borrow a sample for the dummy forwards
             towers.dummy = [("", next(_first_image(shards, limits)), ["a"])]
         towers.finish()
-    barrier()
+    # After the lockstep forwards; also the barrier before rank 0 reads every rank's sidecars.
+    redone = int(all_reduce_floats([redone])[0])
+    if rank == 0 and redone:
+        print(f"[extract] redid {redone} shards in {out} that other sources, towers or preprocessing had made")
     if rank != 0:
         return None
     entries, total = [], SkipCounts()

@@ -9,13 +9,17 @@ imported (it registers the `alignvl` model type with the Auto classes):
     text_emb = model.get_text_features(input_ids=..., attention_mask=...)
 
 The folder: config.json (both towers' architectures inline, the Align-VL head's settings),
-model.safetensors (fp32), the text tower's tokenizer files, the image tower's processor
-files when it has one, and README.md (a model card). The towers keep the pooling they
-were trained with, so the embeddings equal `load_encoder`'s.
+model.safetensors (fp32), the text tower's tokenizer files, the image processor (the
+tower's own, or the trained transform as a CLIPImageProcessor: same pixels with
+backend="pil"), and README.md (a model card). The towers keep the pooling they were
+trained with, so the embeddings equal `load_encoder`'s. Nothing local leaves with it: the
+run config in config.json and the card has its paths (data, run folder, local tower
+folders) reduced to their last part.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,8 +28,12 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from alignvl_scale.config import ConfigError, RunConfig, config_from_dict
+from alignvl_scale.data.transforms import ImageTransform
+from alignvl_scale.metrics import headline
 from alignvl_scale.model import AlignVLModel, build_model
 from alignvl_scale.towers import HFTower, ProcessorTransform, Tokenize
+
+INSTALL = "pip install alignvl-scale"  # the package that registers the model type
 
 
 class AlignVLConfig(PretrainedConfig):
@@ -93,32 +101,58 @@ AutoConfig.register("alignvl", AlignVLConfig)
 AutoModel.register(AlignVLConfig, AlignVLHFModel)
 
 
+def _local(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../")) or Path(value).expanduser().exists()
+
+
+def public_run_config(tree: dict) -> dict:
+    """The run config without local paths: run_dir, data and eval paths, and tower names
+    that are local folders become their last part (Hub ids stay)."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return Path(value).name if isinstance(value, str) and _local(value) else value
+
+    return clean(tree)
+
+
+def _cell(text: object) -> str:
+    """A value as a Markdown table cell: code, with the characters that would end the span
+    or the cell escaped."""
+    return "`" + re.sub(r"([`|\\])", r"\\\1", str(text)).replace("\n", " ") + "`"
+
+
 def model_card(cfg: RunConfig, summary: dict | None) -> str:
-    """README.md of the HF folder: towers, data, the run config, final retrieval numbers."""
-    m = cfg.model
+    """README.md of the HF folder: what to install, towers, data, the run config (no local
+    paths), final retrieval numbers."""
+    run = public_run_config(cfg.to_dict())
+    m, data = run["model"], run["data"]
     lines = ["---", "library_name: transformers", "tags: [alignvl-scale, vision-language, contrastive]", "---", "",
              "# Align-VL dual encoder", "",
-             "Trained with [alignvl-scale](https://github.com/) (Random Perturbation + Embedding Smoothing on "
-             "FuseMix-style adapters). Load with `import alignvl_scale.hf` first, then "
-             "`AutoModel.from_pretrained(...)`; no remote code.", "",
-             "| | |", "|---|---|",
-             f"| image tower | `{m.image_tower.name}` ({m.image_tower.pooling} pooling, "
-             f"{'trained' if m.image_tower.trainable else 'frozen'}) |",
-             f"| text tower | `{m.text_tower.name}` ({m.text_tower.pooling} pooling, "
-             f"{'trained' if m.text_tower.trainable else 'frozen'}) |",
-             f"| adapters | {m.adapter} (depth {m.adapter_depth}) -> {m.embed_dim}-d |",
-             f"| latent mixup | {m.mixup}" + (f", Beta({m.mixup_beta:g}, {m.mixup_beta:g})" if m.mixup != "off" else "")
-             + " |",
-             f"| Random Perturbation sigma | {m.noise_sigma} ({m.noise_mode}) |",
-             f"| Embedding Smoothing alpha | {cfg.loss.smoothing} |",
-             f"| training data | {', '.join(f'`{d}`' for d in cfg.data.train) or '-'} |", ""]
+             "Trained with alignvl-scale (Random Perturbation + Embedding Smoothing on FuseMix-style adapters). "
+             "The `alignvl` model type comes with that package, not with transformers: `" + INSTALL + "`, then "
+             "`import alignvl_scale.hf` before `AutoModel.from_pretrained(...)` (no remote code). For exactly the "
+             "training pixels, `AutoImageProcessor.from_pretrained(..., backend=\"pil\")`.", "",
+             "| | |", "|---|---|"]
+    for modality in ("image", "text"):
+        tower = m[f"{modality}_tower"]
+        lines.append(f"| {modality} tower | {_cell(tower['name'])} ({_cell(tower['pooling'])} pooling, "
+                     f"{'trained' if tower['trainable'] else 'frozen'}) |")
+    mix = cfg.model
+    lines += [f"| adapters | {_cell(mix.adapter)} (depth {mix.adapter_depth}) -> {mix.embed_dim}-d |",
+              f"| latent mixup | {_cell(mix.mixup)}" + (f", Beta({mix.mixup_beta:g}, {mix.mixup_beta:g})"
+                                                         if mix.mixup != "off" else "") + " |",
+              f"| Random Perturbation sigma | {mix.noise_sigma} ({_cell(mix.noise_mode)}) |",
+              f"| Embedding Smoothing alpha | {cfg.loss.smoothing} |",
+              f"| training data | {', '.join(_cell(d) for d in data['train']) or '-'} |", ""]
     final = (summary or {}).get("eval", {})
     if final:
         lines += ["## Final evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k.removeprefix('eval/')} | {v:.2f} |" for k, v in final.items()
-                  if "R@" in k or "/top" in k or k.endswith(("_ece", "_nll"))]
+        lines += [f"| {_cell(k.removeprefix('eval/'))} | {v:.2f} |" for k, v in final.items() if headline(k)]
         lines.append("")
-    lines += ["## Run config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    lines += ["## Run config", "", "```yaml", yaml.safe_dump(run, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -128,8 +162,10 @@ def save_hf(model: AlignVLModel, cfg: RunConfig, preprocessing, out: Path, summa
     if not all(isinstance(t, HFTower) for t in towers):
         raise ConfigError("export --format hf: both towers must be transformers models (model.*_tower.kind: hf); "
                           f"this run has {cfg.model.image_tower.kind} and {cfg.model.text_tower.kind}")
-    config = AlignVLConfig(image_tower=towers[0].model.config.to_dict(), text_tower=towers[1].model.config.to_dict(),
-                           run=cfg.to_dict())
+    tower_configs = [public_run_config({k: v for k, v in t.model.config.to_dict().items() if k != "_name_or_path"})
+                     for t in towers]
+    config = AlignVLConfig(image_tower=tower_configs[0], text_tower=tower_configs[1],
+                           run=public_run_config(cfg.to_dict()), alignvl_install=f"{INSTALL}; import alignvl_scale.hf")
     hf_model = AlignVLHFModel(config)
     hf_model.alignvl.load_state_dict(model.state_dict(), strict=True)
     hf_model.save_pretrained(out)
@@ -138,6 +174,8 @@ def save_hf(model: AlignVLModel, cfg: RunConfig, preprocessing, out: Path, summa
             prep.tokenizer.save_pretrained(out)
         if isinstance(prep, ProcessorTransform):
             prep.processor.save_pretrained(out)
+        if isinstance(prep, ImageTransform):  # no processor of its own: the trained transform as one
+            prep.hf_processor().save_pretrained(out)
     (out / "README.md").write_text(model_card(cfg, summary))
     return out
 

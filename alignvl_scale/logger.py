@@ -5,6 +5,7 @@ log.report_to through Accelerate (wandb, mlflow, ...), which the trainer starts.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from alignvl_scale.rundir import METRICS, TENSORBOARD
@@ -32,7 +33,9 @@ class RunLogger:
             self.writer.flush()
         if self.accelerator is not None:
             self.accelerator.log(values, step=step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        # JSON has no NaN or Infinity: a non-finite value is written as null.
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self.jsonl.flush()
 
     def text(self, tag: str, text: str) -> None:

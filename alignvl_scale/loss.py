@@ -122,8 +122,9 @@ class _FusedTiles(torch.autograd.Function):
         col_lse_j = LSE_i s_ij,   col_mean_j = mean_i s_ij   (text -> image)
         diagonal_i = s_ii                                    (the positives)
 
-    and, without gradient, how many local pairs score at least as high as every other
-    candidate in their row and in their column. Each B x chunk tile is computed once in
+    and, without gradient, how many local pairs score strictly higher than every other
+    candidate in their row and in their column (a tie counts against the model, as in
+    evaluation: `metrics.py`). Each B x chunk tile is computed once in
     forward and once in backward, where the whole dL/ds_ij of both directions is formed on
     it, positives included, so that the gradient matmuls see the small net gradient and not
     two large terms that cancel (at scale 100, for the same bf16 matmuls, 0.85% gradient
@@ -145,8 +146,8 @@ class _FusedTiles(torch.autograd.Function):
             pending = dist.all_gather(blocks, v, async_op=True)
         row_lse = torch.full((b,), float("-inf"), device=u.device)
         row_sum = torch.zeros(b, device=u.device)
-        row_best = torch.full((b,), float("-inf"), device=u.device)
-        col = torch.empty(3, n, device=u.device)  # partial lse, sum, best of each column over local rows
+        row_best = torch.full((b,), float("-inf"), device=u.device)  # best other than the positive
+        col = torch.empty(3, n, device=u.device)  # partial lse, sum, best non-positive of each column, local rows
         diagonal = torch.empty(b, device=u.device)
         for k in [rank] + [k for k in range(world) if k != rank]:  # own columns need no gather
             if k != rank and pending is not None:
@@ -158,10 +159,14 @@ class _FusedTiles(torch.autograd.Function):
                 c1, cols = c0 + tile.shape[1], slice(k * b + c0, k * b + c0 + tile.shape[1])
                 row_lse = torch.logaddexp(row_lse, tile.logsumexp(dim=1))
                 row_sum += tile.sum(dim=1)
-                row_best = torch.maximum(row_best, tile.amax(dim=1))
-                col[0, cols], col[1, cols], col[2, cols] = tile.logsumexp(dim=0), tile.sum(dim=0), tile.amax(dim=0)
+                col[0, cols], col[1, cols] = tile.logsumexp(dim=0), tile.sum(dim=0)
+                others = tile
                 if k == rank:
                     diagonal[c0:c1] = tile[c0:c1].diagonal()
+                    others = tile.clone()
+                    others[c0:c1].diagonal().fill_(float("-inf"))
+                row_best = torch.maximum(row_best, others.amax(dim=1))
+                col[2, cols] = others.amax(dim=0)
         if world > 1:
             peak = col[[0, 2]]
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -171,8 +176,8 @@ class _FusedTiles(torch.autograd.Function):
         own = slice(rank * b, (rank + 1) * b)
         ctx.save_for_backward(u, torch.cat(blocks) if world > 1 else v, scale, row_lse, col[0])
         ctx.chunk, ctx.precision = chunk, precision
-        i2t_correct = (diagonal >= row_best).sum()
-        t2i_correct = (diagonal >= col[2, own]).sum()
+        i2t_correct = (diagonal > row_best).sum()
+        t2i_correct = (diagonal > col[2, own]).sum()
         ctx.mark_non_differentiable(i2t_correct, t2i_correct)
         return row_lse, row_sum / n, col[0, own], col[1, own] / n, diagonal, i2t_correct, t2i_correct
 
@@ -216,11 +221,14 @@ class _FusedTiles(torch.autograd.Function):
 
 def _direction_loss(q: Tensor, k: Tensor, scale: Tensor, offset: int, smoothing: float) -> tuple[Tensor, Tensor]:
     """Plain path: mean smoothed cross entropy of the local rows q (B x d) against all
-    columns k (N x d) on the full B x N logits. Returns (loss, rows whose top-1 is their pair)."""
-    labels = torch.arange(q.shape[0], device=q.device) + offset
+    columns k (N x d) on the full B x N logits. Returns (loss, rows whose pair scores
+    strictly above every other column: ties count against the model, as in evaluation)."""
+    rows = torch.arange(q.shape[0], device=q.device)
     logits = scale * (q @ k.T)
-    loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-    return loss, (logits.detach().argmax(dim=1) == labels).sum()
+    loss = F.cross_entropy(logits, rows + offset, label_smoothing=smoothing)
+    others = logits.detach().clone()
+    others[rows, rows + offset] = float("-inf")
+    return loss, (logits.detach()[rows, rows + offset] > others.amax(dim=1)).sum()
 
 
 def _fused_loss(u: Tensor, v: Tensor, scale: Tensor, smoothing: float, chunk: int,

@@ -75,6 +75,20 @@ def _direction(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Te
 
 ECE_BINS = 15
 CALIBRATION_KEYS = [f"{d}_{m}" for d in DIRECTIONS for m in ("ece", "nll", "confidence")]
+# The numbers a run is judged by, in one place: the console line and the model card show the
+# `headline` keys, the ablations compare settings on PAIRED_KEYS.
+ZERO_SHOT_KEYS = ("top1", "top5")
+PAIRED_KEYS = [recall_key(d, k) for k in (1, 5) for d in DIRECTIONS] + [f"{d}_{m}" for m in ("ece", "nll")
+                                                                          for d in DIRECTIONS]
+
+
+def headline(key: str, calibration: bool = True) -> bool:
+    """Whether a logged evaluation key (eval/i2t_R@1, eval/SET/t2i_R@5, eval/zeroshot/SET/top1,
+    eval/i2t_ece, ...) is a headline number: recall, zero-shot accuracy, and (calibration)
+    ECE and NLL."""
+    name = key.rsplit("/", 1)[-1]
+    return (name in RECALL_KEYS or ("zeroshot/" in key and name in ZERO_SHOT_KEYS)
+            or (calibration and name in PAIRED_KEYS and name not in RECALL_KEYS))
 
 
 def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = ECE_BINS) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignvl_scale.checkpoint import ResumePlan, plan_resume
-from alignvl_scale.config import RunConfig, for_world
+from alignvl_scale.config import ConfigError, RunConfig, for_world
 from alignvl_scale.data.reader import batches_per_epoch, load_sources
 from alignvl_scale.data.shards import DataSourceError, resolve_spec
 from alignvl_scale.launch import LaunchEnv, accelerate_declaration, check_declared_world, export_torch_env, launch_env
@@ -42,8 +42,31 @@ def zero_stage_of(cfg: RunConfig) -> int:
     return int(json.loads(cfg.engine.resolved_ds_config().read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
+def check_trackers(cfg: RunConfig, environ: dict | None = None) -> None:
+    """A tracker's own settings that would fail only after launch. MLflow: its file store
+    (a file: URI, a bare path, or no MLFLOW_TRACKING_URI at all, which means ./mlruns) is in
+    maintenance mode and raises when a run starts; its SQLite store needs SQLAlchemy and Alembic."""
+    import importlib.util
+    import os
+
+    environ = os.environ if environ is None else environ
+    if "mlflow" not in cfg.log.report_to:
+        return
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    allowed = environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes")
+    if (uri.startswith("file:") or "://" not in uri and not uri.startswith("sqlite:")) and not allowed:
+        raise ConfigError(f"log.report_to: mlflow with MLFLOW_TRACKING_URI={uri or '(unset: ./mlruns)'} uses MLflow's "
+                          "file store, which refuses new runs (maintenance mode); set MLFLOW_TRACKING_URI=sqlite:///"
+                          "PATH/mlflow.db (or a tracking server's http:// address), or MLFLOW_ALLOW_FILE_STORE=true")
+    missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+    if uri.startswith("sqlite:") and missing:
+        raise ConfigError(f"log.report_to: MLflow's SQLite store ({uri}) needs {' and '.join(missing)}: "
+                          "pip install -e '.[track]'")
+
+
 def check_inputs(cfg: RunConfig, world: int) -> None:
-    """Data, eval sets and towers of a completed config, for `world` ranks."""
+    """Data, eval sets, trackers and towers of a completed config, for `world` ranks."""
+    check_trackers(cfg)
     sources = load_sources(cfg.data)
     if cfg.data.mode == "epoch":
         per_epoch = batches_per_epoch(sources, world, cfg.data.workers, cfg.data.batch_size, cfg.seed,

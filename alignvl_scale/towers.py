@@ -71,6 +71,11 @@ def check_tower_source(cfg: TowerConfig, key: str) -> None:
     looks_like_path = cfg.name.startswith(("/", ".", "~")) or cfg.name.count("/") > 1
     if looks_like_path:
         raise ConfigError(f"{key}.name: {cfg.name} does not exist")
+    first = Path(cfg.name).parts[0]
+    if "/" in cfg.name and Path(first).is_dir():  # "towers/vitt" where towers/ is here: a typo, not a Hub id
+        there = sorted(p.name for p in Path(first).iterdir() if (p / "config.json").is_file())[:5]
+        raise ConfigError(f"{key}.name: {cfg.name} does not exist (./{first}/ holds {there or 'no model folder'}); "
+                          "a Hub id would not start with a local folder's name")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         from huggingface_hub import try_to_load_from_cache
 
@@ -225,12 +230,6 @@ def hf_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Calla
 
 
 register_tower("hf", HFTower, hf_preprocessing)
-
-
-def tower_inputs(batch: dict, modality: str) -> dict[str, Tensor]:
-    if modality == "image":
-        return {"pixel_values": batch["pixel_values"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def save_tower_files(tower: nn.Module, preprocessing: Callable, out: Path) -> None:

@@ -35,7 +35,7 @@ from alignvl_scale.checkpoint import (
     save_checkpoint,
     universal_dir,
 )
-from alignvl_scale.config import ConfigError, RunConfig, load_config
+from alignvl_scale.config import ConfigError, RunConfig, axis_values, load_config
 from alignvl_scale.data.reader import DataError, FeatureDecoder, ImageTextDecoder, TrainStream, redeal
 from alignvl_scale.data.samples import SKIP_REASONS
 from alignvl_scale.data.shards import DataSourceError
@@ -51,6 +51,7 @@ from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
 from alignvl_scale.launch import LaunchError
 from alignvl_scale.logger import RunLogger, flat_config
 from alignvl_scale.loss import align_vl_loss_with_stats
+from alignvl_scale.metrics import headline
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
 from alignvl_scale.preflight import Prepared, preflight
@@ -119,18 +120,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-class PeerLost(RuntimeError):
-    """A collective failed or timed out: another rank died, hung or lost the network."""
-
-
 class StopRequested:
     """train.stop_signals: the first one asks every rank to stop after its step (agreed
     across ranks: the signal may reach only one), a second one exits at once."""
 
     def __init__(self, names: list[str]) -> None:
         self.signal: str | None = None
-        for name in names:
-            signal.signal(getattr(signal, name), self._handle)
+        self.previous = {name: signal.signal(getattr(signal, name), self._handle) for name in names}
+
+    def restore(self) -> None:
+        """The handlers from before (a process that trains in-process goes on without them)."""
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
 
     def _handle(self, signum: int, _frame) -> None:
         if self.signal is not None:  # the second: now
@@ -399,7 +400,7 @@ class Trainer:
             flat.update({f"eval/zeroshot/{Path(folder).name}/{k}": v for k, v in accuracy.items()})
         self.logger.scalars(self.step, flat)
         shown = {k.removeprefix("eval/").removeprefix("zeroshot/"): v for k, v in flat.items()
-                 if "R@" in k or "/top" in k}
+                 if headline(k, calibration=False)}
         self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
         return flat
 
@@ -454,7 +455,7 @@ class Trainer:
                 last = {**{k: float(v) for k, v in scalars.items()},
                         **window.close(samples_per_step, self.world, self.flops_per_step, self.peak_tflops),
                         "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device)], "max")[0],
-                        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                         "train/contrastive_batch": self.contrastive_batch(),
                         "train/skipped_steps": self.skipped_steps, "train/epoch": self.stream.state.epoch,
                         **self.data_scalars()}
@@ -474,9 +475,7 @@ class Trainer:
         summary = {"step": self.step, "skipped_steps": self.skipped_steps, "last": last, "eval": final,
                    "eval_images": sum(len(s.images) for s in self.eval_cache.values()),
                    "data": self.stream.counts.as_dict()}
-        self.logger.hparams({"noise_sigma": cfg.model.noise_sigma, "smoothing": cfg.loss.smoothing,
-                             "mixup": cfg.model.mixup, "caption_noise": cfg.data.caption_noise,
-                             "train_fraction": cfg.data.train_fraction, "seed": cfg.seed, "lr": cfg.train.lr,
+        self.logger.hparams({**axis_values(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
                              "contrastive_batch": self.contrastive_batch()},
                             {f"hparams/{k}": v for k, v in final.items()})
         if self.rank == 0:
@@ -493,6 +492,7 @@ class Trainer:
 
     def close(self) -> None:
         """A clean end for every rank (an abandoned process group can abort the interpreter at exit)."""
+        self.stop.restore()
         self.accelerator.wait_for_everyone()
         dist.destroy_process_group()
 

@@ -13,6 +13,8 @@ regular files inside the folder, decoded only as the format their extension name
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,14 +63,35 @@ def zero_shot_layout(folder: str | Path, classes_file: str | Path | None = None,
     if templates_file and not templates_path.is_file():
         raise DataSourceError(f"{templates_file}: templates file not found")
     templates = _lines(templates_path) if templates_path.is_file() else list(DEFAULT_TEMPLATES)
-    bad = [t for t in templates if t.count("{}") != 1]
+    bad = [t for t in templates if not _one_placeholder(t)]
     if bad:
-        raise DataSourceError(f"{templates_path}: every template needs one {{}} for the class name, not {bad[0]!r}")
+        raise DataSourceError(f"{templates_path}: every template needs one {{}} for the class name and no other "
+                              f"field (write {{{{ and }}}} for braces), not {bad[0]!r}")
     missing = [s for s in subfolders if not (folder / s).is_dir()]
     if len(subfolders) < 2 or missing:
         raise DataSourceError(f"{folder}: needs at least 2 class subfolders" + (f"; missing {missing[:3]}" if missing
                                                                                  else ""))
+    for what, values in (("subfolders", subfolders), ("class names", names)):
+        twice = [v for v, n in Counter(values).items() if n > 1]
+        if twice:
+            raise DataSourceError(f"{classes_path}: {len(twice)} {what} listed more than once: {twice[:3]} (they "
+                                  "would compete with themselves)")
+    empty = [s for s in subfolders if not any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                                              for p in (folder / s).iterdir())]
+    if empty:
+        raise DataSourceError(f"{folder}: {len(empty)} classes have no image file: {empty[:3]}")
     return subfolders, names, templates
+
+
+def _one_placeholder(template: str) -> bool:
+    """Exactly one `{}` field and nothing else str.format would read (a `{x}` raised
+    KeyError at the first evaluation, after training)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        template.format("class")
+    except (ValueError, IndexError, KeyError):
+        return False
+    return fields == [""]
 
 
 def load_zero_shot_set(folder: str | Path, classes_file: str | Path | None = None,
@@ -89,8 +112,10 @@ def load_zero_shot_set(folder: str | Path, classes_file: str | Path | None = Non
             out.images.append(data)
             out.labels.append(label)
             out.counts.good += 1
-    if not out.images:
-        raise DataSourceError(f"{folder}: no readable images in its class subfolders")
+    unread = [names[label] for label in range(len(names)) if label not in set(out.labels)]
+    if unread:
+        raise DataSourceError(f"{folder}: no readable image in {len(unread)} classes ({unread[:3]}; "
+                              f"skipped {dict(out.counts.skipped)}): a class without images cannot be scored")
     return out
 
 

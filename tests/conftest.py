@@ -1,8 +1,143 @@
+"""Shared by the tests: where the project and its launchers are, the environment ranks run in,
+launching a real training and reading back what it logged, and taking a launch down."""
+
+import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py for spawned ranks
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Any op torch JIT-builds for a test goes into a folder of this test run's own, never behind a lock
+# in the user's ~/.cache/torch_extensions (on CPU the trainer builds none: alignvl_scale/ds_ops.py).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="alignvl-tests-torch-ext-"))
 
+from alignvl_scale.config import config_from_dict  # noqa: E402
+from alignvl_scale.engine import free_port  # noqa: E402
 from alignvl_scale.synthetic import make_tiny_towers, png_bytes, write_image_shards  # noqa: E402,F401
+from alignvl_scale.train import learning_rate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Seen on this machine: a finished accelerate-launched rank can abort at interpreter exit.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def launch_cmd(launcher: str, stage: int, config: Path, *args: str, ranks: int = 2) -> list[str]:
+    port = str(free_port())
+    train = [str(ROOT / "launchers" / "train.py"), "--config", str(config), *args]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                "--master_port", port, *train, f"engine.ds_config=ds_configs/zero{stage}.json"]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, *train,
+                f"engine.ds_config=ds_configs/zero{stage}.json"]
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / f"launchers/accelerate/zero{stage}.yaml"),
+            "--num_processes", str(ranks), "--main_process_port", port, *train]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(cmd: list[str], run_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    finished = (run_dir / "summary.json").exists()
+    assert proc.returncode == 0 or (finished and EXIT_ABORT in output), output[-5000:]
+    return proc
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """step -> value, the last record of each step (a resumed run appends)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record[key]
+    return out
+
+
+def assert_lr_follows_the_schedule(run_dir: Path) -> None:
+    """`train/lr` (read back from the optimizer DeepSpeed steps) at every logged step s is
+    the schedule's value for the optimizer step that made s: warmup, then cosine."""
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), validate=False)
+    lrs = logged(run_dir, "train/lr")
+    assert lrs, "no train/lr logged"
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(learning_rate(cfg, step - 1, cfg.train.steps), rel=1e-6), (step, lrs)
+
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as when a node dies."""
+    family, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = [int(c) for c in (task / "children").read_text().split()] if (task / "children").exists() else []
+            family += children
+            frontier += children
+    for member in family:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+
+class Started:
+    """A launch in the background whose output goes to files (a pipe nobody reads fills up
+    and blocks the ranks that write to it)."""
+
+    def __init__(self, cmd: list[str], folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = folder / "stdout.log", folder / "stderr.log"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            kill_tree(self.proc.pid)
+        return code, self.out.read_text(), self.err.read_text()
+
+    def kill(self) -> None:
+        """SIGKILL the launcher and its ranks at once, as when a node dies."""
+        kill_tree(self.proc.pid)
+        self.proc.wait()
+
+
+
+def torchrun(config: Path, ranks: int, stage: int, *args: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port()), str(ROOT / "launchers" / "train.py"), "--config", str(config), *args,
+            f"engine.ds_config=zero{stage}"]
+
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the trainer processes a torchrun process started (its children)."""
+    found = {}
+    for task in Path(f"/proc/{launcher}/task").glob("*"):
+        for pid in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            rank = [v.split("=", 1)[1] for v in environ if v.startswith("RANK=")]
+            if rank:
+                found[int(rank[0])] = int(pid)
+    return found
+
+
+

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, env, logged
 from distributed import run_ranks
-from test_train import ROOT, env, logged
 
 import alignvl_scale.accumulate as accumulate
 from alignvl_scale.accumulate import accumulated_backward
@@ -177,6 +177,10 @@ def _engine_update(rank: int, world: int, stage: int, chunk: int | None, cached:
     dropout and mixup on: either the K micro-batches forwarded in one graph (micro batch K x B,
     no accumulation), or accumulated_backward (micro batch B, K accumulation steps)."""
     import deepspeed
+
+    from alignvl_scale.ds_ops import prepare_deepspeed_ops
+
+    prepare_deepspeed_ops(on_gpu=False)  # no shared-memory op build (ds_ops.py)
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what a launcher sets
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's view of the group run_ranks made

@@ -70,3 +70,17 @@ def test_train_bench_runs_the_ddp_baseline_and_a_zero_stage(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "torch DDP" in proc.stdout and "alignvl ZeRO-1" in proc.stdout
+
+
+@pytest.mark.slow
+def test_first_launch_bench_measures_both_ways_on_cpu(tmp_path):
+    """benchmarks/first_launch_bench.py, one repeat of a few steps: both ways run, a table and
+    its JSON (the timings themselves are the benchmark's to report, not a test's to assert)."""
+    out = tmp_path / "first.json"
+    proc = subprocess.run([sys.executable, "benchmarks/first_launch_bench.py", "--repeats", "1", "--steps", "41",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}
+    built, skipped = rows["build the op (DeepSpeed's default)"], rows["skip the op (ours)"]
+    assert all(r[k] > 0 for r in (built, skipped) for k in ("first", "second", "rate"))
+    assert "building costs the first launch" in proc.stdout

@@ -19,7 +19,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import BIN, ROOT, assert_lr_follows_the_schedule, env, kill_tree, launch_cmd, logged, run
+from conftest import (
+    BIN,
+    ROOT,
+    Started,
+    assert_lr_follows_the_schedule,
+    env,
+    kill_tree,
+    launch_cmd,
+    logged,
+    rank_pids,
+    run,
+    torchrun,
+)
 
 from alignvl_scale.checkpoint import weights_only_loads
 from alignvl_scale.engine import free_port
@@ -50,31 +62,6 @@ def cluster_config(tmp_path: Path, features: Path, name: str = "run", **sections
     return path, run_dir
 
 
-class Started:
-    """A launch in the background whose output goes to files (a pipe nobody reads fills up
-    and blocks the ranks that write to it)."""
-
-    def __init__(self, cmd: list[str], folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.out, self.err = folder / "stdout.log", folder / "stderr.log"
-        with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err, start_new_session=True)
-        self.pid = self.proc.pid
-
-    def wait(self, timeout: float) -> tuple[int, str, str]:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        finally:
-            kill_tree(self.proc.pid)
-        return code, self.out.read_text(), self.err.read_text()
-
-
-def torchrun(config: Path, ranks: int, stage: int, *args: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
-            str(free_port()), str(ROOT / "launchers" / "train.py"), "--config", str(config), *args,
-            f"engine.ds_config=zero{stage}"]
-
-
 def optimizer_view(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every trained parameter's fp32 weight, Adam moments and step, by name, whatever
     ZeRO stage and world wrote the checkpoint (through the universal conversion)."""
@@ -91,14 +78,17 @@ def optimizer_view(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def saved_on_two(tmp_path_factory, features):
-    """2-rank runs under ZeRO-2 and ZeRO-3 with a checkpoint at step 7 (mid-epoch)."""
-    runs = {}
-    for stage in (2, 3):
-        tmp = tmp_path_factory.mktemp(f"two_ranks_zero{stage}")
-        config, run_dir = cluster_config(tmp, features, checkpoint={"every": 7, "keep": 4})
-        run(torchrun(config, 2, stage), run_dir)
-        runs[stage] = run_dir
-    return runs
+    """2-rank runs with a checkpoint at step 7 (mid-epoch), by ZeRO stage, each made when a
+    test first asks for it."""
+    class Runs(dict):
+        def __missing__(self, stage: int) -> Path:
+            config, run_dir = cluster_config(tmp_path_factory.mktemp(f"two_ranks_zero{stage}"), features,
+                                             checkpoint={"every": 7, "keep": 4})
+            run(torchrun(config, 2, stage), run_dir)
+            self[stage] = run_dir
+            return run_dir
+
+    return Runs()
 
 
 def resumable_copy(run_dir: Path, step: int, to: Path) -> Path:
@@ -111,7 +101,7 @@ def resumable_copy(run_dir: Path, step: int, to: Path) -> Path:
     return to / "checkpoints" / name
 
 
-@pytest.mark.parametrize("old_stage,ranks,stage", [(2, 3, 3), (3, 1, 1)])
+@pytest.mark.parametrize("old_stage,ranks,stage", [(2, 3, 3), pytest.param(3, 1, 1, marks=pytest.mark.slow)])
 def test_a_checkpoint_resumes_on_another_world_and_zero_stage_exactly(tmp_path, features, saved_on_two, old_stage,
                                                                       ranks, stage):
     """2 ranks under ZeRO-2 -> 3 under ZeRO-3, and ZeRO-3 -> 1 rank under ZeRO-1: right after
@@ -156,10 +146,11 @@ def test_the_same_world_on_another_stage_continues_exactly(tmp_path, features, s
     assert "ZeRO-2 on 2 ranks, now ZeRO-3 on 2 ranks" in out.stdout
     want, got = logged(saved_on_two[2], "train/loss"), logged(run_dir, "train/loss")
     assert got[8] == pytest.approx(want[8], rel=1e-6)  # the same weights, batch and noise
-    # After that only the stages' reduction orders differ: no more than between the two stages from scratch.
-    from_scratch = logged(saved_on_two[3], "train/loss")
+    # After that only the stages' reduction orders differ: two runs of this config from scratch under
+    # ZeRO-2 and ZeRO-3 differed by < 1e-6 relative at every step; the shared AdamW step that ZeRO-3's
+    # universal load left (fixed in Trainer.resume) made it 4e-2.
     drift = max(abs(got[s] / want[s] - 1) for s in range(8, 25))
-    assert drift <= 2 * max(abs(from_scratch[s] / want[s] - 1) for s in range(1, 25)) + 1e-6, drift
+    assert drift < 1e-4, drift
 
 
 def test_a_stage_change_deepspeed_cannot_convert_is_one_line(tmp_path, features):
@@ -180,29 +171,49 @@ def test_a_stage_change_deepspeed_cannot_convert_is_one_line(tmp_path, features)
     assert "]: Traceback" not in proc.stderr and "AssertionError" not in proc.stderr
 
 
-def rank_pids(launcher: int) -> dict[int, int]:
-    """rank -> pid of the trainer processes a torchrun process started (its children)."""
-    found = {}
-    for task in Path(f"/proc/{launcher}/task").glob("*"):
-        for pid in (task / "children").read_text().split():
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            rank = [v.split("=", 1)[1] for v in environ if v.startswith("RANK=")]
-            if rank:
-                found[int(rank[0])] = int(pid)
-    return found
+LONG = {"train": {"steps": 100}, "checkpoint": {"every": 10, "keep": 2}}  # long enough to be stopped mid-run
 
 
-def test_sigterm_to_one_rank_checkpoints_the_step_and_exits_0(tmp_path, features):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, features):
+    """The per-step losses of a 100-step 2-rank run that nobody stops."""
+    config, run_dir = cluster_config(tmp_path_factory.mktemp("uninterrupted"), features, **LONG)
+    run(torchrun(config, 2, 2), run_dir)
+    return logged(run_dir, "train/loss")
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, features, uninterrupted):
+    """SIGKILL a 2-process run mid-training, resume from `latest`: the following steps'
+    losses equal those of a run that never stopped (data order, dropout, noise, optimizer)."""
+    config, run_dir = cluster_config(tmp_path, features, **LONG)
+    launch = Started(torchrun(config, 2, 2), tmp_path / "logs")
+    deadline = time.time() + 240
+    while time.time() < deadline and max(logged(run_dir, "train/loss") if (run_dir / "metrics.jsonl").exists()
+                                         else [0], default=0) < 35:
+        time.sleep(0.05)
+    launch.kill()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 10 <= resumed_from < 100
+    before_kill = logged(run_dir, "train/loss")
+    # Two runs of one config log the same losses (seeded data and noise, per-rank streams).
+    steps_before = range(1, resumed_from + 1)
+    assert [before_kill[s] for s in steps_before] == pytest.approx([uninterrupted[s] for s in steps_before], rel=1e-6)
+    out = run(torchrun(config, 2, 2, "--resume", "latest"), run_dir)
+    assert f"at step {resumed_from}" in out.stdout
+    resumed = logged(run_dir, "train/loss")
+    for s in range(resumed_from + 1, 101):
+        assert resumed[s] == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), s
+    assert_lr_follows_the_schedule(run_dir)  # through the resume
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(kept) == 2 and kept[-1] == "step_00000100"
+
+
+def test_sigterm_to_one_rank_checkpoints_the_step_and_exits_0(tmp_path, features, uninterrupted):
     """SIGTERM reaches rank 1 only (as when a scheduler signals one node): both ranks agree
     to stop after the step, save it, and exit 0; the resumed run's losses equal those of a
     run that never stopped."""
-    long = {"steps": 100}  # long enough to be signalled mid-run
-    reference_config, reference = cluster_config(tmp_path, features, "reference", checkpoint={"every": 0}, train=long)
-    run(torchrun(reference_config, 2, 2), reference)
-    config, run_dir = cluster_config(tmp_path, features, checkpoint={"every": 0}, train=long)
+    config, run_dir = cluster_config(tmp_path, features, **LONG)
     proc = subprocess.Popen(torchrun(config, 2, 2), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -223,9 +234,9 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_exits_0(tmp_path, features
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert not (run_dir / "summary.json").exists()
     run(torchrun(config, 2, 2, "--resume", "latest"), run_dir)
-    want, got = logged(reference, "train/loss"), logged(run_dir, "train/loss")
+    got = logged(run_dir, "train/loss")
     for s in range(step + 1, 101):
-        assert got[s] == pytest.approx(want[s], rel=1e-5), s
+        assert got[s] == pytest.approx(uninterrupted[s], rel=1e-5), s
 
 
 def test_a_full_disk_during_a_save_names_the_path_and_keeps_latest(tmp_path, features):
@@ -260,9 +271,9 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_latest(tmp_path, fea
 
 
 def test_a_hung_peer_ends_the_run_within_the_collective_timeout(tmp_path, features):
-    """Rank 1 stopped (SIGSTOP) mid-run: rank 0 waits at most engine.collective_timeout (20 s),
+    """Rank 1 stopped (SIGSTOP) mid-run: rank 0 waits at most engine.collective_timeout (10 s),
     then exits with a line saying a peer was lost."""
-    config, run_dir = cluster_config(tmp_path, features, train={"steps": 400}, engine={"collective_timeout": 20})
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 400}, engine={"collective_timeout": 10})
     launch = Started(torchrun(config, 2, 2), tmp_path / "logs")
     try:
         deadline = time.time() + 120
@@ -277,7 +288,7 @@ def test_a_hung_peer_ends_the_run_within_the_collective_timeout(tmp_path, featur
         os.kill(pids[1], signal.SIGKILL)
     finally:
         _, _, err = launch.wait(timeout=60)
-    assert waited < 20 + 30, waited
+    assert waited < 10 + 30, waited
     assert "lost contact with another rank" in err, err[-3000:]
 
 
@@ -385,6 +396,7 @@ def test_a_declared_world_that_differs_is_refused_naming_the_fix():
         check_declared_world(LaunchEnv(0, 1, 0, "deepspeed"), (2, 2, "pdsh"))
 
 
+@pytest.mark.slow
 def test_the_slurm_example_checkpoints_on_usr1_and_the_requeued_job_resumes(tmp_path, features):
     """launchers/slurm.example.sh with stand-ins for srun (runs its command here) and
     scontrol (names this host, records the requeue): USR1 to the batch script requeues the

@@ -387,17 +387,21 @@ def test_shards_folder_skips_bad_rows_into_a_rejects_file_and_keeps_file_names(t
     (tmp_path / "imgs" / "dog photo.png").write_bytes(png_bytes(2))
     (tmp_path / "imgs" / "notes.png").write_text("not an image")
     rows = [("imgs/cat.01.png", "a cat"), ("imgs/dog photo.png", "a dog"), ("imgs/notes.png", "text"),
-            ("imgs/missing.png", "gone"), ("imgs/cat.01.png", "  "), ("../outside.png", "escape")]
+            ("imgs/missing.png", "gone"), ("imgs/cat.01.png", "  "), ("../outside.png", "escape"),
+            ("imgs/dog photo.png", "a dog"),  # the same pair again: a false negative in a batch
+            ("imgs/cat.01.png", "x" * 200_000)]  # past csv's 131,072-character field limit
     (tmp_path / "set").mkdir()  # the caption file lives apart from the images: --image-root
     (tmp_path / "set" / "caps.tsv").write_text("file\ttext\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
     out = tmp_path / "out"
     proc = _cli("shards", "folder", "--captions", tmp_path / "set" / "caps.tsv", "--image-root", tmp_path,
                 "--image-column", "file", "--caption-column", "text", "--out", out, "--samples-per-shard", 1)
     assert proc.returncode == 0, proc.stderr
-    assert "wrote 2 samples in 2 shards" in proc.stdout and "skipped 4 rows" in proc.stdout
+    assert "wrote 2 samples in 2 shards" in proc.stdout and "skipped 6 rows" in proc.stdout
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [
-        ("4", "undecodable_image"), ("5", "missing_image"), ("6", "empty_caption"), ("7", "outside_path")]
+        ("4", "undecodable_image"), ("5", "missing_image"), ("6", "empty_caption"), ("7", "outside_path"),
+        ("8", "duplicate_pair"), ("9", "oversized_caption")]
+    assert rejects[4]["detail"].endswith("caps.tsv:3")  # names the row it repeats
     names = {m for shard in sorted(out.glob("*.tar")) for m in tarfile.open(shard).getnames()}
     assert names == {"imgs_cat_01.png", "imgs_cat_01.json", "imgs_dog_photo.png", "imgs_dog_photo.json"}
     evalset = load_retrieval_set(str(out))

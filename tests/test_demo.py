@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_train import BIN, ROOT, env, export_and_eval, logged, run
+from conftest import BIN, ROOT, env, logged, run
+from test_train import export_and_eval
 
 from alignvl_scale.ablate import METRICS, load_study, paired_interval, run_study, t_quantile_975
 from alignvl_scale.config import ConfigError
@@ -76,13 +77,19 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
     assert "(rel " in report and "Training feature RMS" in report  # sigma shown in both units
     assert (out / "paired_differences.png").stat().st_size > 1000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    from alignvl_scale.config import STUDY_AXES as AXES
 
     run_dirs = sorted((tmp_path / "ablate" / "runs").iterdir())
     assert len(run_dirs) == 6
     for run_dir in run_dirs:  # one TensorBoard hparams entry per run, calibration among the eval scalars
         events = EventAccumulator(str(run_dir / "tb"))
         events.Reload()
-        assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+        hparams = events.PluginTagToContent("hparams")
+        assert "_hparams_/experiment" in hparams
+        start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+        assert set(AXES) <= set(start.hparams)  # every study axis, noise_mode included
         assert {"eval/i2t_ece", "eval/t2i_nll", "eval/i2t_confidence"} <= set(events.Tags()["scalars"])
     before = (out / "results.csv").read_text()  # a rerun finds every summary: nothing runs again
     run_study(study, [], tmp_path / "ablate")
@@ -101,6 +108,10 @@ def test_study_files_are_checked_before_any_run(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"seed": 3}))
     with pytest.raises(ConfigError, match="unknown keys \\['seed'\\]"):
         load_study(tmp_path / "bad.yaml")
+    for name in ("../escape", "/tmp/elsewhere", "a/b", ".hidden"):  # OUT/<name> would leave OUT or hide
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"name": name}))
+        with pytest.raises(ConfigError, match="must be a plain folder name"):
+            load_study(tmp_path / "bad.yaml")
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences():
@@ -127,14 +138,15 @@ def test_extract_then_cached_training_then_eval(tmp_path):
                "alignvl_scale.cli", "extract", "--config", str(config), "--batch-size", "8"]
     for split in ("train", "test"):
         subprocess.run([*extract, "--data", str(tmp_path / split), "--out", str(tmp_path / "f" / split)], check=True,
-                       cwd=ROOT, env=env(), capture_output=True)
+                       cwd=ROOT, env=env(), capture_output=True, timeout=300)
     manifest = json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())
     assert manifest["samples"] == 96 and [s["samples"] for s in manifest["shards"]] == [24] * 4
     assert manifest["image_dim"] == manifest["text_dim"] == 32 and manifest["towers"]["image"]["name"] == towers["vit"]
     # ZeRO-3: towers partitioned across the 2 ranks, run in lockstep; the test split has one
     # shard, so rank 1 only keeps rank 0's forwards company. Same features as unpartitioned.
     subprocess.run([*extract, "--data", str(tmp_path / "test"), "--out", str(tmp_path / "f" / "test_zero3"),
-                    "engine.ds_config=ds_configs/zero3.json"], check=True, cwd=ROOT, env=env(), capture_output=True)
+                    "engine.ds_config=ds_configs/zero3.json"], check=True, cwd=ROOT, env=env(), capture_output=True,
+                   timeout=300)
     plain, zero3 = (load_retrieval_set(str(tmp_path / "f" / name)) for name in ("test", "test_zero3"))
     assert len(zero3.images) == 16
     np.testing.assert_allclose(np.stack(zero3.images), np.stack(plain.images), atol=2e-3)
@@ -142,8 +154,20 @@ def test_extract_then_cached_training_then_eval(tmp_path):
     # Idempotent: a rerun finds every shard done and rewrites none.
     stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "f" / "train").glob("*.tar"))]
     subprocess.run([*extract, "--data", str(tmp_path / "train"), "--out", str(tmp_path / "f" / "train")],
-                   check=True, cwd=ROOT, env=env(), capture_output=True)
+                   check=True, cwd=ROOT, env=env(), capture_output=True, timeout=300)
     assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "f" / "train").glob("*.tar"))]
+    # Another preprocessing into the same folder: every shard redone (it kept the old shards
+    # and rewrote the manifest to describe the new config), and said so.
+    before = load_retrieval_set(str(tmp_path / "f" / "train")).images[0]
+    again = subprocess.run([*extract, "--data", str(tmp_path / "train"), "--out", str(tmp_path / "f" / "train"),
+                            "data.image_mean=[0.2,0.3,0.4]"], check=True, cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=300)
+    assert "redid 4 shards" in again.stdout
+    assert all(a != b for a, b in zip(stamps, [p.stat().st_mtime_ns for p in sorted(
+        (tmp_path / "f" / "train").glob("*.tar"))], strict=True))
+    assert json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())["image_transform"]["image_mean"] == \
+        [0.2, 0.3, 0.4]
+    assert not np.allclose(load_retrieval_set(str(tmp_path / "f" / "train")).images[0], before)
 
     # Cached-feature training, 2 ranks, ZeRO-2: adapters + loss only.
     run_dir = tmp_path / "run"

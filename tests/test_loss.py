@@ -89,13 +89,23 @@ def test_smoothing_changes_the_loss():
     assert not torch.allclose(align_vl_loss(u, v, scale, 0.0), align_vl_loss(u, v, scale, 0.5))
 
 
-def test_in_batch_accuracy():
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_in_batch_accuracy(chunk):
     u, _, scale = make_batch()
     v = u.clone()
     v[0], v[1] = u[1], u[0]  # pairs 0 and 1 swapped: 10 of 12 correct both ways
-    out = align_vl_loss_with_stats(u, v, scale, chunk_size=5)
+    out = align_vl_loss_with_stats(u, v, scale, chunk_size=chunk)
     assert out.i2t_accuracy.item() == pytest.approx(10 / 12)
     assert out.t2i_accuracy.item() == pytest.approx(10 / 12)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_a_tie_counts_against_the_model_on_both_paths_as_in_evaluation(chunk):
+    """Every pair of an all-equal batch ties with every other: 0 correct (the plain path's
+    argmax said 1/8, the fused path's >= said 1)."""
+    u = torch.nn.functional.normalize(torch.ones(8, 4), dim=-1)
+    out = align_vl_loss_with_stats(u, u.clone(), torch.tensor([10.0]), chunk_size=chunk)
+    assert out.i2t_accuracy.item() == 0.0 and out.t2i_accuracy.item() == 0.0
 
 
 def test_chunked_memory_path_is_bf16_safe():

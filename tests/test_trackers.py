@@ -3,6 +3,7 @@ MLflow store in a temporary folder (the [track] extra), run config as parameters
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,9 +14,8 @@ from alignvl_scale.config import ConfigError, load_config
 from alignvl_scale.synthetic import write_feature_shards
 
 
-def test_mlflow_gets_the_run_config_and_every_logged_scalar(tmp_path, monkeypatch):
+def test_mlflow_gets_the_run_config_and_every_logged_scalar(tmp_path):
     mlflow = pytest.importorskip("mlflow", reason="the [track] extra (CI installs it)")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, for the test to read back
     write_feature_shards(tmp_path / "train", 64, shards=2)
     run_dir = tmp_path / "run"
     config = tmp_path / "run.yaml"
@@ -25,8 +25,9 @@ def test_mlflow_gets_the_run_config_and_every_logged_scalar(tmp_path, monkeypatc
         "train": {"steps": 6, "lr": 0.01, "log_every": 2}, "log": {"report_to": ["tensorboard", "mlflow"],
                                                                  "project": "alignvl-test"},
         "run_dir": str(run_dir)}))
-    store = f"file://{tmp_path / 'mlruns'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true", "OMP_NUM_THREADS": "1"}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # what docs/training.md says to use without a server
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_ALLOW_FILE_STORE", None)
     proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -52,3 +53,21 @@ def test_unknown_or_missing_trackers_fail_before_launch(tmp_path, trackers, mess
     path.write_text(yaml.safe_dump({"train": {"steps": 1}, "log": {"report_to": trackers}}))
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("", "MLFLOW_TRACKING_URI=(unset: ./mlruns) uses MLflow's file store"),
+    ("file:///tmp/mlruns", "MLFLOW_TRACKING_URI=file:///tmp/mlruns uses MLflow's file store"),
+    ("/tmp/mlruns", "uses MLflow's file store"),
+])
+def test_an_mlflow_store_that_refuses_runs_is_named_before_launch(tmp_path, uri, message):
+    """The file store raised at the first logged run, after the process group and the engines
+    were up; now the launch stops first, saying which store to use."""
+    pytest.importorskip("mlflow", reason="the [track] extra (CI installs it)")
+    from alignvl_scale.preflight import check_trackers
+
+    cfg = load_config(None, ["train.steps=1", "log.report_to=[mlflow]"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_trackers(cfg, {"MLFLOW_TRACKING_URI": uri} if uri else {})
+    check_trackers(cfg, {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"})  # the documented opt-out
+    check_trackers(cfg, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})

@@ -1,3 +1,6 @@
+import re
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,14 +49,19 @@ def test_image_folder_with_classes_and_templates(tmp_path):
 
 @pytest.mark.parametrize("setup,message", [
     (lambda p: (p / "templates.txt").write_text("no placeholder\n"), "needs one {} for the class name"),
+    (lambda p: (p / "templates.txt").write_text("a photo of a {} {x}\n"), "not 'a photo of a {} {x}'"),
+    (lambda p: (p / "templates.txt").write_text("a {0} and a {}\n"), "no other field"),
     (lambda p: (p / "classes.txt").write_text("a\nmissing\n"), "missing ['missing']"),
-    (lambda p: None, "needs at least 2 class subfolders"),
+    (lambda p: (p / "classes.txt").write_text("a\nb\n" + "a\n" * 5000), "1 subfolders listed more than once: ['a']"),
+    (lambda p: (p / "classes.txt").write_text("a\tcat\nb\tcat\n"), "class names listed more than once: ['cat']"),
+    (lambda p: (p / "b" / "0.png").unlink(), "1 classes have no image file: ['b']"),
+    (lambda p: (p / "b" / "0.png").write_text("not a png"), "no readable image in 1 classes (['b']"),
+    (lambda p: shutil.rmtree(p / "b"), "needs at least 2 class subfolders"),
 ])
 def test_bad_zero_shot_sets_are_named(tmp_path, setup, message):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "0.png").write_bytes(png_bytes(1))
-    if "2 class" not in message:
-        (tmp_path / "b").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.png").write_bytes(png_bytes(len(name)))
     setup(tmp_path)
-    with pytest.raises(DataSourceError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{}", r"\{\}")):
+    with pytest.raises(DataSourceError, match=re.escape(message)):
         load_zero_shot_set(tmp_path)

@@ -20,6 +20,7 @@ rank ever waits in a collective that the others left.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import random
@@ -453,6 +454,21 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
     return Redeal(streams(new_states), total, total - limit * cfg.batch_size * world)
 
 
+def _ignore_signals(names: tuple[str, ...], _worker_id: int) -> None:
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def worker_context():
+    """The fork server that DataLoader workers start from: a fresh, single-threaded process
+    with the reader's modules imported once (so a worker starts in milliseconds)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["alignvl_scale.data.reader"])
+    return context
+
+
 class TrainStream:
     """One rank's view for the trainer: equal-length epochs, exact resume position, skip
     counts, and the stop rule for bad data."""
@@ -491,9 +507,6 @@ class TrainStream:
         limit = self.epoch_batches()
         return limit is not None and self.state.batches >= limit
 
-    def _worker_init(self, _worker_id: int) -> None:
-        for name in self.ignore_signals:
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     def __iter__(self) -> Iterator[dict]:
         """Batches of the current epoch from the saved position on (resampled mode: for
@@ -504,11 +517,14 @@ class TrainStream:
                               self.seed, self.state)
         # Its own generator: drawing worker seeds from the global RNG would shift dropout after a resume.
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.state.epoch)) % 2**62)
-        # Pinned batches: the trainer's non_blocking copies then overlap the step on a GPU.
+        # Pinned batches: the trainer's non_blocking copies then overlap the step on a GPU. Workers come
+        # from a fork server: a fork of the trainer itself (threads of TensorBoard, tqdm, the process
+        # group, the previous epoch's queues) deadlocked in the child now and then (seen: 1 in ~200).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None,
                             pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=self._worker_init if self.ignore_signals else None)
+                            multiprocessing_context=worker_context() if self.cfg.workers else None,
+                            worker_init_fn=functools.partial(_ignore_signals, self.ignore_signals))
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])
             self.state.items += 1

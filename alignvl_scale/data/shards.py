@@ -12,6 +12,7 @@ atomically, so a folder with a manifest is complete.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from alignvl_scale.data.samples import (
     read_image_file,
 )
 
+MAX_CSV_FIELD = 64 * 2**20  # characters in one caption-file field
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "alignvl-shards/1"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -212,15 +214,18 @@ def folder_samples(caption_file: str | Path, image_root: str | Path | None = Non
     keeps the original path as "source".
 
     A missing column is an error before any row. A row that cannot become a sample (no image
-    field, no such file, not an image, outside the root, no or empty caption) is appended to
-    `rejects` as {"where": "file:line", "image": ..., "reason": ..., "detail": ...}; with
-    rejects=None the first one raises DataSourceError instead."""
+    field, no such file, not an image, outside the root, no, empty or overlong caption, or the
+    same image bytes with the same captions as an earlier row: a duplicate pair is a false
+    negative in a contrastive batch) is appended to `rejects` as {"where": "file:line",
+    "image": ..., "reason": ..., "detail": ...}; with rejects=None the first one raises
+    DataSourceError instead."""
     caption_file = Path(caption_file)
     root = Path(image_root) if image_root else caption_file.parent
     if not caption_file.exists():
         raise DataSourceError(f"{caption_file}: caption file not found")
     caption_fields = [caption_column] if caption_column else ["captions", "caption"]
     seen: set[str] = set()
+    pairs: dict[str, str] = {}  # hash of (image bytes, captions) -> where it was first
     for row, where in iter_caption_rows(caption_file, separator, required=(image_column, caption_fields)):
         image = row.get(image_column)
         caption = next((row[f] for f in caption_fields if row.get(f) not in (None, "")), None)
@@ -229,6 +234,10 @@ def folder_samples(caption_file: str | Path, image_root: str | Path | None = Non
                 raise DataSourceError(f"{where}: no '{image_column}' field (has {sorted(row)})", "missing_image")
             data, ext = _encode_image(root / str(image), where, root, allow_outside)
             captions = _captions(caption, where)
+            pair = hashlib.sha1(data + json.dumps(captions).encode()).hexdigest()
+            if pair in pairs:
+                raise DataSourceError(f"{where}: the same image and captions as {pairs[pair]}", "duplicate_pair")
+            pairs[pair] = where
         except DataSourceError as exc:
             if rejects is None:
                 raise
@@ -246,14 +255,20 @@ def iter_caption_rows(caption_file: Path, separator: str | None = None,
     delimiter = separator or {".csv": ",", ".tsv": "\t", ".tab": "\t"}.get(caption_file.suffix.lower())
     with caption_file.open(newline="", encoding="utf-8") as f:
         if delimiter:
+            # Fields past csv's 128 KiB limit (an overlong caption) parse, to be rejected by their row's
+            # checks; the limit that remains bounds the memory one field can take.
+            csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))
             reader = csv.DictReader(f, delimiter=delimiter)
             header = reader.fieldnames or []
             if required and (required[0] not in header or not set(required[1]) & set(header)):
                 raise DataSourceError(f"{caption_file}: needs columns {required[0]!r} and "
                                       f"{' or '.join(map(repr, required[1]))}, has {header} (set --image-column, "
                                       "--caption-column, --separator)")
-            for line, row in enumerate(reader, start=2):
-                yield row, f"{caption_file}:{line}"
+            try:
+                for row in reader:
+                    yield row, f"{caption_file}:{reader.line_num}"
+            except csv.Error as exc:
+                raise DataSourceError(f"{caption_file}:{reader.line_num}: {exc}") from None
             return
         for line, text in enumerate(f, start=1):
             if text.strip():

@@ -12,7 +12,9 @@ from PIL import Image
 
 
 class ImageTransform:
-    """Resize the short side, center crop, scale to [0, 1], normalize: PIL -> (3, S, S)."""
+    """Resize the short side (bicubic; the long side truncated, as torchvision and
+    transformers do), center crop, scale to [0, 1], normalize: PIL -> (3, S, S).
+    `hf_processor()` is the same transform as a transformers image processor."""
 
     def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
         self.size = size
@@ -20,13 +22,28 @@ class ImageTransform:
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        scale = self.size / min(img.size)
-        w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
+        short, long = sorted(img.size)
+        long = max(self.size, int(self.size * long / short))
+        w, h = (self.size, long) if img.width <= img.height else (long, self.size)
         img = img.resize((w, h), Image.BICUBIC)
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
+
+    def hf_processor(self):
+        """A CLIPImageProcessor that gives the same pixels (exports save it, so that
+        `AutoImageProcessor.from_pretrained` preprocesses as training did)."""
+        try:  # transformers 5: the PIL backend by name (its default wants torchvision, whose resize differs)
+            from transformers import CLIPImageProcessorPil as Processor
+        except ImportError:  # transformers 4: PIL is the backend
+            from transformers import CLIPImageProcessor as Processor
+        from transformers.image_utils import PILImageResampling
+
+        return Processor(size={"shortest_edge": self.size}, crop_size={"height": self.size, "width": self.size},
+                                  resample=PILImageResampling.BICUBIC, do_center_crop=True, do_rescale=True,
+                                  rescale_factor=1 / 255, do_normalize=True, image_mean=self.mean.flatten().tolist(),
+                                  image_std=self.std.flatten().tolist(), do_convert_rgb=True)
 
 
 def random_resized_crop(img: Image.Image, rng: random.Random, scale: tuple[float, float],
