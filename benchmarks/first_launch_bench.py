@@ -8,7 +8,7 @@ TORCH_EXTENSIONS_DIR: the first launch (which builds the op when it is on), a se
 (op already built), and steady-state samples/s of both launches. Cells alternate between
 the two ways; run it on an otherwise idle machine.
 
-    python benchmarks/first_launch_bench.py      # about 15 minutes here
+    python benchmarks/first_launch_bench.py      # about 10 minutes here
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def steady_rate(run_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/first_launch_bench.json"))
     args = parser.parse_args()
     cells: dict[str, dict[str, list[float]]] = {way: {"first": [], "second": [], "rate": []} for way in WAYS}
