@@ -340,8 +340,8 @@ def plan_resume(run_dir: str | Path, resume: str, world: int, stage: int, deep: 
     if universal and 0 in stages:
         raise CheckpointError(f"--resume {resume}: {path} was written under ZeRO-{saved_stage} on {saved_world} "
                               f"ranks; this run is ZeRO-{stage} on {world} ranks, and DeepSpeed converts checkpoints "
-                              "between ZeRO stages 1-3 only. Resume with the same ZeRO stage (engine.ds_config), or "
-                              "on the same number of ranks")
+                              "between ZeRO stages 1-3 only. Resume under the stage that wrote it (engine.ds_config): "
+                              "ZeRO-0 on any number of ranks, ZeRO 1-3 into one another")
     return ResumePlan(path, meta["step"], saved_world, saved_stage, universal)
 
 
