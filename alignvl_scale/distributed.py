@@ -76,11 +76,6 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_floats([float(flag)], "max")[0])
 
 
-def every_rank(flag: bool) -> bool:
-    """True on every rank when it is true on all of them ("does every rank have a batch")."""
-    return bool(all_reduce_floats([float(flag)], "min")[0])
-
-
 def all_gather_objects(value: object) -> list:
     """Every rank's picklable value (a short message, say), in rank order, on the host group."""
     if not is_distributed():

@@ -17,7 +17,6 @@ without pdsh, each machine starts a one-rank world of its own, which trains sile
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def _ints(env: dict, *names: str) -> list[int] | None:
 
 
 def _launcher(env: dict) -> str:
-    if env.get("ACCELERATE_USE_DEEPSPEED") or any(k.startswith("ACCELERATE_") for k in env):
+    if any(k.startswith("ACCELERATE_") for k in env):
         return "accelerate"
     if "CROSS_RANK" in env or "LOCAL_SIZE" in env:
         return "deepspeed"
@@ -170,6 +169,3 @@ def check_declared_world(launch: LaunchEnv, declared: tuple[int, int, str] | Non
         raise LaunchError(f"accelerate launch declared {processes} processes on {machines} machine(s), but this "
                           f"process is {launch.describe()}: the machines would train separate runs.{hint}")
 
-
-def command_line(pid: int) -> str:
-    return shlex.join(_cmdline(pid))

@@ -23,6 +23,7 @@ from alignvl_scale.checkpoint import ResumePlan, plan_resume
 from alignvl_scale.config import ConfigError, RunConfig, for_world
 from alignvl_scale.data.reader import batches_per_epoch, load_sources
 from alignvl_scale.data.shards import DataSourceError, resolve_spec
+from alignvl_scale.engine import zero_stage
 from alignvl_scale.launch import LaunchEnv, accelerate_declaration, check_declared_world, export_torch_env, launch_env
 from alignvl_scale.model import with_feature_manifest
 from alignvl_scale.rundir import claim_run_dir
@@ -36,10 +37,6 @@ class Prepared:
     launch: LaunchEnv
     resume: ResumePlan | None = None
     trust_checkpoint: bool = False
-
-
-def zero_stage_of(cfg: RunConfig) -> int:
-    return int(json.loads(cfg.engine.resolved_ds_config().read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
 def check_trackers(cfg: RunConfig, environ: dict | None = None) -> None:
@@ -98,6 +95,7 @@ def preflight(cfg: RunConfig, resume: str | None = None, overwrite: bool = False
     check_inputs(cfg, launch.world)
     if launch.is_first:
         claim_run_dir(cfg.run_dir, resume, overwrite)
-    plan = plan_resume(cfg.run_dir, resume, launch.world, zero_stage_of(cfg), deep=launch.is_first) if resume else None
+    stage = zero_stage(json.loads(cfg.engine.resolved_ds_config().read_text()))
+    plan = plan_resume(cfg.run_dir, resume, launch.world, stage, deep=launch.is_first) if resume else None
     export_torch_env(launch)
     return Prepared(cfg, launch, plan, trust_checkpoint)

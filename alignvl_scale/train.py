@@ -288,13 +288,13 @@ class Trainer:
         A stop signal at any rank: its name on every rank, with the stream rewound to where
         this step began (so the checkpoint holds no batch that was not trained on). One
         host all-reduce per micro-batch carries both agreements."""
-        before = self.stream.state_dict()
+        before = self.stream.mark()
         micro = []
         for _ in range(self.cfg.train.accumulation):
             batch = next(batches, None)
             have, stop = all_reduce_floats([float(batch is not None), -float(self.stop.signal is not None)], "min")
             if stop < 0:
-                self.stream.load_state_dict(before)
+                self.stream.rewind(before)
                 return self.stop.signal or "a stop signal to another rank"
             if not have:
                 return None

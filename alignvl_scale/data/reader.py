@@ -22,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import heapq
 import itertools
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -440,10 +442,12 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
         return kept(n) * max(n - task.start, 0) // n if n else 0
 
     load, dealt = [0] * (world * workers), [[] for _ in range(world * workers)]
+    least = [(0, slot) for slot in range(len(load))]  # a heap of (load, slot): the least loaded first
     for task in sorted(rest, key=lambda t: (-left(t), t.url, t.start)):
-        slot = min(range(len(load)), key=lambda i: (load[i], i))
+        _, slot = heapq.heappop(least)
         dealt[slot].append(task)
         load[slot] += left(task)
+        heapq.heappush(least, (load[slot], slot))
     # Slot i is worker i // world of rank i % world: the largest shards go to different ranks first.
     limit = min(sum(load[w * world + r] // cfg.batch_size for w in range(workers)) for r in range(world))
     total = sum(load)
@@ -491,6 +495,15 @@ class TrainStream:
     def load_state_dict(self, d: dict) -> None:
         self.state = StreamState.from_dict(d["stream"])
         self.counts = SkipCounts.from_dict(d["counts"])
+
+    def mark(self) -> tuple[StreamState, SkipCounts]:
+        """Where the stream stands now, to `rewind` to; cheap enough for every step (the
+        re-dealt tasks, which no read changes, are shared, not copied)."""
+        return (dataclasses.replace(self.state, positions=dict(self.state.positions)),
+                dataclasses.replace(self.counts, skipped=Counter(self.counts.skipped)))
+
+    def rewind(self, mark: tuple[StreamState, SkipCounts]) -> None:
+        self.state, self.counts = mark
 
     def _check_skips(self, shard: str) -> None:
         if (self.counts.total >= self.cfg.skip_check_min_samples
