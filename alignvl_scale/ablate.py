@@ -11,7 +11,7 @@ alpha grid) names:
     grid: {sigma: [0.01, 0.05, 0.1, 0.5]}   # the settings: baseline + every point of the grid
     compare_within: [caption_noise]    # optional: each setting's reference is the baseline at
                                        # the setting's value of these axes
-The axes (AXES) are sigma, noise_mode, alpha, mixup, caption_noise and train_fraction; a grid
+The axes (AXES) are objective, sigma, noise_mode, alpha, mixup, caption_noise and train_fraction; a grid
 point changes the axes it names and keeps the baseline's other values.
 
 Every run is the real trainer in its own process (`alignvl-scale train`), on features
@@ -237,7 +237,10 @@ def summarize(rows: list[dict], study: Study) -> list[dict]:
         if entry["reference"] is not None:
             base = by_setting[reference]
             for m in PAIRED_KEYS:
-                entry[m + "_diff"] = paired_interval([runs[s][m] for s in seeds], [base[s][m] for s in seeds])
+                # Calibration compares like with like: a softmax and a sigmoid confidence differ in kind.
+                comparable = m in RECALL_KEYS or setting["objective"] == reference["objective"]
+                entry[m + "_diff"] = (paired_interval([runs[s][m] for s in seeds], [base[s][m] for s in seeds])
+                                      if comparable else None)
         out.append(entry)
     return out
 
@@ -271,7 +274,9 @@ def markdown_tables(summary: list[dict], study: Study, rms: dict[str, float] | N
     lines += table("Retrieval, R@K in % (mean ± std over seeds):", RECALL_KEYS,
                    lambda s: [f"{s[m]:.1f} ± {s[m + '_std']:.1f}" for m in RECALL_KEYS])
     gaps = [f"{d}_confidence - R@1" for d in DIRECTIONS]  # > 0: overconfident, < 0: underconfident
-    lines += table("Calibration at the learned temperature (ECE and confidence in %, NLL in nats; mean ± std; "
+    lines += table("Calibration at the learned temperature (and bias; confidence is the softmax's over candidates for "
+                   "infonce, the per-pair sigmoid's for siglip: metrics.Calibration; "
+                   "ECE and confidence in %, NLL in nats; mean ± std; "
                    "confidence - R@1 > 0 is overconfidence):", CALIBRATION_KEYS + gaps,
                    lambda s: [f"{s[m]:.2f} ± {s[m + '_std']:.2f}" for m in CALIBRATION_KEYS]
                    + [f"{s[f'{d}_confidence'] - s[recall_key(d, 1)]:+.1f}" for d in DIRECTIONS])
@@ -279,6 +284,8 @@ def markdown_tables(summary: list[dict], study: Study, rms: dict[str, float] | N
     def diff(s: dict, m: str) -> str:
         if s["reference"] is None:
             return "(reference)"
+        if s[m + "_diff"] is None:
+            return "n/a (other objective)"
         mean, low, high = s[m + "_diff"]
         mark = " *" if low > 0 or high < 0 else ""
         return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}"
@@ -302,6 +309,8 @@ def plot(summary: list[dict], study: Study, path: Path) -> Path:
     positions = range(len(others))
     for ax, m in zip(axes, metrics, strict=True):
         for y, s in zip(positions, others, strict=True):
+            if s[m + "_diff"] is None:  # calibration of another objective: not comparable
+                continue
             mean, low, high = s[m + "_diff"]
             ax.errorbar([mean], [y], xerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
                         color="C3" if low > 0 or high < 0 else "C0")

@@ -7,10 +7,10 @@ does) optimizes K small contrastive problems, each with 1/K of the negatives. In
 1. forward the K micro-batches without an autograd graph, keeping their embeddings and the
    RNG states each forward starts from (dropout, Random Perturbation, mixup);
 2. the Align-VL loss on all K x B x world embeddings (plain or chunked), and its gradient
-   with respect to every cached embedding and to the logit scale;
+   with respect to every cached embedding and to the learned scalars (scale, bias);
 3. re-run each micro-batch with autograd from its saved RNG states, so the second forward
    equals the first, and backpropagate the cached gradient through it
-   (`backward(sum(u * dL/du) + sum(v * dL/dv) + scale * dL/dscale / K)`);
+   (`backward(sum(u * dL/du) + sum(v * dL/dv) + (scale * dL/dscale + bias * dL/dbias) / K)`);
 4. one optimizer step (the caller's).
 
 Memory stays that of one micro-batch's graph plus K x B embeddings; the cost is one more
@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from alignvl_scale.loss import LossOutput
+from alignvl_scale.objectives import HeadOutput
 
-Forward = Callable[[dict], tuple[Tensor, Tensor, Tensor]]
+Forward = Callable[[dict], HeadOutput]
 
 
 def rng_snapshot(random_modules: dict) -> dict:
@@ -53,31 +54,37 @@ def rng_restore(state: dict, random_modules: dict) -> None:
         module.load_rng_state(state["modules"][name])
 
 
-def accumulated_backward(micro_batches: list[dict], forward: Forward, loss_fn: Callable[..., LossOutput],
-                         backward: Callable[[Tensor], None], random_modules: dict) -> tuple[LossOutput, Tensor]:
+def _leaf(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float().requires_grad_()
+
+
+def accumulated_backward(micro_batches: list[dict], forward: Forward, loss_fn: Callable[[HeadOutput], LossOutput],
+                         backward: Callable[[Tensor], None], random_modules: dict) -> tuple[LossOutput, HeadOutput]:
     """Steps 1-3 above; `backward(surrogate)` accumulates parameter gradients (K calls).
-    Returns the loss on the whole contrastive batch (value and statistics) and the logit
-    scale it used."""
-    states, us, vs, scale = [], [], [], None
+    Returns the loss on the whole contrastive batch (value and statistics) and the head
+    output it was computed on (detached)."""
+    states, outs = [], []
     with torch.no_grad():
         for batch in micro_batches:
             states.append(rng_snapshot(random_modules))
-            u, v, scale = forward(batch)
-            us.append(u)
-            vs.append(v)
+            outs.append(forward(batch))
     after = rng_snapshot(random_modules)
-    all_u = torch.cat(us).float().requires_grad_()
-    all_v = torch.cat(vs).float().requires_grad_()
-    scale = scale.detach().float().requires_grad_()
-    out = loss_fn(all_u, all_v, scale)
+    # The loss's leaves: the embeddings of all micro-batches, and the learned scalars (the
+    # same in every forward: each of the K second passes carries 1/K of their gradient).
+    cached = HeadOutput(_leaf(torch.cat([o.image for o in outs])), _leaf(torch.cat([o.text for o in outs])),
+                        _leaf(outs[0].logit_scale), _leaf(outs[0].logit_bias))
+    out = loss_fn(cached)
     out.loss.backward()  # only to the cached leaves: no parameter sees this graph
-    rows = [len(u) for u in us]
-    grad_u, grad_v = all_u.grad.split(rows), all_v.grad.split(rows)
+    rows = [len(o.image) for o in outs]
+    grad_u, grad_v = cached.image.grad.split(rows), cached.text.grad.split(rows)
     for k, batch in enumerate(micro_batches):
         rng_restore(states[k], random_modules)
-        u, v, s = forward(batch)
-        surrogate = ((u.float() * grad_u[k]).sum() + (v.float() * grad_v[k]).sum()
-                     + (s.float() * scale.grad).sum() / len(micro_batches))
+        again = forward(batch)
+        surrogate = (again.image.float() * grad_u[k]).sum() + (again.text.float() * grad_v[k]).sum()
+        for value, leaf in ((again.logit_scale, cached.logit_scale), (again.logit_bias, cached.logit_bias)):
+            if leaf is not None:
+                surrogate = surrogate + (value.float() * leaf.grad).sum() / len(micro_batches)
         backward(surrogate)
     rng_restore(after, random_modules)  # the streams continue as after the first pass
-    return LossOutput(out.loss.detach(), out.i2t_accuracy, out.t2i_accuracy), scale.detach()
+    return (LossOutput(out.loss.detach(), out.i2t_accuracy, out.t2i_accuracy),
+            HeadOutput(*(None if t is None else t.detach() for t in cached)))

@@ -120,15 +120,32 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    objective: str = "infonce"
+    """infonce: symmetric InfoNCE (softmax over the global batch); siglip: the sigmoid loss with a learned bias
+    (alignvl_scale/objectives.py)."""
     smoothing: float = 0.0
-    """Embedding Smoothing alpha in [0, 1): targets (1 - alpha) on the pair + alpha / N everywhere."""
+    """Embedding Smoothing alpha in [0, 1): targets (1 - alpha) on the pair + alpha / N everywhere (for siglip,
+    each pair's binary target)."""
+    logit_scale_init: float | None = None
+    """The temperature multiplier exp(t) at step 0; null: the objective's (infonce 1/0.07, siglip 10)."""
+    logit_bias_init: float | None = None
+    """siglip: the bias at step 0; null: the objective's (-10). Objectives without a bias refuse it."""
     chunk_size: int | None = None
     """null: the plain B x N logits per direction; an int: the fused path, tiles of this many columns."""
     matmul_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """The fused path's tile matmuls: fp32, tf32 or bf16 (split bf16 with fp32 accumulation)."""
 
     def validate(self, key: str) -> None:
+        from alignvl_scale.model import MAX_LOGIT_SCALE
+        from alignvl_scale.objectives import OBJECTIVES
+
+        _require(self.objective in OBJECTIVES, f"{key}.objective", "one of " + ", ".join(OBJECTIVES), self.objective)
         _require(0 <= self.smoothing < 1, f"{key}.smoothing", "in [0, 1)", self.smoothing)
+        _require(self.logit_scale_init is None or 0 < self.logit_scale_init <= MAX_LOGIT_SCALE,
+                 f"{key}.logit_scale_init", f"null or in (0, {MAX_LOGIT_SCALE:g}] (the clamp)", self.logit_scale_init)
+        _require(self.logit_bias_init is None or OBJECTIVES[self.objective].logit_bias_init is not None,
+                 f"{key}.logit_bias_init", f"null for loss.objective {self.objective} (it has no bias)",
+                 self.logit_bias_init)
         _require(self.chunk_size is None or self.chunk_size >= 1, f"{key}.chunk_size", "null or >= 1",
                  self.chunk_size)
         _require(self.matmul_precision == "fp32" or self.chunk_size is not None, f"{key}.matmul_precision",
@@ -411,7 +428,8 @@ class RunConfig:
 
 # The axes a study varies (alignvl_scale/ablate.py), each the run config key it sets and its value
 # when a study names it nowhere; a run's TensorBoard hparams are its values on them (`axis_values`).
-STUDY_AXES = {"sigma": ("model.noise_sigma", 0.0), "noise_mode": ("model.noise_mode", "absolute"),
+STUDY_AXES = {"objective": ("loss.objective", "infonce"),
+              "sigma": ("model.noise_sigma", 0.0), "noise_mode": ("model.noise_mode", "absolute"),
               "alpha": ("loss.smoothing", 0.0), "mixup": ("model.mixup", "fusemix"),
               "caption_noise": ("data.caption_noise", 0.0), "train_fraction": ("data.train_fraction", 1.0)}
 

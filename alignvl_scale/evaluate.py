@@ -14,8 +14,9 @@ from PIL import Image
 from alignvl_scale.data.evalsets import RetrievalSet, load_retrieval_set
 from alignvl_scale.data.samples import open_image
 from alignvl_scale.distributed import rank_world
-from alignvl_scale.metrics import retrieval_metrics
+from alignvl_scale.metrics import Calibration, retrieval_metrics
 from alignvl_scale.model import AlignVLModel, Preprocessing
+from alignvl_scale.objectives import OBJECTIVES
 from alignvl_scale.towers import set_train_mode
 from alignvl_scale.zeroshot import ZeroShotSet, class_embeddings, zero_shot_accuracy
 
@@ -65,9 +66,12 @@ class Encoder:
         return self.model.head.encode_text(y.to(self.device))
 
     @torch.no_grad()
-    def logit_scale(self) -> float:
-        """The learned 1/temperature (a module call, so ZeRO-3 gathers it on every rank)."""
-        return float(self.model.head.temperature())
+    def calibration(self) -> Calibration:
+        """How the model states confidence: its objective's kind, with the learned scale
+        and bias (module calls, so ZeRO-3 gathers them on every rank)."""
+        head = self.model.head
+        bias = 0.0 if head.logit_bias is None else float(head.logit_bias())
+        return Calibration(OBJECTIVES[head.objective].calibration, float(head.temperature()), bias)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -97,7 +101,7 @@ def _encode_all(encoder: Encoder, images: list, texts: list, batch_size: int) ->
 
 def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:
     images, texts = _encode_all(encoder, evalset.images, evalset.texts, batch_size)
-    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image), logit_scale=encoder.logit_scale())
+    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image), calibration=encoder.calibration())
 
 
 def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> dict[str, float]:

@@ -31,6 +31,7 @@ from alignvl_scale.config import ConfigError, RunConfig, config_from_dict
 from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.metrics import headline
 from alignvl_scale.model import AlignVLModel, build_model
+from alignvl_scale.objectives import OBJECTIVES
 from alignvl_scale.towers import HFTower, ProcessorTransform, Tokenize
 
 INSTALL = "pip install alignvl-scale"  # the package that registers the model type
@@ -82,8 +83,11 @@ class AlignVLHFModel(PreTrainedModel):
         if input_ids is not None:
             out["text_embeds"] = self.get_text_features(input_ids, attention_mask)
         if pixel_values is not None and input_ids is not None:
-            scale = self.alignvl.head.temperature().reshape(())
-            out["logits_per_image"] = scale * out["image_embeds"] @ out["text_embeds"].T
+            head = self.alignvl.head
+            logits = head.temperature().reshape(()) * out["image_embeds"] @ out["text_embeds"].T
+            if head.logit_bias is not None:  # sigmoid objectives: sigmoid(logits) is a match probability
+                logits = logits + head.logit_bias().reshape(())
+            out["logits_per_image"] = logits
             out["logits_per_text"] = out["logits_per_image"].T
         return out
 
@@ -145,6 +149,7 @@ def model_card(cfg: RunConfig, summary: dict | None) -> str:
               f"| latent mixup | {_cell(mix.mixup)}" + (f", Beta({mix.mixup_beta:g}, {mix.mixup_beta:g})"
                                                          if mix.mixup != "off" else "") + " |",
               f"| Random Perturbation sigma | {mix.noise_sigma} ({_cell(mix.noise_mode)}) |",
+              f"| objective | {_cell(cfg.loss.objective)}: {OBJECTIVES[cfg.loss.objective].description} |",
               f"| Embedding Smoothing alpha | {cfg.loss.smoothing} |",
               f"| training data | {', '.join(_cell(d) for d in data['train']) or '-'} |", ""]
     final = (summary or {}).get("eval", {})

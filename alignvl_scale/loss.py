@@ -66,7 +66,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate every rank's rows in rank order; gradients flow back to their owners.
-    Local batch sizes must agree across ranks (see `_check_equal_local_batches`)."""
+    Local batch sizes must agree across ranks (see `check_equal_local_batches`)."""
     _, world = rank_world()
     return x if world == 1 else _AllGatherWithGrad.apply(x)
 
@@ -79,7 +79,7 @@ def _bf16_pair(x: Tensor) -> tuple[Tensor, Tensor]:
     return hi, (x - hi.float()).bfloat16()
 
 
-def _mm(a: Tensor, b: Tensor, precision: str) -> Tensor:
+def tile_matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
     """a @ b, fp32 out, with the products at `precision`.
 
     bf16: split bf16 ("bf16x3"): with x = hi + lo (hi = bf16(x), lo = bf16(x - hi)), one
@@ -155,7 +155,7 @@ class _FusedTiles(torch.autograd.Function):
                 pending = None
             block = v if k == rank else blocks[k]
             for c0 in range(0, b, chunk):
-                tile = scale * _mm(u, block[c0:c0 + chunk].T, precision)
+                tile = scale * tile_matmul(u, block[c0:c0 + chunk].T, precision)
                 c1, cols = c0 + tile.shape[1], slice(k * b + c0, k * b + c0 + tile.shape[1])
                 row_lse = torch.logaddexp(row_lse, tile.logsumexp(dim=1))
                 row_sum += tile.sum(dim=1)
@@ -201,15 +201,15 @@ class _FusedTiles(torch.autograd.Function):
             for c0 in range(0, b, ctx.chunk):
                 cols = slice(k * b + c0, min(k * b + c0 + ctx.chunk, (k + 1) * b))
                 v_tile = v_all[cols]
-                raw = _mm(u, v_tile.T, precision)
+                raw = tile_matmul(u, v_tile.T, precision)
                 s = scale * raw
                 grad_s = (torch.exp(s - row_lse[:, None]) * g_row_lse[:, None]
                           + torch.exp(s - col_lse[None, cols]) * g_col[0][None, cols]
                           + g_row_mean + g_col_mean[:, cols])
                 if k == rank:
                     grad_s[c0:c0 + raw.shape[1]].diagonal().add_(g_diagonal[c0:c0 + raw.shape[1]])
-                grad_u += scale * _mm(grad_s, v_tile, precision)
-                grad_block[c0:c0 + raw.shape[1]] = scale * _mm(grad_s.T, u, precision)
+                grad_u += scale * tile_matmul(grad_s, v_tile, precision)
+                grad_block[c0:c0 + raw.shape[1]] = scale * tile_matmul(grad_s.T, u, precision)
                 grad_scale += (grad_s * raw).sum()
             grad_blocks.append(grad_block)
             if world > 1:
@@ -241,7 +241,7 @@ def _fused_loss(u: Tensor, v: Tensor, scale: Tensor, smoothing: float, chunk: in
     return (i2t_loss + t2i_loss) / 2, i2t, t2i
 
 
-def _validate(image_emb: Tensor, text_emb: Tensor, smoothing: float, chunk_size: int | None,
+def validate_inputs(image_emb: Tensor, text_emb: Tensor, smoothing: float, chunk_size: int | None,
               matmul_precision: str) -> None:
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
@@ -257,7 +257,7 @@ def _validate(image_emb: Tensor, text_emb: Tensor, smoothing: float, chunk_size:
                          "is the fp32 reference")
 
 
-def _check_equal_local_batches(x: Tensor) -> None:
+def check_equal_local_batches(x: Tensor) -> None:
     """Every rank raises (none hangs at a later collective) when local batch sizes differ.
     On the host group: no device synchronization."""
     _, world = rank_world()
@@ -273,8 +273,8 @@ def align_vl_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: T
                              smoothing: float = 0.0, chunk_size: int | None = None,
                              matmul_precision: str = "fp32") -> LossOutput:
     """The loss plus in-batch top-1 accuracies, see `align_vl_loss`."""
-    _validate(image_emb, text_emb, smoothing, chunk_size, matmul_precision)
-    _check_equal_local_batches(image_emb)
+    validate_inputs(image_emb, text_emb, smoothing, chunk_size, matmul_precision)
+    check_equal_local_batches(image_emb)
     rank, world = rank_world()
     # fp32 math whatever the towers run in: bf16 logits lose the ranking at large N.
     u, v = image_emb.float(), text_emb.float()
@@ -287,15 +287,21 @@ def align_vl_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: T
         local = (loss_i2t + loss_t2i) / 2
     else:
         local, correct_i2t, correct_t2i = _fused_loss(u, v, scale, smoothing, chunk_size, matmul_precision)
+    return global_value_local_gradient(local, correct_i2t, correct_t2i, u.shape[0] * world)
+
+
+def global_value_local_gradient(local: Tensor, correct_i2t: Tensor, correct_t2i: Tensor, n: int) -> LossOutput:
+    """Every objective's ending: this rank's share `local` becomes the global loss value
+    (one all-reduce, with the in-batch correct counts), keeping the gradient of the share.
+    FloatingPointError on every rank alike when the global value is not finite."""
+    _, world = rank_world()
     stats = torch.stack([local.detach(), correct_i2t.float(), correct_t2i.float()])
     if world > 1:
         dist.all_reduce(stats)
     # One host sync, on values every rank shares: a bad embedding or scale anywhere makes
     # the summed loss non-finite on every rank, so all raise together.
     if not torch.isfinite(stats[0]):
-        raise FloatingPointError("non-finite embeddings or logit_scale in the contrastive batch")
-    n = u.shape[0] * world
-    # Global value, local-share gradient.
+        raise FloatingPointError("non-finite embeddings, logit_scale or logit_bias in the contrastive batch")
     loss = local + (stats[0] / world - local).detach()
     return LossOutput(loss=loss, i2t_accuracy=stats[1] / n, t2i_accuracy=stats[2] / n)
 
@@ -317,7 +323,7 @@ def align_vl_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, smoo
             for both directions and once more in backward (same value and gradients).
         matmul_precision: the fused path's tile matmuls: fp32 (default), tf32 (CUDA tensor
             cores; fp32 on CPU) or bf16 (split bf16, three tensor-core products with fp32
-            accumulation, see `_mm`). The log-sum-exp and all the rest stay fp32.
+            accumulation, see `tile_matmul`). The log-sum-exp and all the rest stay fp32.
 
     Returns the global loss on every rank, with the local-share gradient described in the
     module docstring (average parameter gradients over ranks to get the global gradient).

@@ -14,7 +14,11 @@ from ever materializing as one matrix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 RECALL_KS = (1, 5, 10)
@@ -36,39 +40,61 @@ def _score_tiles(queries: Tensor, keys: Tensor, chunk: int):
         yield start, (queries @ keys[start:start + chunk].double().T).float()
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How a model states its confidence, read off the scores s (`objectives.Objective`).
+
+    - softmax (InfoNCE): a query's candidates compete, p = softmax(scale x s) over all of
+      them; confidence is the top-1 probability, NLL -log of the mass on the correct ones.
+    - sigmoid (SigLIP): each (query, candidate) pair on its own, p = sigmoid(scale x s +
+      bias), the probability that the pair matches; confidence is that of the top-1
+      candidate, NLL the binary NLL summed over all candidates (the objective's own loss
+      on the eval set, per query).
+    """
+
+    kind: Literal["softmax", "sigmoid"]
+    scale: float
+    bias: float = 0.0
+
+
 def _ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, chunk: int,
-           scale: float | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+           calibration: Calibration | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per query q: 1 + #{keys not owned by q scoring >= q's best key among those it owns};
-    with `scale`, also (from the same tiles, in the same pass) q's top-1 probability and
-    -log of the probability mass on its own keys, under the softmax of scale x scores over
-    all keys (None, None without).
+    with `calibration`, also (from the same tiles, in the same pass) q's confidence and NLL
+    as `Calibration` defines them (None, None without).
 
     `query_owner[q]` is the id that marks q's correct keys; `key_owner[k]` the id of key k.
     """
     best = torch.full((queries.shape[0],), float("-inf"), device=queries.device)
     lse = torch.full((queries.shape[0],), float("-inf"), dtype=torch.float64, device=queries.device)
-    correct_lse, top = lse.clone(), lse.clone()
+    correct_lse, top, binary_nll = lse.clone(), lse.clone(), torch.zeros_like(lse)
     for start, scores in _score_tiles(queries, keys, chunk):
         correct = query_owner[:, None] == key_owner[None, start:start + chunk]
         best = torch.maximum(best, scores.masked_fill(~correct, float("-inf")).amax(dim=1))
-        if scale is not None:  # streamed log-sum-exps of the whole row and of the query's own keys
-            logits = scale * scores.double()
+        if calibration is None:
+            continue
+        logits = calibration.scale * scores.double() + calibration.bias
+        top = torch.maximum(top, logits.amax(dim=1))
+        if calibration.kind == "softmax":  # streamed log-sum-exps of the whole row and of the query's own keys
             lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
             correct_lse = torch.logaddexp(correct_lse, logits.masked_fill(~correct, float("-inf")).logsumexp(dim=1))
-            top = torch.maximum(top, logits.amax(dim=1))
+        else:  # -log sigmoid(+-z) = softplus(z) - [correct] z
+            binary_nll += (F.softplus(logits) - correct * logits).sum(dim=1)
     better = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     for start, scores in _score_tiles(queries, keys, chunk):
         wrong = query_owner[:, None] != key_owner[None, start:start + chunk]
         better += ((scores >= best[:, None]) & wrong).sum(dim=1)
-    if scale is None:
+    if calibration is None:
         return 1 + better, None, None
-    return 1 + better, (top - lse).exp(), lse - correct_lse
+    if calibration.kind == "softmax":
+        return 1 + better, (top - lse).exp(), lse - correct_lse
+    return 1 + better, torch.sigmoid(top), binary_nll
 
 
 def _direction(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor, chunk: int,
-               scale: float | None) -> list[Tensor | None]:
+               calibration: Calibration | None) -> list[Tensor | None]:
     """`_ranks` over chunks of queries, concatenated: [ranks, confidence, nll]."""
-    parts = [_ranks(queries[s:s + chunk], keys, query_owner[s:s + chunk], key_owner, chunk, scale)
+    parts = [_ranks(queries[s:s + chunk], keys, query_owner[s:s + chunk], key_owner, chunk, calibration)
              for s in range(0, queries.shape[0], chunk)]
     return [None if column[0] is None else torch.cat(column) for column in zip(*parts, strict=True)]
 
@@ -110,9 +136,9 @@ def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
 
 @torch.no_grad()
 def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor,
-                      chunk_size: int = 4096, logit_scale: float | None = None) -> dict[str, float]:
+                      chunk_size: int = 4096, calibration: Calibration | None = None) -> dict[str, float]:
     """R@1/5/10 (in percent), mean and median rank (1-based), both directions; with
-    `logit_scale` (the model's learned 1/temperature), calibration too.
+    `calibration` (the model's objective and learned scale and bias), calibration too.
 
     Args:
         image_emb: (I, d) image embeddings; text_emb: (T, d) caption embeddings (compared by
@@ -121,13 +147,14 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
             least one caption.
     Keys: i2t_R@1, i2t_R@5, i2t_R@10, i2t_mean_rank, i2t_median_rank, and t2i_* likewise.
 
-    Calibration treats each direction as classification over the whole eval set: a query's
-    prediction is the softmax of logit_scale x its scores over every candidate.
-    - {dir}_confidence: mean top-1 probability, in percent;
+    Calibration treats each direction as a prediction over the whole eval set, with the
+    probabilities `Calibration` defines (softmax over candidates, or sigmoid per pair):
+    - {dir}_confidence: mean confidence in the top-1 candidate, in percent;
     - {dir}_ece: expected calibration error (ECE_BINS bins), in percent, where a query is
       correct when its rank is 1 (its R@1 hit, ties against the model);
-    - {dir}_nll: mean -log(probability of the correct candidates; for i2t, the summed
-      probability of the image's captions).
+    - {dir}_nll: mean NLL per query (softmax: -log of the probability of the correct
+      candidates, for i2t the summed probability of the image's captions; sigmoid: the
+      binary NLL summed over all candidates, every caption of the image a positive).
     """
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
     caption_to_image = caption_to_image.to(device=image_emb.device, dtype=torch.long)
@@ -142,13 +169,13 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
     if (captions_per_image == 0).any():
         raise ValueError(f"{int((captions_per_image == 0).sum())} images have no caption")
     image_ids = torch.arange(n_images, device=image_emb.device)
-    out, calibration = {}, {}
+    out, confidence_keys = {}, {}
     for prefix, queries, keys, query_owner, key_owner in (("i2t", image_emb, text_emb, image_ids, caption_to_image),
                                                           ("t2i", text_emb, image_emb, caption_to_image, image_ids)):
-        ranks, confidence, nll = _direction(queries, keys, query_owner, key_owner, chunk_size, logit_scale)
+        ranks, confidence, nll = _direction(queries, keys, query_owner, key_owner, chunk_size, calibration)
         out.update(_summary(ranks, prefix))
-        if logit_scale is not None:
-            calibration[f"{prefix}_confidence"] = confidence.mean().item() * 100
-            calibration[f"{prefix}_ece"] = expected_calibration_error(confidence, ranks == 1) * 100
-            calibration[f"{prefix}_nll"] = nll.mean().item()
-    return {**out, **calibration}
+        if calibration is not None:
+            confidence_keys[f"{prefix}_confidence"] = confidence.mean().item() * 100
+            confidence_keys[f"{prefix}_ece"] = expected_calibration_error(confidence, ranks == 1) * 100
+            confidence_keys[f"{prefix}_nll"] = nll.mean().item()
+    return {**out, **confidence_keys}

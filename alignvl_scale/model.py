@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignvl_scale.objectives import OBJECTIVES, HeadOutput
+
 if TYPE_CHECKING:
     from alignvl_scale.config import RunConfig
 
-TEMPERATURE_INIT = 1 / 0.07
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -173,7 +174,7 @@ class Temperature(nn.Module):
     fp32 resolution.
     """
 
-    def __init__(self, init: float = TEMPERATURE_INIT, max_scale: float = MAX_LOGIT_SCALE) -> None:
+    def __init__(self, init: float, max_scale: float = MAX_LOGIT_SCALE) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
         self.max_scale = max_scale
@@ -182,13 +183,28 @@ class Temperature(nn.Module):
         return _ClampMaxComeBack.apply(self.log_scale.float().exp(), self.max_scale)
 
 
+class LearnedBias(nn.Module):
+    """The sigmoid objective's logit bias b; a module (ZeRO-3 gathers a parameter for its
+    module's forward) holding a 1-D fp32 parameter, like Temperature."""
+
+    def __init__(self, init: float) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self) -> Tensor:
+        # A tensor of its own, not a view of the parameter: the optimizer steps the parameter
+        # in place (a cached or logged value would change with it), and ZeRO-3 may release it.
+        return self.value.float().clone()
+
+
 def _fp32(device: torch.device):
     """Autocast off: the head's numbers at fp32 resolution whatever the towers run in."""
     return torch.autocast(device_type=device.type, enabled=False)
 
 
 class AlignVLHead(nn.Module):
-    """Tower outputs (x, y) -> normalized joint embeddings (u, v) and the logit scale.
+    """Tower outputs (x, y) -> a HeadOutput: normalized joint embeddings (u, v), the logit
+    scale, and the bias of objectives that have one (`objectives.OBJECTIVES`).
 
     mixup -> Random Perturbation (independent noise per modality) -> adapters -> L2 norm,
     all in fp32 with autocast off (the head is small next to the towers; in bf16 the noise
@@ -198,7 +214,8 @@ class AlignVLHead(nn.Module):
     def __init__(self, image_dim: int, text_dim: int, embed_dim: int, adapter: str = "mlp",
                  adapter_depth: int = 2, dropout: float = 0.1, noise_sigma: float = 0.0,
                  noise_mode: str = "absolute", mixup: str = "off", mixup_alpha: float = 1.0, seed: int = 0,
-                 rank: int = 0) -> None:
+                 rank: int = 0, objective: str = "infonce", logit_scale_init: float | None = None,
+                 logit_bias_init: float | None = None) -> None:
         super().__init__()
         # Three independent streams per rank, each a function of (seed, rank) alone.
         base = 3 * (seed * 1_000_003 + rank)
@@ -207,7 +224,11 @@ class AlignVLHead(nn.Module):
         self.text_noise = RandomPerturbation(noise_sigma, noise_mode, seed=base + 2)
         self.image_adapter = build_adapter(adapter, image_dim, embed_dim, adapter_depth, dropout=dropout)
         self.text_adapter = build_adapter(adapter, text_dim, embed_dim, adapter_depth, dropout=dropout)
-        self.temperature = Temperature()
+        spec = OBJECTIVES[objective]
+        self.objective = objective
+        self.temperature = Temperature(spec.logit_scale_init if logit_scale_init is None else logit_scale_init)
+        bias = spec.logit_bias_init if logit_bias_init is None else logit_bias_init
+        self.logit_bias = LearnedBias(bias) if spec.logit_bias_init is not None else None
 
     def encode_image(self, x: Tensor) -> Tensor:
         with _fp32(x.device):
@@ -217,10 +238,11 @@ class AlignVLHead(nn.Module):
         with _fp32(y.device):
             return F.normalize(self.text_adapter(self.text_noise(y.float())), dim=-1)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor) -> HeadOutput:
         with _fp32(x.device):
             x, y = self.mixup(x.float(), y.float())
-            return self.encode_image(x), self.encode_text(y), self.temperature()
+            return HeadOutput(self.encode_image(x), self.encode_text(y), self.temperature(),
+                              None if self.logit_bias is None else self.logit_bias())
 
     def random_modules(self) -> dict[str, _Seeded]:
         return {"mixup": self.mixup, "image_noise": self.image_noise, "text_noise": self.text_noise}
@@ -229,7 +251,7 @@ class AlignVLHead(nn.Module):
 class AlignVLModel(nn.Module):
     """Towers (absent when training on cached features) + the Align-VL head.
 
-    forward(batch) -> (u, v, logit_scale). Batches hold either `pixel_values`,
+    forward(batch) -> HeadOutput. Batches hold either `pixel_values`,
     `input_ids`, `attention_mask` (end to end) or `image_features`, `text_features`.
     """
 
@@ -251,7 +273,7 @@ class AlignVLModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_tower.trainable):
             return self.text_tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    def forward(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, batch: dict) -> HeadOutput:
         x, y = self.tower_features(batch)
         return self.head(x, y)
 
@@ -292,7 +314,8 @@ def build_model(cfg: RunConfig, rank: int = 0, load_weights: bool = True) -> Ali
         towers = build_towers(cfg, load_weights)
         image_dim, text_dim = towers[0].output_dim, towers[1].output_dim
     head = AlignVLHead(image_dim, text_dim, m.embed_dim, m.adapter, m.adapter_depth, m.dropout, m.noise_sigma,
-                       m.noise_mode, m.mixup, m.mixup_beta, seed=cfg.seed, rank=rank)
+                       m.noise_mode, m.mixup, m.mixup_beta, seed=cfg.seed, rank=rank, objective=cfg.loss.objective,
+                       logit_scale_init=cfg.loss.logit_scale_init, logit_bias_init=cfg.loss.logit_bias_init)
     return AlignVLModel(head, *towers)
 
 

@@ -50,9 +50,9 @@ from alignvl_scale.engine import fill_ds_config, make_accelerator, zero3_init, z
 from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
 from alignvl_scale.launch import LaunchError
 from alignvl_scale.logger import RunLogger, flat_config
-from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.metrics import headline
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
+from alignvl_scale.objectives import HeadOutput, objective_loss
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
 from alignvl_scale.preflight import Prepared, preflight
 from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "beyond tensors and DeepSpeed's own types is refused, since unpickling can run code)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_args(argv)
+    # Overrides before and after the options alike (`--config F a=1 --resume latest b=2`).
+    return parser.parse_intermixed_args(argv)
 
 
 def seed_everything(seed: int) -> None:
@@ -317,11 +318,10 @@ class Trainer:
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
 
-    def loss(self, u, v, scale):
-        """The Align-VL loss over the contrastive batch. FloatingPointError when it is not
-        finite (decided on the all-reduced loss, so on every rank alike)."""
-        loss = self.cfg.loss
-        return align_vl_loss_with_stats(u, v, scale, loss.smoothing, loss.chunk_size, loss.matmul_precision)
+    def loss(self, out: HeadOutput):
+        """The configured objective over the contrastive batch. FloatingPointError when it is
+        not finite (decided on the all-reduced loss, so on every rank alike)."""
+        return objective_loss(out, self.cfg.loss)
 
     def backward(self, loss) -> None:
         """Gradients accumulate in the engine until its step at the end of the cycle;
@@ -346,9 +346,9 @@ class Trainer:
         self.set_learning_rate()
         try:
             if self.flops_per_step is None:
-                (out, scale), self.flops_per_step = counted_flops(lambda: self.forward_backward(micro))
+                (out, head), self.flops_per_step = counted_flops(lambda: self.forward_backward(micro))
             else:
-                out, scale = self.forward_backward(micro)
+                out, head = self.forward_backward(micro)
         except FloatingPointError:  # raised before any backward, on every rank alike
             out = None
         if out is None:
@@ -364,15 +364,17 @@ class Trainer:
         # The rate the step used, read back from the optimizer DeepSpeed stepped (not recomputed).
         lr = self.optimizer.param_groups[0]["lr"]
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
-                "train/t2i_accuracy": out.t2i_accuracy, "train/logit_scale": scale.detach(), "train/lr": lr}
+                "train/t2i_accuracy": out.t2i_accuracy, "train/lr": lr,
+                **{f"train/{name}": value.detach().reshape(()) for name, value in head.scalars().items()}}
 
     def forward_backward(self, micro: list[dict]):
-        """Loss and gradients of one step (its optimizer step included); (loss output, scale)."""
+        """Loss and gradients of one step (its optimizer step included); (loss output, head
+        output)."""
         if len(micro) == 1:
-            u, v, scale = self.engine(micro[0])
-            out = self.loss(u, v, scale)
+            head = self.engine(micro[0])
+            out = self.loss(head)
             self.backward(out.loss)
-            return out, scale
+            return out, head
         return accumulated_backward(self.accumulation_inputs(micro), self.engine, self.loss, self.backward,
                                     self.random_modules)
 

@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alignvl_scale.config import load_config
 from alignvl_scale.data.reader import TrainStream
-from alignvl_scale.loss import align_vl_loss
 from alignvl_scale.model import build_model, build_preprocessing
+from alignvl_scale.objectives import objective_loss
 from alignvl_scale.towers import set_train_mode
 from alignvl_scale.train import make_decoder, param_groups, parse_args, seed_everything
 
@@ -42,8 +42,7 @@ def main() -> None:
             stream.next_epoch()
             batches = iter(stream)
             continue
-        u, v, scale = ddp(batch)
-        loss = align_vl_loss(u, v, scale, cfg.loss.smoothing, cfg.loss.chunk_size, cfg.loss.matmul_precision)
+        loss = objective_loss(ddp(batch), cfg.loss).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()

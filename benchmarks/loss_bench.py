@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of the contrastive loss: ours plain, ours chunked
 (the fused one-pass path, at each --precisions) and, when open-clip-torch is installed,
-open_clip's ClipLoss (gather with grad, local loss), side by side in one run.
+open_clip's loss (--objective infonce: ClipLoss, gather with grad, local loss; siglip:
+SigLipLoss, its default bidirectional neighbour exchange), side by side in one run.
 
 Each (N, world, mode) cell runs in fresh processes (gloo ranks when world > 1, CPU only),
 so peak memory is that cell's alone: on CPU the growth of the peak RSS after the inputs
@@ -11,6 +12,7 @@ against open_clip's ClipLoss where it ran, else against our plain loss.
     python benchmarks/loss_bench.py                                  # CPU: the README table
     python benchmarks/loss_bench.py --device cuda --sizes 16384 65536 262144 --worlds 1
     python benchmarks/loss_bench.py --sizes 4096 --reps 2            # a quick look
+    python benchmarks/loss_bench.py --objective siglip               # the sigmoid loss: README's second table
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,20 +35,24 @@ import torch.nn.functional as F
 from alignvl_scale.engine import free_port
 from alignvl_scale.loss import align_vl_loss
 from alignvl_scale.perf import peak_rss_bytes
+from alignvl_scale.sigmoid_loss import sigmoid_loss
 
 GIB = 2**30
+EXIT_ABORT = "terminate called without an active exception"
 # Live B x N fp32 buffers at the peak of the plain loss and of ClipLoss (logits and
 # log-softmax per direction, their grads): cells whose estimate does not fit are skipped.
 FULL_LOGITS_BUFFERS = 6
 
 
-def clip_loss_class():
-    """open_clip's ClipLoss, or None when open-clip-torch is not installed. Its package
-    import needs torchvision; its loss module does not, so that is loaded by path when the
-    package import fails (a CPU machine with only CUDA torchvision wheels at hand)."""
+OPEN_CLIP_LOSSES = {"infonce": "ClipLoss", "siglip": "SigLipLoss"}
+
+
+def open_clip_loss_class(objective: str = "infonce"):
+    """open_clip's loss for the objective, or None when open-clip-torch is not installed.
+    Its package import needs torchvision; its loss module does not, so that is loaded by
+    path when the package import fails (a CPU machine with only CUDA torchvision wheels)."""
     try:
-        from open_clip.loss import ClipLoss
-        return ClipLoss
+        from open_clip import loss as module
     except Exception:  # noqa: BLE001 - any import failure means: load the module file alone
         spec = importlib.util.find_spec("open_clip")
         if spec is None or not spec.submodule_search_locations:
@@ -54,7 +61,7 @@ def clip_loss_class():
         module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
-        return module.ClipLoss
+    return getattr(module, OPEN_CLIP_LOSSES[objective])
 
 
 def _reset_peak(device: torch.device) -> int:
@@ -71,11 +78,19 @@ def _peak(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
 
 
-def make_loss(mode: str, args: argparse.Namespace, rank: int, world: int):
+def make_loss(mode: str, args: argparse.Namespace, rank: int, world: int, bias: torch.Tensor):
+    """loss(u, v, scale) of the cell's mode; the sigmoid ones also use (and differentiate) `bias`."""
+    siglip = args.objective == "siglip"
     if mode == "clip":
-        clip = clip_loss_class()(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        if siglip:
+            loss = open_clip_loss_class("siglip")(rank=rank, world_size=world)
+            return lambda u, v, scale: loss(u, v, scale, bias)
+        clip = open_clip_loss_class()(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
         return lambda u, v, scale: clip(u, v, scale)
     chunk, precision = (None, "fp32") if mode == "plain" else (args.chunk, mode.partition("-")[2] or "fp32")
+    if siglip:
+        return lambda u, v, scale: sigmoid_loss(u, v, scale, bias, smoothing=args.smoothing, chunk_size=chunk,
+                                                matmul_precision=precision)
     return lambda u, v, scale: align_vl_loss(u, v, scale, smoothing=args.smoothing, chunk_size=chunk,
                                              matmul_precision=precision)
 
@@ -91,12 +106,14 @@ def worker(mode: str, n: int, args: argparse.Namespace) -> None:
     b = n // world
     u = F.normalize(torch.randn(b, args.dim, generator=g), dim=1).to(device).requires_grad_(True)
     v = F.normalize(torch.randn(b, args.dim, generator=g), dim=1).to(device).requires_grad_(True)
-    scale = torch.tensor([1 / 0.07], device=device, requires_grad=True)
-    loss_fn = make_loss(mode, args, rank, world)
+    siglip = args.objective == "siglip"
+    scale = torch.tensor([10.0 if siglip else 1 / 0.07], device=device, requires_grad=True)
+    bias = torch.tensor([-10.0], device=device, requires_grad=True)
+    loss_fn = make_loss(mode, args, rank, world, bias)
     times, peaks = [], []
     warmup = 1 if device.type == "cuda" else 0  # CUDA: the first pass warms up (allocator, kernels)
     for rep in range(args.reps + warmup):
-        u.grad = v.grad = scale.grad = None
+        u.grad = v.grad = scale.grad = bias.grad = None
         base = _reset_peak(device)
         if world > 1:
             dist.barrier()
@@ -120,15 +137,20 @@ def worker(mode: str, n: int, args: argparse.Namespace) -> None:
 def run_cell(mode: str, n: int, world: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--sizes", str(n), "--dim", str(args.dim),
            "--chunk", str(args.chunk), "--reps", str(args.reps if n < 65536 or args.device == "cuda" else 1),
-           "--smoothing", str(args.smoothing), "--device", args.device]
+           "--smoothing", str(args.smoothing), "--device", args.device, "--objective", args.objective]
     port = str(free_port())
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
         **os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
         for r in range(world)]
     outputs = [p.communicate() for p in procs]
-    if any(p.returncode for p in procs):
-        error = next(err for (_, err), p in zip(outputs, procs, strict=True) if p.returncode).strip()
+    # gloo ranks now and then abort at interpreter exit after their work is done (environment.md):
+    # with rank 0's measurement printed, such an exit is not a failed cell.
+    done = procs[0].returncode == 0 and outputs[0][0].strip()
+    failed = [p for p, (_, err) in zip(procs, outputs, strict=True)
+              if p.returncode and not (done and p.returncode == -signal.SIGABRT and EXIT_ABORT in err)]
+    if failed:
+        error = next(err for (_, err), p in zip(outputs, procs, strict=True) if p in failed).strip()
         return {"status": f"failed (exit {[p.returncode for p in procs]}): {error.splitlines()[-1][:200]}"}
     return {"status": "ok", **json.loads(outputs[0][0].strip().splitlines()[-1])}
 
@@ -152,6 +174,8 @@ def main() -> None:
                         help="tile matmul precisions of the chunked path (default fp32 on CPU; fp32 tf32 bf16 on CUDA)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--smoothing", type=float, default=0.1)
+    parser.add_argument("--objective", choices=list(OPEN_CLIP_LOSSES), default="infonce",
+                        help="infonce (ours vs ClipLoss) or siglip (ours vs SigLipLoss)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON (default benchmarks/results/loss_bench[_cuda].json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -166,15 +190,17 @@ def main() -> None:
         parser.error("--device cuda runs one rank per cell (--worlds 1)")
     precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32"])
     modes = ["plain"] + [f"chunked-{p}" if p != "fp32" else "chunked" for p in precisions]
-    if clip_loss_class() is not None:
+    if open_clip_loss_class(args.objective) is not None:
         modes.append("clip")
-    out = args.out or Path(f"benchmarks/results/loss_bench{'_cuda' if cuda else ''}.json")
+    suffix = ("_siglip" if args.objective == "siglip" else "") + ("_cuda" if cuda else "")
+    out = args.out or Path(f"benchmarks/results/loss_bench{suffix}.json")
     memory = device_memory(args.device)
     rows = []
     header = (f"{'N':>7} {'ranks':>5} {'mode':>13} {'fwd+bwd s':>10} {'peak GiB/rank':>14} {'time x base':>12} "
               f"{'mem / base':>11}")
     print(f"device: {torch.cuda.get_device_name(0) if cuda else f'cpu x {os.cpu_count()}'}; d = {args.dim}, "
-          f"chunk {args.chunk}, smoothing {args.smoothing}; base = {'clip' if 'clip' in modes else 'plain'}")
+          f"chunk {args.chunk}, smoothing {args.smoothing}; objective {args.objective}; "
+          f"base = {OPEN_CLIP_LOSSES[args.objective] if 'clip' in modes else 'plain'}")
     print(header)
     print("-" * len(header))
     for n in args.sizes:
@@ -187,6 +213,7 @@ def main() -> None:
                 else:
                     cells[mode] = run_cell(mode, n, world, args)
                 rows.append({"N": n, "world": world, "mode": mode, "dim": args.dim, "device": args.device,
+                             "objective": args.objective,
                              "chunk": None if mode in ("plain", "clip") else args.chunk, **cells[mode]})
             base = cells.get("clip", {"status": "absent"})
             base = base if base["status"] == "ok" else cells["plain"]

@@ -21,20 +21,30 @@ from distributed import run_ranks
 
 import alignvl_scale.accumulate as accumulate
 from alignvl_scale.accumulate import accumulated_backward
+from alignvl_scale.config import LossConfig
 from alignvl_scale.engine import free_port
-from alignvl_scale.loss import align_vl_loss_with_stats
 from alignvl_scale.model import AlignVLHead
+from alignvl_scale.objectives import HeadOutput, objective_loss
 from alignvl_scale.synthetic import write_feature_shards
 
 K, B, DIM = 3, 4, 12
 
 
-def _head(rank: int) -> AlignVLHead:
+def _head(rank: int, objective: str = "infonce") -> AlignVLHead:
     torch.manual_seed(0)
     head = AlignVLHead(DIM, DIM, 8, adapter="mlp", adapter_depth=1, dropout=0.3, noise_sigma=0.2, mixup="fusemix",
-                       mixup_alpha=0.5,
-                       seed=5, rank=rank)
+                       mixup_alpha=0.5, seed=5, rank=rank, objective=objective)
     return head.train()
+
+
+def _loss_fn(objective: str, chunk: int | None):
+    cfg = LossConfig(objective=objective, smoothing=0.2, chunk_size=chunk)
+    return lambda out: objective_loss(out, cfg)
+
+
+def _one_graph(outs: list[HeadOutput]) -> HeadOutput:
+    """The micro-batches' outputs as one batch (the learned scalars are the same in each)."""
+    return HeadOutput(torch.cat([o.image for o in outs]), torch.cat([o.text for o in outs]), *outs[-1][2:])
 
 
 def _micro_batches(rank: int) -> list[dict]:
@@ -46,22 +56,19 @@ def _grads(head) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in head.named_parameters()}
 
 
-def _compare(rank: int, world: int, chunk: int | None, sabotage: str) -> dict:
+def _compare(rank: int, world: int, chunk: int | None, sabotage: str, objective: str = "infonce") -> dict:
     if sabotage == "no_rng_replay":
         accumulate.rng_restore = lambda state, modules: None
     batches = _micro_batches(rank)
-
-    def loss_fn(u, v, scale):
-        return align_vl_loss_with_stats(u, v, scale, smoothing=0.2, chunk_size=chunk)
+    loss_fn = _loss_fn(objective, chunk)
 
     torch.manual_seed(1000 + rank)  # dropout stream, the same start for both computations
-    reference = _head(rank)
-    outs = [reference(b["x"], b["y"]) for b in batches]
-    want = loss_fn(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[-1][2])
+    reference = _head(rank, objective)
+    want = loss_fn(_one_graph([reference(b["x"], b["y"]) for b in batches]))
     want.loss.backward()
 
     torch.manual_seed(1000 + rank)
-    head = _head(rank)
+    head = _head(rank, objective)
 
     def backward(surrogate):
         (surrogate * (2.0 if sabotage == "double_scale" else 1.0)).backward()
@@ -72,10 +79,13 @@ def _compare(rank: int, world: int, chunk: int | None, sabotage: str) -> dict:
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("chunk", [None, 5])
-def test_accumulation_equals_one_graph_over_the_concatenated_batch(tmp_path, world, chunk):
-    for result in run_ranks(_compare, world, tmp_path, chunk, "none"):
+@pytest.mark.parametrize("objective", ["infonce", "siglip"])
+def test_accumulation_equals_one_graph_over_the_concatenated_batch(tmp_path, world, chunk, objective):
+    """Every parameter's gradient, the temperature's and (siglip) the bias's included."""
+    for result in run_ranks(_compare, world, tmp_path, chunk, "none", objective):
         assert "error" not in result, result.get("traceback")
         assert result["loss"][0] == pytest.approx(result["loss"][1], rel=1e-6)
+        assert ("logit_bias.value" in result["want"]) == (objective == "siglip")
         for name, want in result["want"].items():
             # atol: float32 rounding of sums of terms up to max|want| (other summation orders differ by ~1e-7 of it)
             atol = 1e-6 * max(want.abs().max().item(), 1e-1)
@@ -134,16 +144,20 @@ def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features
 
 def test_resume_falls_on_optimizer_steps_and_stays_exact(tmp_path, features):
     """Checkpoints are taken after whole accumulation cycles; resuming from one continues
-    with the same losses (data position, RNG) as the run that never stopped."""
-    run_dir = _train(tmp_path, features, "run", 2, 2, 8, 1, model=NOISY)
+    with the same losses (data position, RNG) as the run that never stopped. With the
+    sigmoid objective: its bias goes through GradCache and the checkpoint too."""
+    run_dir = _train(tmp_path, features, "run", 2, 2, 8, 1, "loss.objective=siglip", model=NOISY)
     reference = logged(run_dir, "train/loss")
+    bias = logged(run_dir, "train/logit_bias")
+    assert bias[1] == -10.0 and bias[6] != bias[5] != bias[1]
     state = json.loads((run_dir / "checkpoints/step_00000004/rank_0.json").read_text())
     assert state["step"] == 4 and state["data"]["stream"]["batches"] == 8  # 4 steps x 2 micro-batches
     resumed = _train(tmp_path, features, "run", 2, 2, 8, 1, "--resume", str(run_dir / "checkpoints/step_00000004"),
-                     model=NOISY)
+                     "loss.objective=siglip", model=NOISY)
     again = logged(resumed, "train/loss")
     for step in (5, 6):
         assert again[step] == pytest.approx(reference[step], rel=1e-6)
+        assert logged(resumed, "train/logit_bias")[step] == pytest.approx(bias[step], rel=1e-6)
 
 
 def test_trainable_tower_is_re_run_and_still_equals_one_large_batch(tmp_path):
@@ -195,9 +209,7 @@ def _engine_update(rank: int, world: int, stage: int, chunk: int | None, cached:
                                       optimizer=torch.optim.AdamW(head.parameters(), lr=1e-2))
     engine.train()
     batches = _micro_batches(rank)
-
-    def loss_fn(u, v, scale):
-        return align_vl_loss_with_stats(u, v, scale, smoothing=0.2, chunk_size=chunk)
+    loss_fn = _loss_fn("infonce", chunk)
 
     if cached:
         def backward(surrogate):
@@ -207,8 +219,7 @@ def _engine_update(rank: int, world: int, stage: int, chunk: int | None, cached:
         out, _ = accumulated_backward(batches, lambda b: engine(b["x"], b["y"]), loss_fn, backward,
                                       head.random_modules())
     else:
-        outs = [engine(b["x"], b["y"]) for b in batches]
-        out = loss_fn(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[-1][2])
+        out = loss_fn(_one_graph([engine(b["x"], b["y"]) for b in batches]))
         engine.backward(out.loss)
         engine.step()
     params = list(engine.module.named_parameters())

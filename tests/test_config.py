@@ -36,6 +36,9 @@ def test_yaml_plus_overrides(tmp_path):
     ("train.trainable=true", "train.trainable: unknown key"),
     ("loss.matmul_precision=fp16", "loss.matmul_precision: must be one of fp32, tf32, bf16"),
     ("loss.matmul_precision=bf16", "loss.matmul_precision: must be fp32 unless loss.chunk_size is set"),
+    ("loss.objective=sigmoid", "loss.objective: must be one of infonce, siglip, got 'sigmoid'"),
+    ("loss.logit_bias_init=-5", "loss.logit_bias_init: must be null for loss.objective infonce"),
+    ("loss.logit_scale_init=200", "loss.logit_scale_init: must be null or in (0, 100]"),
     ("train.profile_steps=-1", "train.profile_steps: must be >= 0"),
     ("train.peak_tflops=0", "train.peak_tflops: must be null or > 0"),
     ("model.mixup=halves", "model.mixup: must be one of off, fusemix, permutation"),
@@ -197,3 +200,11 @@ def test_every_cli_flag_has_help():
     missing = [f"{path} {action.option_strings[0]}" for path, action in walk(build_parser(), "alignvl-scale")
                if not action.help]
     assert not missing, missing
+
+
+def test_train_overrides_may_come_before_and_after_the_options():
+    from alignvl_scale.train import parse_args
+
+    args = parse_args(["--config", "run.yaml", "loss.smoothing=0.1", "--resume", "latest", "loss.objective=siglip",
+                       "--local_rank=0"])
+    assert args.overrides == ["loss.smoothing=0.1", "loss.objective=siglip"] and args.resume == "latest"

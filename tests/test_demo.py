@@ -12,7 +12,16 @@ import yaml
 from conftest import BIN, ROOT, env, logged, run
 from test_train import export_and_eval
 
-from alignvl_scale.ablate import METRICS, load_study, paired_interval, run_study, t_quantile_975
+from alignvl_scale.ablate import (
+    METRICS,
+    Study,
+    load_study,
+    markdown_tables,
+    paired_interval,
+    run_study,
+    summarize,
+    t_quantile_975,
+)
 from alignvl_scale.config import ConfigError
 from alignvl_scale.data.evalsets import load_retrieval_set
 from alignvl_scale.demo import build_demo_data, emoji_entries, is_test
@@ -98,10 +107,13 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
 
 def test_study_files_are_checked_before_any_run(tmp_path):
     for name in ("sigma", "alpha", "caption_noise", "sigma_alpha_grid", "sigma_relative", "mixup",
-                 "data_efficiency"):
+                 "data_efficiency", "siglip", "siglip_within"):
         study = load_study(name)  # shipped, by name
         assert study.seeds >= 3 and study.config.name == "demo.yaml" and study.baseline["mixup"] == "fusemix"
     assert len(load_study("sigma_alpha_grid").settings()) == 25
+    # The two SigLIP studies read the same 8 settings, against one baseline or their objective's own.
+    assert load_study("siglip").settings() == load_study("siglip_within").settings()
+    assert len(load_study("siglip").settings()) == 8
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"grid": {"sgima": [0.1]}}))
     with pytest.raises(ConfigError, match="unknown axes \\['sgima'\\]"):
         load_study(tmp_path / "bad.yaml")
@@ -112,6 +124,20 @@ def test_study_files_are_checked_before_any_run(tmp_path):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"name": name}))
         with pytest.raises(ConfigError, match="must be a plain folder name"):
             load_study(tmp_path / "bad.yaml")
+
+
+def test_calibration_is_compared_only_within_one_objective():
+    """A SigLIP setting against the InfoNCE baseline: its recall differences are given, its
+    calibration differences are not (a per-pair sigmoid confidence is not a softmax's)."""
+    study = Study("s", Path("demo.yaml"), seeds=2, base={"objective": "infonce"},
+                  grid={"objective": ["infonce", "siglip"], "alpha": [0, 0.1]})
+    rows = [{**dict(setting.values), "seed": seed, **{m: float(10 * seed + k) for k, m in enumerate(METRICS)}}
+            for setting in study.settings() for seed in range(2)]
+    by_name = {s["setting"]: s for s in summarize(rows, study)}
+    siglip, smoothed = by_name["objective=siglip"], by_name["alpha=0.1"]
+    assert siglip["i2t_R@1_diff"] is not None and siglip["i2t_ece_diff"] is None
+    assert smoothed["i2t_ece_diff"] is not None
+    assert "n/a (other objective)" in markdown_tables(list(by_name.values()), study, None)
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences():

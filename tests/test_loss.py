@@ -136,7 +136,7 @@ def test_low_precision_tiles_stay_within_1e_3_of_the_fp32_reference(scale, monke
 
     for precision in ("bf16", "tf32"):
         assert max(_relative_errors(fused(precision), want)) < 1e-3, precision
-    monkeypatch.setattr(loss_module, "_mm", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
+    monkeypatch.setattr(loss_module, "tile_matmul", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
     assert max(_relative_errors(fused("bf16"), want)) > 1e-3
 
 
@@ -145,8 +145,8 @@ def test_fused_path_computes_each_tile_once_per_pass(monkeypatch):
     recomputation plus the two gradient matmuls in backward."""
     import alignvl_scale.loss as loss_module
     calls = []
-    real = loss_module._mm
-    monkeypatch.setattr(loss_module, "_mm", lambda a, b, p: calls.append(1) or real(a, b, p))
+    real = loss_module.tile_matmul
+    monkeypatch.setattr(loss_module, "tile_matmul", lambda a, b, p: calls.append(1) or real(a, b, p))
     u, v, scale = (t.clone().requires_grad_(True) for t in make_batch())
     loss = align_vl_loss(u, v, scale, smoothing=0.3, chunk_size=5)
     assert len(calls) == 3  # N = 12 in tiles of 5, 5, 2

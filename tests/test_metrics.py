@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignvl_scale.metrics import expected_calibration_error, retrieval_metrics
+from alignvl_scale.metrics import Calibration, expected_calibration_error, retrieval_metrics
 
 
 def brute_force(image_emb, text_emb, caption_to_image):
@@ -115,7 +115,7 @@ def test_calibration_on_a_hand_computed_case():
     (1/2, 1/2): a tie, wrong (ties count against the model), confidence 1/2, NLL ln 2."""
     image_emb = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     text_emb = torch.eye(2)
-    m = retrieval_metrics(image_emb, text_emb, torch.arange(2), logit_scale=math.log(3))
+    m = retrieval_metrics(image_emb, text_emb, torch.arange(2), calibration=Calibration("softmax", math.log(3)))
     assert m["i2t_confidence"] == pytest.approx(100 * (0.75 + 0.5) / 2)
     assert m["i2t_nll"] == pytest.approx((math.log(4 / 3) + math.log(2)) / 2)
     # bins: 0.75 alone (right): 0.25; 0.5 alone (wrong): 0.5
@@ -129,7 +129,8 @@ def test_calibration_matches_a_brute_force_softmax_with_several_captions_per_ima
     caption_to_image = torch.cat([torch.arange(20), torch.randint(0, 20, (17,), generator=g)])
     text_emb = F.normalize(image_emb[caption_to_image] + 0.7 * torch.randn(37, 8, generator=g), dim=1)
     scale = 14.3
-    got = retrieval_metrics(image_emb, text_emb, caption_to_image, chunk_size=6, logit_scale=scale)
+    got = retrieval_metrics(image_emb, text_emb, caption_to_image, chunk_size=6,
+                            calibration=Calibration("softmax", scale))
     owns = caption_to_image[None, :] == torch.arange(20)[:, None]  # image x caption
     for prefix, probs, correct_mask in (("i2t", (scale * image_emb @ text_emb.T).double().softmax(1), owns),
                                         ("t2i", (scale * text_emb @ image_emb.T).double().softmax(1), owns.T)):
@@ -138,3 +139,25 @@ def test_calibration_matches_a_brute_force_softmax_with_several_captions_per_ima
         assert got[f"{prefix}_confidence"] == pytest.approx(100 * top.values.mean().item(), rel=1e-5)
         assert got[f"{prefix}_nll"] == pytest.approx(-(probs * correct_mask).sum(1).log().mean().item(), rel=1e-5)
         assert got[f"{prefix}_ece"] == pytest.approx(100 * expected_calibration_error(top.values, right), rel=1e-5)
+
+
+def test_sigmoid_calibration_matches_a_brute_force_per_pair_reading_with_several_captions_per_image():
+    """A sigmoid model's confidence is sigmoid(scale x s + bias) of its top-1 candidate; its
+    NLL the binary NLL over every candidate (each caption of the image a positive)."""
+    g = torch.Generator().manual_seed(5)
+    image_emb = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    caption_to_image = torch.cat([torch.arange(20), torch.randint(0, 20, (17,), generator=g)])
+    text_emb = F.normalize(image_emb[caption_to_image] + 0.7 * torch.randn(37, 8, generator=g), dim=1)
+    scale, bias = 9.0, -4.5
+    got = retrieval_metrics(image_emb, text_emb, caption_to_image, chunk_size=6,
+                            calibration=Calibration("sigmoid", scale, bias))
+    owns = caption_to_image[None, :] == torch.arange(20)[:, None]  # image x caption
+    for prefix, logits, labels in (("i2t", scale * image_emb @ text_emb.T + bias, owns),
+                                   ("t2i", scale * text_emb @ image_emb.T + bias, owns.T)):
+        logits = logits.double()
+        top = torch.sigmoid(logits.max(dim=1).values)
+        right = logits.masked_fill(~labels, -1e9).amax(1) > logits.masked_fill(labels, -1e9).amax(1)
+        nll = F.binary_cross_entropy_with_logits(logits, labels.double(), reduction="none").sum(1)
+        assert got[f"{prefix}_confidence"] == pytest.approx(100 * top.mean().item(), rel=1e-5)
+        assert got[f"{prefix}_nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
+        assert got[f"{prefix}_ece"] == pytest.approx(100 * expected_calibration_error(top, right), rel=1e-5)

@@ -122,7 +122,7 @@ def test_bad_model_arguments():
 
 
 def test_temperature_is_1d_and_clamped_in_forward():
-    t = Temperature()
+    t = Temperature(1 / 0.07)
     assert t.log_scale.shape == (1,)
     assert t().item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
@@ -135,10 +135,25 @@ def test_temperature_is_1d_and_clamped_in_forward():
 def test_head_runs_in_fp32_on_bf16_tower_outputs_under_autocast(adapter):
     head = AlignVLHead(24, 40, 16, adapter=adapter, noise_sigma=0.05, mixup="permutation", mixup_alpha=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        u, v, scale = head(torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16))
+        u, v, scale, bias = head(torch.randn(6, 24, dtype=torch.bfloat16), torch.randn(6, 40, dtype=torch.bfloat16))
     assert u.dtype == v.dtype == scale.dtype == torch.float32
-    assert u.shape == v.shape == (6, 16) and scale.shape == (1,)
+    assert u.shape == v.shape == (6, 16) and scale.shape == (1,) and bias is None
     torch.testing.assert_close(u.norm(dim=1), torch.ones(6))
+
+
+@pytest.mark.parametrize("objective,scale,bias", [("infonce", 1 / 0.07, None), ("siglip", 10.0, -10.0)])
+def test_the_objective_sets_the_heads_scalars(objective, scale, bias):
+    """The registry's initial values (open_clip's SigLIP: scale 10, bias -10), overridable;
+    only objectives with a bias have the parameter (an InfoNCE checkpoint's keys are unchanged)."""
+    head = AlignVLHead(4, 4, 4, objective=objective)
+    out = head(torch.randn(2, 4), torch.randn(2, 4))
+    assert out.logit_scale.item() == pytest.approx(scale, rel=1e-5)
+    assert (out.logit_bias is None) == (bias is None)
+    assert ("logit_bias.value" in head.state_dict()) == (bias is not None)
+    if bias is not None:
+        assert out.logit_bias.item() == bias and out.logit_bias.dtype == torch.float32
+        again = AlignVLHead(4, 4, 4, objective=objective, logit_scale_init=3.0, logit_bias_init=-2.0)
+        assert again.temperature().item() == pytest.approx(3.0) and again.logit_bias().item() == -2.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -154,7 +169,7 @@ def test_noise_on_low_precision_features_keeps_its_level(dtype):
 
 def test_temperature_above_the_maximum_comes_back_when_the_loss_asks():
     """A plain clamp has zero gradient above the limit: an overshooting scale stays there."""
-    t = Temperature()
+    t = Temperature(1 / 0.07)
     with torch.no_grad():
         t.log_scale.fill_(math.log(120.0))
     optimizer = torch.optim.AdamW(t.parameters(), lr=0.05, weight_decay=0.0)

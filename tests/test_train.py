@@ -1,5 +1,6 @@
 """Real 2-process training runs on CPU (gloo) under torchrun, deepspeed and accelerate
-launch, ZeRO 1/2/3, with tiny random-init HF towers (ViT + BERT, ViT + Llama)."""
+launch, ZeRO 1/2/3, with tiny random-init HF towers (ViT + BERT, ViT + Llama), with the
+InfoNCE and the sigmoid objective."""
 
 import json
 import subprocess
@@ -79,7 +80,8 @@ def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder,
     """`export --format hf`: transformers loads it (no remote code, after `import
     alignvl_scale.hf`) and gives the same embeddings as `load_encoder`, from its own image
     processor too (the towers have none: the trained transform is saved as one), on an
-    image that is not square; the folder names no local path."""
+    image that is not square, and the same logits (with the bias of a sigmoid objective);
+    the folder names no local path."""
     subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "export", "--checkpoint", str(checkpoint), "--out",
                     str(hf_dir), "--format", "hf"], check=True, cwd=ROOT, env=env(), capture_output=True)
     from PIL import Image
@@ -101,6 +103,11 @@ def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder,
     torch.testing.assert_close(pixels[0], encoder.preprocessing.image_transform(Image.open(wide).convert("RGB")))
     torch.testing.assert_close(text, encoder.encode_texts(["caption 3", "a cat"]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(picture, encoder.encode_images(wide), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, **tokens)["logits_per_image"]
+    calibration = encoder.calibration()
+    want = calibration.scale * encoder.encode_images(wide) @ encoder.encode_texts(["caption 3", "a cat"]).T
+    torch.testing.assert_close(logits, want + calibration.bias, rtol=1e-4, atol=1e-4)
     card = (hf_dir / "README.md").read_text()
     assert "## Final evaluation" in card and "i2t_R@1" in card and "## Run config" in card
     for file in [hf_dir / "README.md", *hf_dir.glob("*.json")]:  # run dir, data and towers are in pytest's folders
@@ -141,6 +148,7 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: P
 
 GRID = [(launcher, stage) for launcher in ("torchrun", "deepspeed", "accelerate") for stage in (1, 2, 3)]
 DEFAULT = {("torchrun", 1), ("deepspeed", 2), ("accelerate", 3)}
+SIGLIP = {("deepspeed", 2), ("accelerate", 3), ("torchrun", 2)}  # each objective under every stage and launcher
 
 
 @pytest.mark.parametrize("launcher,stage", [
@@ -148,10 +156,19 @@ DEFAULT = {("torchrun", 1), ("deepspeed", 2), ("accelerate", 3)}
     for launcher, stage in GRID])
 def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     text_tower, precision = ("llama", "bf16") if stage == 2 else ("bert", "fp32")
+    objective = "siglip" if (launcher, stage) in SIGLIP else "infonce"
     run_dir = tmp_path / "run"
-    config = write_config(assets, run_dir, text_tower, train={"precision": precision})
+    config = write_config(assets, run_dir, text_tower, train={"precision": precision},
+                          loss={"objective": objective, "smoothing": 0.1})
     out = run(launch_cmd(launcher, stage, config), run_dir)
     assert f"ZeRO stage {stage}" in out.stdout
+    if objective == "siglip":  # the bias is learned and logged beside the temperature
+        bias, scale = logged(run_dir, "train/logit_bias"), logged(run_dir, "train/logit_scale")
+        assert bias[2] == pytest.approx(-10.0, abs=0.1) and bias[30] > bias[2] + 0.01, bias
+        assert scale[2] == pytest.approx(10.0, rel=0.01) and scale[30] != scale[2]
+        assert {"train/logit_bias", "train/logit_scale"} <= tensorboard_tags(run_dir)
+    else:
+        assert "train/logit_bias" not in tensorboard_tags(run_dir)
 
     losses = list(logged(run_dir, "train/loss").values())
     assert len(losses) == 15
@@ -169,6 +186,9 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     tolerance = 1e-9 if precision == "fp32" else 15.0  # bf16 training vs fp32 inference may swap near-ties
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
         assert exported[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=tolerance), key
+    if precision == "fp32":  # calibration reads the learned scale (and bias): both survive the export
+        for key in ("i2t_nll", "t2i_nll", "i2t_confidence"):
+            assert exported[key] == pytest.approx(summary["eval"][f"eval/{key}"], rel=1e-4), key
     assert exported["zeroshot_top1"] == pytest.approx(summary["eval"]["eval/zeroshot/zs/top1"], abs=tolerance)
 
 
