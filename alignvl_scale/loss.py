@@ -111,6 +111,81 @@ def tile_matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
     return a @ b
 
 
+class GatheredTexts:
+    """Every rank's text rows for a tiled pass (`_FusedTiles`, the sigmoid loss's tiles):
+    gathered asynchronously, while this rank's own columns, which need no gather, are
+    walked first."""
+
+    def __init__(self, v: Tensor) -> None:
+        self.rank, self.world = rank_world()
+        self.v = v.contiguous()
+        self.blocks, self._pending = [self.v] * self.world, None
+        if self.world > 1:
+            self.blocks = [torch.empty_like(self.v) for _ in range(self.world)]
+            self._pending = dist.all_gather(self.blocks, self.v, async_op=True)
+
+    def tiles(self, chunk: int):
+        """(rank k, first local column c0, the global column slice, rank k's texts
+        [c0:c0 + chunk]) for every tile, this rank's own first."""
+        b = self.v.shape[0]
+        for k in [self.rank] + [k for k in range(self.world) if k != self.rank]:
+            if k != self.rank and self._pending is not None:
+                self._pending.wait()
+                self._pending = None
+            block = self.v if k == self.rank else self.blocks[k]
+            for c0 in range(0, b, chunk):
+                tile = block[c0:c0 + chunk]
+                yield k, c0, slice(k * b + c0, k * b + c0 + tile.shape[0]), tile
+
+    def all(self) -> Tensor:
+        """All N text rows in rank order (after `tiles` has run)."""
+        return torch.cat(self.blocks) if self.world > 1 else self.v
+
+
+def positives_and_others(tile: Tensor, own: bool, c0: int) -> tuple[Tensor | None, Tensor]:
+    """A forward tile's positives (the diagonal of its rows c0.. when it holds this rank's own
+    columns, else None) and the tile with them set to -inf: what "the best other candidate"
+    of a row or column is taken over, for the in-batch accuracy."""
+    if not own:
+        return None, tile
+    c1 = c0 + tile.shape[1]
+    others = tile.clone()
+    others[c0:c1].diagonal().fill_(float("-inf"))
+    return tile[c0:c1].diagonal(), others
+
+
+def tiled_backward(u: Tensor, v_all: Tensor, scale: Tensor, chunk: int, precision: str,
+                   tile_gradient) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward walk of every tiled objective: each tile's `raw = u . v^T` recomputed
+    once, `dL/ds = tile_gradient(k, c0, cols, raw)` formed on it (s = scale * raw + any
+    bias), then the gradients of u, of the tile's texts, of the scale (sum dL/ds * raw) and
+    the sum of dL/ds (a bias's gradient). The texts' gradients are summed over ranks onto
+    their owners, one reduce per rank, issued as soon as that rank's block is done (all
+    ranks in rank order). Returns (grad u, grad of this rank's texts, grad scale, sum dL/ds)."""
+    rank, world = rank_world()
+    b = u.shape[0]
+    grad_u = torch.zeros_like(u)
+    grad_scale, grad_sum = torch.zeros((), device=u.device), torch.zeros((), device=u.device)
+    grad_blocks, pending = [], []
+    for k in range(world):
+        grad_block = torch.empty_like(u)
+        for c0 in range(0, b, chunk):
+            cols = slice(k * b + c0, min(k * b + c0 + chunk, (k + 1) * b))
+            v_tile = v_all[cols]
+            raw = tile_matmul(u, v_tile.T, precision)
+            grad_s = tile_gradient(k, c0, cols, raw)
+            grad_u += scale * tile_matmul(grad_s, v_tile, precision)
+            grad_block[c0:c0 + raw.shape[1]] = scale * tile_matmul(grad_s.T, u, precision)
+            grad_scale += (grad_s * raw).sum()
+            grad_sum += grad_s.sum()
+        grad_blocks.append(grad_block)
+        if world > 1:
+            pending.append(dist.reduce(grad_block, dst=k, async_op=True))
+    for work in pending:
+        work.wait()
+    return grad_u, grad_blocks[rank], grad_scale, grad_sum
+
+
 class _FusedTiles(torch.autograd.Function):
     """Both directions' statistics of S = scale * U_r V^T from one pass over its tiles.
 
@@ -138,35 +213,22 @@ class _FusedTiles(torch.autograd.Function):
     def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, chunk: int, precision: str):
         rank, world = rank_world()
         b, n = u.shape[0], u.shape[0] * world
-        v = v.contiguous()
-        blocks = [v] * world
-        pending = None
-        if world > 1:
-            blocks = [torch.empty_like(v) for _ in range(world)]
-            pending = dist.all_gather(blocks, v, async_op=True)
+        texts = GatheredTexts(v)
         row_lse = torch.full((b,), float("-inf"), device=u.device)
         row_sum = torch.zeros(b, device=u.device)
         row_best = torch.full((b,), float("-inf"), device=u.device)  # best other than the positive
         col = torch.empty(3, n, device=u.device)  # partial lse, sum, best non-positive of each column, local rows
         diagonal = torch.empty(b, device=u.device)
-        for k in [rank] + [k for k in range(world) if k != rank]:  # own columns need no gather
-            if k != rank and pending is not None:
-                pending.wait()
-                pending = None
-            block = v if k == rank else blocks[k]
-            for c0 in range(0, b, chunk):
-                tile = scale * tile_matmul(u, block[c0:c0 + chunk].T, precision)
-                c1, cols = c0 + tile.shape[1], slice(k * b + c0, k * b + c0 + tile.shape[1])
-                row_lse = torch.logaddexp(row_lse, tile.logsumexp(dim=1))
-                row_sum += tile.sum(dim=1)
-                col[0, cols], col[1, cols] = tile.logsumexp(dim=0), tile.sum(dim=0)
-                others = tile
-                if k == rank:
-                    diagonal[c0:c1] = tile[c0:c1].diagonal()
-                    others = tile.clone()
-                    others[c0:c1].diagonal().fill_(float("-inf"))
-                row_best = torch.maximum(row_best, others.amax(dim=1))
-                col[2, cols] = others.amax(dim=0)
+        for k, c0, cols, v_tile in texts.tiles(chunk):
+            tile = scale * tile_matmul(u, v_tile.T, precision)
+            row_lse = torch.logaddexp(row_lse, tile.logsumexp(dim=1))
+            row_sum += tile.sum(dim=1)
+            col[0, cols], col[1, cols] = tile.logsumexp(dim=0), tile.sum(dim=0)
+            positives, others = positives_and_others(tile, k == rank, c0)
+            if positives is not None:
+                diagonal[c0:c0 + len(positives)] = positives
+            row_best = torch.maximum(row_best, others.amax(dim=1))
+            col[2, cols] = others.amax(dim=0)
         if world > 1:
             peak = col[[0, 2]]
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -174,7 +236,7 @@ class _FusedTiles(torch.autograd.Function):
             dist.all_reduce(sums)
             col = torch.stack([peak[0] + sums[0].log(), sums[1], peak[1]])
         own = slice(rank * b, (rank + 1) * b)
-        ctx.save_for_backward(u, torch.cat(blocks) if world > 1 else v, scale, row_lse, col[0])
+        ctx.save_for_backward(u, texts.all(), scale, row_lse, col[0])
         ctx.chunk, ctx.precision = chunk, precision
         i2t_correct = (diagonal > row_best).sum()
         t2i_correct = (diagonal > col[2, own]).sum()
@@ -185,7 +247,7 @@ class _FusedTiles(torch.autograd.Function):
     def backward(ctx, g_row_lse, g_row_mean, g_col_lse, g_col_mean, g_diagonal, _i2t, _t2i):
         u, v_all, scale, row_lse, col_lse = ctx.saved_tensors
         rank, world = rank_world()
-        b, n, precision = u.shape[0], v_all.shape[0], ctx.precision
+        n, precision = v_all.shape[0], ctx.precision
         g_col = torch.stack([g_col_lse, g_col_mean]).contiguous()
         if world > 1:
             parts = [torch.empty_like(g_col) for _ in range(world)]
@@ -193,30 +255,18 @@ class _FusedTiles(torch.autograd.Function):
             g_col = torch.cat(parts, dim=1)
         # d mean / d s_ij = 1 / N in both directions
         g_row_mean, g_col_mean = g_row_mean[:, None] / n, g_col[1][None, :] / n
-        grad_u = torch.zeros_like(u)
-        grad_scale = torch.zeros((), device=u.device)
-        grad_blocks, pending = [], []
-        for k in range(world):  # rank order: every rank issues the reduces in the same order
-            grad_block = torch.empty_like(u)
-            for c0 in range(0, b, ctx.chunk):
-                cols = slice(k * b + c0, min(k * b + c0 + ctx.chunk, (k + 1) * b))
-                v_tile = v_all[cols]
-                raw = tile_matmul(u, v_tile.T, precision)
-                s = scale * raw
-                grad_s = (torch.exp(s - row_lse[:, None]) * g_row_lse[:, None]
-                          + torch.exp(s - col_lse[None, cols]) * g_col[0][None, cols]
-                          + g_row_mean + g_col_mean[:, cols])
-                if k == rank:
-                    grad_s[c0:c0 + raw.shape[1]].diagonal().add_(g_diagonal[c0:c0 + raw.shape[1]])
-                grad_u += scale * tile_matmul(grad_s, v_tile, precision)
-                grad_block[c0:c0 + raw.shape[1]] = scale * tile_matmul(grad_s.T, u, precision)
-                grad_scale += (grad_s * raw).sum()
-            grad_blocks.append(grad_block)
-            if world > 1:
-                pending.append(dist.reduce(grad_block, dst=k, async_op=True))
-        for work in pending:
-            work.wait()
-        return grad_u, grad_blocks[rank], grad_scale.reshape(scale.shape), None, None
+
+        def tile_gradient(k: int, c0: int, cols: slice, raw: Tensor) -> Tensor:
+            s = scale * raw
+            grad_s = (torch.exp(s - row_lse[:, None]) * g_row_lse[:, None]
+                      + torch.exp(s - col_lse[None, cols]) * g_col[0][None, cols]
+                      + g_row_mean + g_col_mean[:, cols])
+            if k == rank:
+                grad_s[c0:c0 + raw.shape[1]].diagonal().add_(g_diagonal[c0:c0 + raw.shape[1]])
+            return grad_s
+
+        grad_u, grad_v, grad_scale, _ = tiled_backward(u, v_all, scale, ctx.chunk, precision, tile_gradient)
+        return grad_u, grad_v, grad_scale.reshape(scale.shape), None, None
 
 
 def _direction_loss(q: Tensor, k: Tensor, scale: Tensor, offset: int, smoothing: float) -> tuple[Tensor, Tensor]:

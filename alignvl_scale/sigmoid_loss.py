@@ -34,11 +34,14 @@ from torch import Tensor
 
 from alignvl_scale.distributed import rank_world
 from alignvl_scale.loss import (
+    GatheredTexts,
     LossOutput,
     check_equal_local_batches,
     gather_with_grad,
     global_value_local_gradient,
+    positives_and_others,
     tile_matmul,
+    tiled_backward,
     validate_inputs,
 )
 
@@ -57,36 +60,24 @@ class _SigmoidTiles(torch.autograd.Function):
                 precision: str):
         rank, world = rank_world()
         b, n = u.shape[0], u.shape[0] * world
-        v = v.contiguous()
-        blocks, pending = [v] * world, None
-        if world > 1:
-            blocks = [torch.empty_like(v) for _ in range(world)]
-            pending = dist.all_gather(blocks, v, async_op=True)
+        texts = GatheredTexts(v)
         softplus_sum = torch.zeros((), device=u.device)
         z_sum = torch.zeros((), device=u.device)
         row_best = torch.full((b,), float("-inf"), device=u.device)  # best other than the positive
         col_best = torch.full((n,), float("-inf"), device=u.device)
         positive = torch.empty(b, device=u.device)
-        for k in [rank] + [k for k in range(world) if k != rank]:  # own columns need no gather
-            if k != rank and pending is not None:
-                pending.wait()
-                pending = None
-            block = v if k == rank else blocks[k]
-            for c0 in range(0, b, chunk):
-                z = scale * tile_matmul(u, block[c0:c0 + chunk].T, precision) + bias
-                c1, cols = c0 + z.shape[1], slice(k * b + c0, k * b + c0 + z.shape[1])
-                softplus_sum += F.softplus(z).sum()
-                z_sum += z.sum()
-                others = z
-                if k == rank:
-                    positive[c0:c1] = z[c0:c1].diagonal()
-                    others = z.clone()
-                    others[c0:c1].diagonal().fill_(float("-inf"))
-                row_best = torch.maximum(row_best, others.amax(dim=1))
-                col_best[cols] = others.amax(dim=0)
+        for k, c0, cols, v_tile in texts.tiles(chunk):
+            z = scale * tile_matmul(u, v_tile.T, precision) + bias
+            softplus_sum += F.softplus(z).sum()
+            z_sum += z.sum()
+            positives, others = positives_and_others(z, k == rank, c0)
+            if positives is not None:
+                positive[c0:c0 + len(positives)] = positives
+            row_best = torch.maximum(row_best, others.amax(dim=1))
+            col_best[cols] = others.amax(dim=0)
         if world > 1:
             dist.all_reduce(col_best, op=dist.ReduceOp.MAX)
-        ctx.save_for_backward(u, torch.cat(blocks) if world > 1 else v, scale, bias)
+        ctx.save_for_backward(u, texts.all(), scale, bias)
         ctx.smoothing, ctx.chunk, ctx.precision = smoothing, chunk, precision
         i2t_correct = (positive > row_best).sum()
         t2i_correct = (positive > col_best[rank * b:(rank + 1) * b]).sum()
@@ -97,32 +88,18 @@ class _SigmoidTiles(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_local, _i2t, _t2i):
         u, v_all, scale, bias = ctx.saved_tensors
-        rank, world = rank_world()
-        b, n, precision, alpha = u.shape[0], v_all.shape[0], ctx.precision, ctx.smoothing
-        g = g_local / b
-        grad_u = torch.zeros_like(u)
-        grad_scale, grad_bias = torch.zeros((), device=u.device), torch.zeros((), device=u.device)
-        grad_blocks, pending = [], []
-        for k in range(world):  # rank order: every rank issues the reduces in the same order
-            grad_block = torch.empty_like(u)
-            for c0 in range(0, b, ctx.chunk):
-                cols = slice(k * b + c0, min(k * b + c0 + ctx.chunk, (k + 1) * b))
-                v_tile = v_all[cols]
-                raw = tile_matmul(u, v_tile.T, precision)
-                grad_z = (torch.sigmoid(scale * raw + bias) - alpha / n) * g
-                if k == rank:
-                    grad_z[c0:c0 + raw.shape[1]].diagonal().sub_((1.0 - alpha) * g)
-                grad_u += scale * tile_matmul(grad_z, v_tile, precision)
-                grad_block[c0:c0 + raw.shape[1]] = scale * tile_matmul(grad_z.T, u, precision)
-                grad_scale += (grad_z * raw).sum()
-                grad_bias += grad_z.sum()
-            grad_blocks.append(grad_block)
-            if world > 1:
-                pending.append(dist.reduce(grad_block, dst=k, async_op=True))
-        for work in pending:
-            work.wait()
-        return (grad_u, grad_blocks[rank], grad_scale.reshape(scale.shape), grad_bias.reshape(bias.shape),
-                None, None, None)
+        rank, _ = rank_world()
+        n, alpha, g = v_all.shape[0], ctx.smoothing, g_local / u.shape[0]
+
+        def tile_gradient(k: int, c0: int, cols: slice, raw: Tensor) -> Tensor:
+            grad_z = (torch.sigmoid(scale * raw + bias) - alpha / n) * g  # (sigmoid(z) - t) / B
+            if k == rank:
+                grad_z[c0:c0 + raw.shape[1]].diagonal().sub_((1.0 - alpha) * g)
+            return grad_z
+
+        grad_u, grad_v, grad_scale, grad_bias = tiled_backward(u, v_all, scale, ctx.chunk, ctx.precision,
+                                                               tile_gradient)
+        return grad_u, grad_v, grad_scale.reshape(scale.shape), grad_bias.reshape(bias.shape), None, None, None
 
 
 def _plain_sigmoid(u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, smoothing: float):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from distributed import run_ranks
 
+import alignvl_scale.loss as loss_module
 import alignvl_scale.sigmoid_loss as sigmoid_module
 from alignvl_scale.sigmoid_loss import sigmoid_loss, sigmoid_loss_with_stats
 
@@ -108,6 +109,12 @@ def test_gathered_loss_equals_full_batch(distributed_results, smoothing, chunk):
                                    rtol=1e-5, atol=1e-7)
 
 
+def _replace_tile_matmul(patch, fake) -> None:
+    """Forward's tiles (sigmoid_loss) and backward's (loss.tiled_backward)."""
+    for module in (sigmoid_module, loss_module):
+        patch.setattr(module, "tile_matmul", fake)
+
+
 def test_bf16_tiles_stay_within_1e_3_of_the_fp32_reference(monkeypatch):
     """Values and gradients (embeddings, scale, bias) with the split-bf16 tile products, at
     the initial SigLIP scale and bias and at the capped scale; plain bf16 products miss."""
@@ -122,15 +129,15 @@ def test_bf16_tiles_stay_within_1e_3_of_the_fp32_reference(monkeypatch):
 
         assert max(errors()) < 1e-3, scale
     with monkeypatch.context() as patch:
-        patch.setattr(sigmoid_module, "tile_matmul", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
+        _replace_tile_matmul(patch, lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
         assert max(errors()) > 1e-3
 
 
 def test_fused_path_keeps_memory_linear_in_the_batch(monkeypatch):
     """No tile wider than the chunk: the fused path never holds B x N logits."""
     widths = []
-    real = sigmoid_module.tile_matmul
-    monkeypatch.setattr(sigmoid_module, "tile_matmul", lambda a, b, p: widths.append(b.shape[-1]) or real(a, b, p))
+    real = loss_module.tile_matmul
+    _replace_tile_matmul(monkeypatch, lambda a, b, p: widths.append(b.shape[-1]) or real(a, b, p))
     u, v, scale, bias = make_batch(n=64)
     _with_grads(u, v, scale, bias, smoothing=0.1, chunk_size=16)
     assert max(widths) <= 16 and len(widths) == 4 + 3 * 4
