@@ -339,7 +339,8 @@ def feature_rms(study: Study, overrides: list[str]) -> dict[str, float] | None:
     from alignvl_scale.data.samples import SkipSample
     from alignvl_scale.data.shards import resolve_spec
 
-    cfg = load_config(study.config, [*study.run_overrides(), *overrides])
+    # The baseline's config: the study's overrides may hold only for its settings (a bias init for siglip).
+    cfg = load_config(study.config, [*study.run_overrides(), *overrides, *study.baseline.overrides()])
     if cfg.data.kind != "features":
         return None
     sums, count = torch.zeros(2, dtype=torch.float64), 0

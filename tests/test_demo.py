@@ -15,6 +15,8 @@ from test_train import export_and_eval
 from alignvl_scale.ablate import (
     METRICS,
     Study,
+    check_runs,
+    feature_rms,
     load_study,
     markdown_tables,
     paired_interval,
@@ -138,6 +140,18 @@ def test_calibration_is_compared_only_within_one_objective():
     assert siglip["i2t_R@1_diff"] is not None and siglip["i2t_ece_diff"] is None
     assert smoothed["i2t_ece_diff"] is not None
     assert "n/a (other objective)" in markdown_tables(list(by_name.values()), study, None)
+
+
+def test_a_study_may_set_what_only_its_objective_accepts(tmp_path):
+    """A SigLIP study with a bias init in its overrides (refused for InfoNCE, the default
+    objective): its runs and the feature RMS of its report load with the baseline's axes."""
+    write_feature_shards(tmp_path / "train", 64, shards=1)
+    write_feature_shards(tmp_path / "test", 16, seed=1, shards=1)
+    feature_config(tmp_path, tmp_path / "train", tmp_path / "test")
+    study = Study("s", tmp_path / "features.yaml", ["loss.logit_bias_init=-5"], seeds=2,
+                  base={"objective": "siglip"}, grid={"alpha": [0.1]})
+    check_runs(study, [])
+    assert feature_rms(study, [])["image"] > 0
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences():
