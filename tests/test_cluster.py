@@ -136,6 +136,28 @@ def test_a_checkpoint_resumes_on_another_world_and_zero_stage_exactly(tmp_path, 
     assert_lr_follows_the_schedule(run_dir)
 
 
+@pytest.mark.slow
+def test_a_siglip_checkpoint_resumes_on_another_world_and_stage_with_its_bias(tmp_path, features):
+    """The sigmoid objective's learned bias goes through the universal conversion like every
+    parameter: 2 ranks under ZeRO-2 -> 3 under ZeRO-3, its weight, Adam moments and step equal
+    the checkpoint's, and the first step after the resume runs with the bias the original
+    run's step 8 had."""
+    siglip = {"objective": "siglip", "smoothing": 0.1}
+    config, source = cluster_config(tmp_path, features, "two", loss=siglip, checkpoint={"every": 7, "keep": 4})
+    run(torchrun(config, 2, 2), source)
+    run_dir = tmp_path / "run"
+    checkpoint = resumable_copy(source, 7, run_dir)
+    config, _ = cluster_config(tmp_path, features, loss=siglip)
+    run(torchrun(config, 3, 3, "--resume", "latest", "train.steps=7"), run_dir)
+    want, got = optimizer_view(source / "checkpoints" / "step_00000007"), optimizer_view(checkpoint)
+    assert sorted(want) == sorted(got) and any("logit_bias" in k for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    run(torchrun(config, 3, 3, "--resume", "latest"), run_dir)
+    bias = logged(source, "train/logit_bias")
+    assert logged(run_dir, "train/logit_bias")[8] == pytest.approx(bias[8], rel=1e-6) and bias[8] != bias[1]
+
+
 def test_the_same_world_on_another_stage_continues_exactly(tmp_path, features, saved_on_two):
     """ZeRO-2 -> ZeRO-3 on the same 2 ranks: data positions and RNG streams carry over, so
     the losses after the resume equal those of the run that never changed stage."""
