@@ -87,6 +87,20 @@ def zero3_init(ds_config: dict):
 _LIVE_HF_DS_CONFIG: list = []
 
 
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Every process group made from now on waits `timeout` by default, not torch's 30
+    minutes. DeepSpeed makes groups of its own with `new_group()` and no timeout (ZeRO's
+    data-parallel clone of the world group, where the gradient norm is all-reduced): a peer
+    that hung while the others waited there held them for 30 minutes whatever
+    engine.collective_timeout said (tests/test_cluster.py, the hung-peer test, 1 run in 3).
+    `new_group` reads these module defaults at call time (torch 2.4-2.13)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def make_accelerator(ds_config: dict, trackers: list[str] = (), project_dir: str | None = None,
                      timeout_s: int = 1800):
     """trackers: Accelerate's tracker names other than TensorBoard (which the run logger
@@ -100,6 +114,7 @@ def make_accelerator(ds_config: dict, trackers: list[str] = (), project_dir: str
 
     prepare_deepspeed_ops(on_gpu=torch.cuda.is_available())  # before DeepSpeed's comm backend starts
     timeout = timedelta(seconds=timeout_s)
+    _default_group_timeout(timeout)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     return Accelerator(deepspeed_plugin=plugin, mixed_precision="no",  # autocast is DeepSpeed's (fill_ds_config)
                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), timeout=timeout)],

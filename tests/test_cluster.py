@@ -292,6 +292,37 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_latest(tmp_path, fea
     assert "]: Traceback" not in err  # no rank's traceback (torchrun prints its own for a failed child)
 
 
+def _wait_in_a_new_group(rank: int, world: int) -> dict:
+    """Rank 0 all-reduces in a group made after the timeout was set, as DeepSpeed makes its
+    own; rank 1 never joins that call."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from alignvl_scale.engine import _default_group_timeout
+
+    _default_group_timeout(timedelta(seconds=2))
+    group = dist.new_group(list(range(world)))  # collective: both ranks make it
+    if rank == 1:
+        time.sleep(6)
+        return {"waited": None}
+    start = time.time()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except RuntimeError:
+        pass
+    return {"waited": time.time() - start}
+
+
+def test_groups_deepspeed_makes_wait_no_longer_than_the_collective_timeout(tmp_path):
+    """DeepSpeed's own groups (new_group without a timeout) used to wait torch's 30 minutes:
+    a hung peer met first in ZeRO's data-parallel group held the run that long."""
+    from distributed import run_ranks
+
+    waited = run_ranks(_wait_in_a_new_group, 2, tmp_path, timeout=60)[0]["waited"]
+    assert waited is not None and waited < 5, waited
+
+
 def test_a_hung_peer_ends_the_run_within_the_collective_timeout(tmp_path, features):
     """Rank 1 stopped (SIGSTOP) mid-run: rank 0 waits at most engine.collective_timeout (10 s),
     then exits with a line saying a peer was lost."""
