@@ -14,10 +14,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 from conftest import (
     BIN,
@@ -32,9 +34,10 @@ from conftest import (
     run,
     torchrun,
 )
+from distributed import run_ranks
 
 from alignvl_scale.checkpoint import weights_only_loads
-from alignvl_scale.engine import free_port
+from alignvl_scale.engine import _default_group_timeout, free_port
 from alignvl_scale.launch import LaunchEnv, LaunchError, check_declared_world, export_torch_env, launch_env
 from alignvl_scale.synthetic import write_feature_shards
 from alignvl_scale.universal import convert
@@ -295,12 +298,6 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_latest(tmp_path, fea
 def _wait_in_a_new_group(rank: int, world: int) -> dict:
     """Rank 0 all-reduces in a group made after the timeout was set, as DeepSpeed makes its
     own; rank 1 never joins that call."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from alignvl_scale.engine import _default_group_timeout
-
     _default_group_timeout(timedelta(seconds=2))
     group = dist.new_group(list(range(world)))  # collective: both ranks make it
     if rank == 1:
@@ -317,8 +314,6 @@ def _wait_in_a_new_group(rank: int, world: int) -> dict:
 def test_groups_deepspeed_makes_wait_no_longer_than_the_collective_timeout(tmp_path):
     """DeepSpeed's own groups (new_group without a timeout) used to wait torch's 30 minutes:
     a hung peer met first in ZeRO's data-parallel group held the run that long."""
-    from distributed import run_ranks
-
     waited = run_ranks(_wait_in_a_new_group, 2, tmp_path, timeout=60)[0]["waited"]
     assert waited is not None and waited < 5, waited
 

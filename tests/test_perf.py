@@ -1,7 +1,14 @@
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+import yaml
+from conftest import ROOT, env
 
 from alignvl_scale.perf import counted_flops, peak_tflops, throughput_scalars
+from alignvl_scale.synthetic import write_feature_shards
 
 
 def test_counted_flops_are_the_matmuls_of_forward_and_backward():
@@ -37,15 +44,6 @@ def test_cpu_has_tflops_but_no_mfu_unless_a_peak_is_configured():
 def _syncs_per_step(tmp_path, ds_config: str) -> list[dict]:
     """tests/scripts/count_syncs.py on a one-process cached-feature run: per step, what would
     make the host wait for a GPU, by kind and caller."""
-    import json
-    import subprocess
-    import sys
-
-    import yaml
-    from conftest import ROOT, env
-
-    from alignvl_scale.synthetic import write_feature_shards
-
     write_feature_shards(tmp_path / "f", 8 * 32, shards=4)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
@@ -85,10 +83,6 @@ def test_a_step_waits_on_the_device_only_where_it_must(tmp_path, stage):
 
 def test_the_sync_count_sees_the_throughput_timer(tmp_path):
     """The counter can fail: the same run with DeepSpeed's timer on shows its 2 a step."""
-    import json
-
-    from conftest import ROOT
-
     shipped = json.loads((ROOT / "alignvl_scale/ds_configs/zero2.json").read_text())
     timed = tmp_path / "timed.json"
     timed.write_text(json.dumps({**shipped, "timers": {"throughput": {"enabled": True}}}))
