@@ -17,7 +17,7 @@ What is left out, counted by reason (`SKIP_REASONS`), and why:
 - a collection title: a title on more than MAX_TITLE_IMAGES images names a collection
   ("gramastar" on 1,375 stars, "Part of the Flat Icon Collection" on 884 icons), and a
   caption that many images share cannot say which one is meant;
-- a file rsvg-convert fails on (or exceeds the time limit), or that renders to one flat color;
+- a file rsvg-convert fails on (or exceeds the time limit), or one it draws as one flat color;
 - an image whose pixels equal an earlier file's (a duplicate).
 
 The split (`split`): an image is held out only if its title is its own (no other image has
@@ -51,7 +51,7 @@ SVG_ROOT = Path("/usr/share/openclipart/svg")
 INSTALL = "apt-get install openclipart-svg librsvg2-bin  (Debian/Ubuntu; the SVGs land in /usr/share/openclipart/svg)"
 IMAGE_PX = 224  # the image towers' input size: rendered once at the size they read
 MAX_TITLE_IMAGES = 10
-TEST_FRACTION = 0.72  # of the images with a title of their own: 1,5xx held out of the package
+TEST_FRACTION = 0.72  # of the images with a title of their own: 1,571 of the package held out
 RENDER_TIMEOUT_S = 30
 MIN_ZERO_SHOT_IMAGES = 5  # a category with fewer held-out images is no zero-shot class
 NOT_CLASSES = {"unsorted", "special"}  # categories that say nothing about the picture
@@ -98,27 +98,36 @@ def tags_caption(tags: list[str], title: str, creator: str) -> str:
     return "" if normalize(caption) == title else caption
 
 
-def render(path: Path, size: int = IMAGE_PX, timeout_s: float = RENDER_TIMEOUT_S) -> bytes | None:
-    """SVG -> PNG bytes, the drawing fit into a white size x size square; None when
-    rsvg-convert fails, runs out of time, or draws one flat color."""
+class NotRendered(Exception):
+    """A file that gives no picture; args[0] is its SKIP_REASONS entry."""
+
+
+def render(path: Path, size: int = IMAGE_PX, timeout_s: float = RENDER_TIMEOUT_S) -> bytes:
+    """SVG -> PNG bytes, the drawing fit into a white size x size square. NotRendered
+    ("does_not_render") when rsvg-convert fails or runs out of time, ("blank_render") when it
+    draws one flat color."""
     try:
         proc = subprocess.run(["rsvg-convert", "--width", str(size), "--height", str(size), "--keep-aspect-ratio",
                                "--background-color", "white", str(path)], capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
-    if proc.returncode != 0 or not proc.stdout:
-        return None
-    try:
-        drawing = Image.open(io.BytesIO(proc.stdout)).convert("RGB")
-    except OSError:
-        return None
+        drawing = Image.open(io.BytesIO(proc.stdout)).convert("RGB") if proc.returncode == 0 else None
+    except (subprocess.TimeoutExpired, OSError):
+        drawing = None
+    if drawing is None:
+        raise NotRendered("does_not_render")
     canvas = Image.new("RGB", (size, size), "white")
     canvas.paste(drawing, ((size - drawing.width) // 2, (size - drawing.height) // 2))
-    if all(low == high for low, high in canvas.getextrema()):  # one flat color: nothing drawn
-        return None
+    if all(low == high for low, high in canvas.getextrema()):
+        raise NotRendered("blank_render")
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def _render_or_reason(path: Path) -> bytes | str:
+    try:
+        return render(path)
+    except NotRendered as exc:
+        return exc.args[0]
 
 
 @dataclass
@@ -161,11 +170,11 @@ def render_all(clips: list[Clip], root: Path, skipped: Counter, workers: int | N
     """Render every clip (rsvg-convert processes in parallel); drop those that do not render
     and pixel-for-pixel duplicates of an earlier clip."""
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        pngs = list(pool.map(lambda c: render(root / c.path), clips))
+        pngs = list(pool.map(lambda c: _render_or_reason(root / c.path), clips))
     kept, seen = [], set()
     for clip, png in zip(clips, pngs, strict=True):
-        if png is None:
-            skipped["does_not_render"] += 1
+        if isinstance(png, str):
+            skipped[png] += 1
             continue
         digest = hashlib.sha256(Image.open(io.BytesIO(png)).tobytes()).digest()
         if digest in seen:

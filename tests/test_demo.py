@@ -107,11 +107,42 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
     assert (out / "results.csv").read_text() == before
 
 
+def test_in_process_and_separate_runs_give_the_same_metrics(tmp_path):
+    """`ablate` trains a study's cells one after another in a worker process; launched as
+    separate `alignvl-scale train` processes, the same cells give the same numbers to the
+    last bit, so nothing of one run (RNG streams, Accelerate's or DeepSpeed's state, the
+    process group, the run_dir lock) leaks into the next. Noise, smoothing, dropout and
+    mixup on, warmup then a cosine decay."""
+    write_feature_shards(tmp_path / "train", 256)
+    write_feature_shards(tmp_path / "test", 64, seed=1, shards=1)
+    feature_config(tmp_path, tmp_path / "train", tmp_path / "test")
+    study = Study("same", tmp_path / "features.yaml", ["train.steps=10", "train.warmup_steps=3", "model.dropout=0.2"],
+                  seeds=2, base={"sigma": 0.05, "mixup": "fusemix"}, grid={"alpha": [0.2]})
+    in_process = run_study(study, [], tmp_path / "in_process", jobs=1)  # one worker: 4 runs back to back
+    separate = run_study(study, [], tmp_path / "separate", jobs=1, in_process=False)
+    rows = [list(csv.DictReader((tmp_path / out / "same" / "results.csv").open())) for out in ("in_process",
+                                                                                              "separate")]
+    assert [[r[m] for m in ("setting", "seed", *METRICS)] for r in rows[0]] == \
+        [[r[m] for m in ("setting", "seed", *METRICS)] for r in rows[1]]
+    assert in_process == separate
+    assert len({r["i2t_R@1"] + r["i2t_nll"] for r in rows[0]}) == 4  # the 4 runs differ from each other
+    assert "step 10" in (Path(rows[0][3]["run_dir"]) / "train.log").read_text()  # the run's output, kept
+
+
 def test_study_files_are_checked_before_any_run(tmp_path):
     for name in ("sigma", "alpha", "caption_noise", "sigma_alpha_grid", "sigma_relative", "mixup",
                  "data_efficiency", "siglip", "siglip_within"):
         study = load_study(name)  # shipped, by name
         assert study.seeds >= 3 and study.config.name == "demo.yaml" and study.baseline["mixup"] == "fusemix"
+        assert study.benchmark == "emoji"  # the default for the demo config
+    for name in ("openclipart_sigma", "openclipart_alpha", "openclipart_best", "openclipart_caption_noise",
+                 "openclipart_data_efficiency"):
+        study = load_study(name)
+        assert study.benchmark == "openclipart" and study.seeds == 5 and study.baseline["sigma"] == 0
+    assert load_study("openclipart_sigma").baseline == load_study("openclipart_alpha").baseline  # shared runs
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"benchmark": "coco"}))
+    with pytest.raises(ConfigError, match="benchmark 'coco' is not one of emoji, openclipart"):
+        load_study(tmp_path / "bad.yaml")
     assert len(load_study("sigma_alpha_grid").settings()) == 25
     # The two SigLIP studies read the same 8 settings, against one baseline or their objective's own.
     assert load_study("siglip").settings() == load_study("siglip_within").settings()
