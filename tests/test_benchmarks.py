@@ -84,3 +84,25 @@ def test_first_launch_bench_measures_both_ways_on_cpu(tmp_path):
     built, skipped = rows["build the op (DeepSpeed's default)"], rows["skip the op (ours)"]
     assert all(r[k] > 0 for r in (built, skipped) for k in ("first", "second", "rate"))
     assert "building costs the first launch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ablation_bench_splits_a_run_three_ways(tmp_path):
+    """benchmarks/ablation_bench.py, one repeat of one epoch on synthetic features: the three
+    launches run, and each run's time comes back split into its phases (the figures are the
+    benchmark's to report)."""
+    from alignvl_scale.synthetic import write_feature_shards
+
+    write_feature_shards(tmp_path / "data" / "features" / "train", 512)
+    write_feature_shards(tmp_path / "data" / "features" / "test", 64, seed=1, shards=1)
+    out = tmp_path / "ablation.json"
+    proc = subprocess.run([sys.executable, "benchmarks/ablation_bench.py", "--data-dir", str(tmp_path / "data"),
+                           "--epochs", "1", "--repeats", "1", "--out", str(tmp_path / "runs"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    medians = json.loads(out.read_text())["medians_s"]
+    assert set(medians) == {"separate, unfused AdamW", "separate", "in-process"}
+    assert all(medians[m]["startup"] > 0 for m in ("separate, unfused AdamW", "separate"))
+    assert medians["in-process"]["startup"] == 0
+    assert all(row[p] > 0 for row in medians.values() for p in ("engine", "training", "evaluation", "total"))
+    assert "vs before" in proc.stdout
