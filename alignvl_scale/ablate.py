@@ -62,7 +62,6 @@ STUDIES = CONFIGS / "studies"
 METRICS = RECALL_KEYS + CALIBRATION_KEYS
 STUDY_KEYS = {"name", "description", "config", "benchmark", "overrides", "seeds", "epochs", "baseline", "grid",
               "compare_within"}
-BENCHMARK_NAMES = ("emoji", "openclipart")  # demo.BENCHMARKS, named here without importing the towers' code
 
 
 def _axis_value(axis: str, value: object) -> object:
@@ -158,11 +157,11 @@ def load_study(path: str | Path, seeds: int | None = None) -> Study:
     grid = {axis: values if isinstance(values, list) else [values] for axis, values in (raw.get("grid") or {}).items()}
     config = Path(raw.get("config", "demo.yaml"))
     config = next((p for p in (path.parent / config, CONFIGS / config) if p.exists()), config)
-    from alignvl_scale.demo import DEMO_CONFIG
+    from alignvl_scale.demo import BENCHMARKS, DEMO_CONFIG
 
     benchmark = raw.get("benchmark", "emoji" if config.resolve() == DEMO_CONFIG.resolve() else None)
-    if benchmark is not None and benchmark not in BENCHMARK_NAMES:
-        raise ConfigError(f"study {path}: benchmark {benchmark!r} is not one of {', '.join(BENCHMARK_NAMES)}")
+    if benchmark is not None and benchmark not in BENCHMARKS:
+        raise ConfigError(f"study {path}: benchmark {benchmark!r} is not one of {', '.join(BENCHMARKS)}")
     study = Study(raw.get("name", path.stem), config, list(raw.get("overrides") or []), seeds or raw.get("seeds", 3),
                   raw.get("epochs"), dict(raw.get("baseline") or {}), grid, raw.get("description", ""),
                   list(raw.get("compare_within") or []), benchmark)
@@ -193,16 +192,21 @@ def train_argv(study: Study, overrides: list[str], setting: Setting, seed: int, 
             f"run_dir={run_dir}", "eval.every=0", "train.log_every=1000000", "--overwrite"]
 
 
+def _omp_threads(threads: int) -> str:
+    """Threads per run: the caller's OMP_NUM_THREADS where set, else cores / jobs."""
+    return os.environ.get("OMP_NUM_THREADS", str(threads))
+
+
 def train_separately(argv: list[str], threads: int) -> str | None:
     """One run as its own `alignvl-scale train` process; None, or what it printed when it failed."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    env = {**os.environ, "OMP_NUM_THREADS": _omp_threads(threads)}
     proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", *argv], capture_output=True, text=True,
                           env=env)
     return None if proc.returncode == 0 else f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 def _worker_threads(threads: int) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ["OMP_NUM_THREADS"] = _omp_threads(threads)
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

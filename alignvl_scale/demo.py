@@ -34,6 +34,8 @@ from PIL import Image, ImageDraw, ImageFont
 from alignvl_scale.config import CONFIGS, load_config
 from alignvl_scale.data.shards import MANIFEST, sample_members, write_shards
 from alignvl_scale.metrics import DIRECTIONS, RECALL_KS, recall_key
+from alignvl_scale.openclipart import ZERO_SHOT_TASK as OPENCLIPART_TASK
+from alignvl_scale.zeroshot import write_zero_shot_set
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 TEST_FRACTION = 0.2
@@ -119,19 +121,17 @@ def _write_zero_shot_sets(out: Path, held_out: list[tuple[str, str, bytes]]) -> 
     categories = emoji_categories()
     counts = {}
     for task in ZERO_SHOT_TASKS:
-        folder = out / f"zeroshot_{task}"
-        classes: dict[str, str] = {}
+        names: dict[str, str] = {}
+        images = []
         for key, char, png in held_out:
             if char not in categories:
                 continue
             name = categories[char][task]
             slug = "".join(c if c.isalnum() else "_" for c in name.lower())
-            classes[slug] = name.replace("-", " ").replace("&", "and").lower()
-            (folder / slug).mkdir(parents=True, exist_ok=True)
-            (folder / slug / f"{key}.png").write_bytes(png)
-        (folder / "classes.txt").write_text("".join(f"{slug}\t{name}\n" for slug, name in sorted(classes.items())))
-        (folder / "templates.txt").write_text("".join(t + "\n" for t in ZERO_SHOT_TEMPLATES))
-        counts[f"zeroshot_{task}_classes"] = len(classes)
+            names[slug] = name.replace("-", " ").replace("&", "and").lower()
+            images.append((slug, key, png))
+        counts[f"zeroshot_{task}_classes"] = write_zero_shot_set(out / f"zeroshot_{task}", images, names,
+                                                                 ZERO_SHOT_TEMPLATES)
     return counts
 
 
@@ -195,7 +195,8 @@ def _build_openclipart(shards: Path, source: Path | None) -> dict:
 
 BENCHMARKS = {
     "emoji": Benchmark("emoji", _build_emoji, ZERO_SHOT_TASKS, "emoji", Path("runs/demo")),
-    "openclipart": Benchmark("openclipart", _build_openclipart, ("category",), "images", Path("runs/openclipart")),
+    "openclipart": Benchmark("openclipart", _build_openclipart, (OPENCLIPART_TASK,), "images",
+                             Path("runs/openclipart")),
 }
 
 

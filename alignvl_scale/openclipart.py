@@ -46,6 +46,7 @@ from pathlib import Path
 from PIL import Image
 
 from alignvl_scale.data.shards import sample_members, write_shards
+from alignvl_scale.zeroshot import write_zero_shot_set
 
 SVG_ROOT = Path("/usr/share/openclipart/svg")
 INSTALL = "apt-get install openclipart-svg librsvg2-bin  (Debian/Ubuntu; the SVGs land in /usr/share/openclipart/svg)"
@@ -176,7 +177,7 @@ def render_all(clips: list[Clip], root: Path, skipped: Counter, workers: int | N
         if isinstance(png, str):
             skipped[png] += 1
             continue
-        digest = hashlib.sha256(Image.open(io.BytesIO(png)).tobytes()).digest()
+        digest = hashlib.sha256(png).digest()  # one encoder, same settings: equal pixels give equal bytes
         if digest in seen:
             skipped["duplicate_image"] += 1
             continue
@@ -206,17 +207,12 @@ def split(clips: list[Clip]) -> tuple[list[tuple[Clip, list[str]]], list[tuple[C
 
 
 def _write_zero_shot_set(folder: Path, held_out: list[Clip]) -> int:
-    """folder/<category>/<key>.png for held-out clips of the categories with at least
-    MIN_ZERO_SHOT_IMAGES of them, with classes.txt and templates.txt; the class count."""
+    """The held-out clips of the categories with at least MIN_ZERO_SHOT_IMAGES of them, by
+    category (zeroshot.write_zero_shot_set); the class count."""
     per_class = Counter(c.category for c in held_out)
     classes = sorted(k for k, n in per_class.items() if n >= MIN_ZERO_SHOT_IMAGES and k not in NOT_CLASSES)
-    for clip in held_out:
-        if clip.category in classes:
-            (folder / clip.category).mkdir(parents=True, exist_ok=True)
-            (folder / clip.category / f"{clip.key}.png").write_bytes(clip.png)
-    (folder / "classes.txt").write_text("".join(f"{c}\t{c.replace('_', ' ')}\n" for c in classes))
-    (folder / "templates.txt").write_text("".join(t + "\n" for t in ZERO_SHOT_TEMPLATES))
-    return len(classes)
+    return write_zero_shot_set(folder, [(c.category, c.key, c.png) for c in held_out if c.category in classes],
+                               {c: c.replace("_", " ") for c in classes}, ZERO_SHOT_TEMPLATES)
 
 
 def build_openclipart(out: str | Path, root: str | Path = SVG_ROOT, samples_per_shard: int = 256) -> dict:

@@ -38,6 +38,19 @@ class ZeroShotSet:
     counts: SkipCounts = field(default_factory=SkipCounts)
 
 
+def write_zero_shot_set(folder: Path, images: list[tuple[str, str, bytes]], names: dict[str, str],
+                        templates: tuple[str, ...]) -> int:
+    """Write the layout `load_zero_shot_set` reads: folder/<class>/<key>.png for each
+    (class subfolder, key, PNG bytes), classes.txt naming every class of `names` (subfolder
+    -> name in prompts) in subfolder order, templates.txt; returns the class count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for subfolder, key, png in images:
+        (folder / subfolder).mkdir(exist_ok=True)
+        (folder / subfolder / f"{key}.png").write_bytes(png)
+    (folder / CLASSES_FILE).write_text("".join(f"{c}\t{n}\n" for c, n in sorted(names.items())), encoding="utf-8")
+    (folder / TEMPLATES_FILE).write_text("".join(t + "\n" for t in templates), encoding="utf-8")
+    return len(names)
+
 def _lines(path: Path) -> list[str]:
     return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
