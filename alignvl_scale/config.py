@@ -50,26 +50,70 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 
 @dataclass
+class LoraSettings:
+    rank: int = 8
+    """Rank r of each low-rank update (B @ A, A: r x in, B: out x r)."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the input of each low-rank update."""
+    target_modules: list[str] | None = None
+    """Names (suffixes) of the Linear layers that get an update, e.g. [q_proj, v_proj]; null: PEFT's default for
+    the architecture (the attention's query and value projections)."""
+
+    def validate(self, key: str) -> None:
+        _require(self.rank >= 1, f"{key}.rank", ">= 1", self.rank)
+        _require(self.alpha > 0, f"{key}.alpha", "> 0", self.alpha)
+        _require(0 <= self.dropout < 1, f"{key}.dropout", "in [0, 1)", self.dropout)
+        _require(self.target_modules is None or len(self.target_modules) > 0, f"{key}.target_modules",
+                 "null or a non-empty list of module names", self.target_modules)
+
+
+@dataclass
 class TowerConfig:
     kind: str = "hf"
     """Tower family: a name registered in alignvl_scale.towers (hf, efficientnet_lite0, minilm, ...)."""
     name: str = ""
     """HF hub name or local folder of the weights (hf); ignored by kinds that need none."""
     pooling: Literal["auto", "cls", "mean", "last_token", "pooler"] = "auto"
-    """How one vector comes out of the tower's tokens; auto picks by architecture."""
+    """How one vector comes out of the tower's tokens; auto picks by architecture. mean and last_token read the
+    attention mask, so either padding side works."""
     init: Literal["pretrained", "random"] = "pretrained"
     """pretrained: the weights at `name`; random: its architecture, freshly initialized."""
     trainable: bool = False
-    """Train the tower too (the paper freezes both and trains adapters only)."""
+    """Train the tower too (the paper freezes both and trains adapters only); how: `finetune`."""
+    finetune: Literal["full", "lora", "last_n"] = "full"
+    """How a trainable tower trains. full: every weight; lora: low-rank updates (PEFT LoRA, `lora`) on frozen base
+    weights, merged into them at export; last_n: the last `last_n` blocks and the final norm, the rest frozen."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """finetune: lora: the low-rank updates."""
+    last_n: int = 1
+    """finetune: last_n: how many of the tower's last blocks (transformer layers) train."""
+    lr: float | None = None
+    """Peak learning rate of this tower's parameters (same schedule as the head's); null: train.lr."""
     gradient_checkpointing: bool = False
-    """Recompute the tower's activations in backward (trainable towers): less memory, ~1/3 more compute."""
+    """Recompute the tower's activations in backward (trainable towers; non-reentrant): less memory, ~1/3 more
+    compute."""
     max_length: int = 77
     """Text towers: tokens per caption (padded and truncated to it)."""
+    padding_side: Literal["right", "left"] = "right"
+    """Text towers: where the tokenizer pads (decoder LLMs are often trained with left padding)."""
+    prefix: str = ""
+    """Text towers: prepended to every caption, in training, evaluation and export (an instruction, as E5's
+    'query: ' or LLM2CLIP's)."""
 
     def validate(self, key: str) -> None:
         _require(self.max_length >= 1, f"{key}.max_length", ">= 1", self.max_length)
         _require(self.init == "pretrained" or self.trainable, f"{key}.init", "pretrained unless the tower is "
                  "trainable (a frozen random tower teaches the adapters nothing)", self.init)
+        _require(self.finetune == "full" or self.trainable, f"{key}.finetune", f"full unless {key}.trainable is "
+                 "true (a frozen tower trains nothing)", self.finetune)
+        _require(self.finetune == "full" or self.init == "pretrained", f"{key}.finetune", f"full when {key}.init is "
+                 "random (the frozen base weights would be random, and ZeRO 1-2 checkpoints do not hold them)",
+                 self.finetune)
+        _require(self.last_n >= 1, f"{key}.last_n", ">= 1", self.last_n)
+        _require(self.lr is None or self.lr > 0, f"{key}.lr", "null or > 0", self.lr)
+        self.lora.validate(f"{key}.lora")
 
 
 @dataclass
@@ -258,6 +302,12 @@ class TrainConfig:
     """bf16: autocast for the towers over fp32 parameters; the Align-VL head stays fp32."""
     accumulation: int = 1
     """K micro-batches per step, forming one contrastive batch of batch_size x K x world (GradCache)."""
+    tf32: bool = True
+    """CUDA: fp32 matmuls on TF32 tensor cores (open_clip's default; fp32 towers run several times faster). The
+    head's and the loss's forward stay full fp32; backward matmuls follow this switch (docs/training.md)."""
+    cudnn_benchmark: bool = True
+    """CUDA: cuDNN times its convolution algorithms once per input shape and keeps the fastest (conv towers,
+    patch embeddings; the shapes here are fixed). Not bit-reproducible run to run."""
     max_bad_steps: int = 5
     """Non-finite losses in a row before the run stops."""
     log_every: int = 10
@@ -503,6 +553,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{key}: unknown key{hint}; {prefix or 'top level'} takes {', '.join(sorted(names))}")
     kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
     return cls(**kwargs)
+
+
+def tower_config(values: dict, key: str) -> TowerConfig:
+    """A TowerConfig from a mapping (as a feature manifest stores it), checked like a config file's."""
+    return _build(TowerConfig, values, key)
 
 
 def apply_override(tree: dict, override: str) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignvl_scale.distributed import all_gather_floats, rank_world
+from alignvl_scale.perf import matmul_tf32
 
 
 @dataclass
@@ -88,7 +89,8 @@ def tile_matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
     in the loss's gradients is 0.25% (above the 1e-3 budget) against under 1e-5, for 3x
     the tensor-core work (torch.mm's out_dtype on CUDA; on CPU the same products computed
     in fp32, which is what it emulates). tf32: fp32 operands rounded to TF32 by the tensor
-    cores (CUDA only; fp32 elsewhere).
+    cores (CUDA only; fp32 elsewhere). fp32: full fp32 even where train.tf32 made TF32 the
+    process default.
     """
     if precision == "bf16":
         (a_hi, a_lo), (b_hi, b_lo) = _bf16_pair(a), _bf16_pair(b)
@@ -99,15 +101,9 @@ def tile_matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
             except (TypeError, RuntimeError):  # a torch without out_dtype: exact, just slower
                 pass
         return a3.float() @ b3.float()
-    if precision == "tf32" and a.is_cuda:
-        matmul = torch.backends.cuda.matmul  # torch >= 2.9 names the switch fp32_precision
-        key, on = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-        saved = getattr(matmul, key)
-        setattr(matmul, key, on)
-        try:
+    if a.is_cuda:  # tf32 or fp32 whatever the process default (train.tf32)
+        with matmul_tf32(precision == "tf32"):
             return a @ b
-        finally:
-            setattr(matmul, key, saved)
     return a @ b
 
 

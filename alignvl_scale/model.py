@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignvl_scale.objectives import OBJECTIVES, HeadOutput
+from alignvl_scale.perf import exact_fp32_matmuls
 
 if TYPE_CHECKING:
     from alignvl_scale.config import RunConfig
@@ -197,9 +199,11 @@ class LearnedBias(nn.Module):
         return self.value.float().clone()
 
 
+@contextmanager
 def _fp32(device: torch.device):
-    """Autocast off: the head's numbers at fp32 resolution whatever the towers run in."""
-    return torch.autocast(device_type=device.type, enabled=False)
+    """Autocast off and no TF32: the head's numbers at fp32 resolution whatever the towers run in."""
+    with torch.autocast(device_type=device.type, enabled=False), exact_fp32_matmuls(device):
+        yield
 
 
 class AlignVLHead(nn.Module):
@@ -286,7 +290,7 @@ def with_feature_manifest(cfg: RunConfig) -> RunConfig:
     unchanged."""
     import dataclasses
 
-    from alignvl_scale.config import TowerConfig
+    from alignvl_scale.config import tower_config
     from alignvl_scale.data.shards import DataSourceError, manifest_of
 
     if cfg.data.kind != "features" or (cfg.model.image_dim is not None and cfg.model.text_dim is not None):
@@ -297,8 +301,9 @@ def with_feature_manifest(cfg: RunConfig) -> RunConfig:
         raise DataSourceError(f"data.kind=features needs a feature manifest in one of {specs}")
     towers = manifest.get("towers", {})
     model = dataclasses.replace(cfg.model, image_dim=manifest["image_dim"], text_dim=manifest["text_dim"],
-                                **({"image_tower": TowerConfig(**towers["image"]),
-                                    "text_tower": TowerConfig(**towers["text"])} if "image" in towers else {}))
+                                **({"image_tower": tower_config(towers["image"], "manifest towers.image"),
+                                    "text_tower": tower_config(towers["text"], "manifest towers.text")}
+                                   if "image" in towers else {}))
     data = dataclasses.replace(cfg.data, **manifest.get("image_transform", {}))
     return dataclasses.replace(cfg, model=model, data=data)
 

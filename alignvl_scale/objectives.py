@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 from torch import Tensor
 
 from alignvl_scale.loss import LossOutput, align_vl_loss_with_stats
+from alignvl_scale.perf import exact_fp32_matmuls
 from alignvl_scale.sigmoid_loss import sigmoid_loss_with_stats
 
 if TYPE_CHECKING:
@@ -69,5 +70,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def objective_loss(out: HeadOutput, cfg: LossConfig) -> LossOutput:
-    """The configured objective's loss on a head output."""
-    return OBJECTIVES[cfg.objective].loss(out, cfg)
+    """The configured objective's loss on a head output; its forward in full fp32 on CUDA
+    whatever train.tf32 says (the fused path's tiles: loss.matmul_precision)."""
+    with exact_fp32_matmuls(out.image.device):
+        return OBJECTIVES[cfg.objective].loss(out, cfg)

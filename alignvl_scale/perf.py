@@ -10,6 +10,7 @@ against the device's dense bf16 peak, as torchtitan and the PaLM paper report it
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,42 @@ PEAK_BF16_TFLOPS = (
     ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0), ("MI300X", 1307.0),
 )
+
+
+def _tf32_switch() -> tuple[str, object, object]:
+    """The attribute of torch.backends.cuda.matmul that picks TF32 for fp32 matmuls, and its
+    on / off values (torch >= 2.9 names it fp32_precision; mixing the two names is refused)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return "fp32_precision", "tf32", "ieee"
+    return "allow_tf32", True, False
+
+
+def set_cuda_math(tf32: bool, cudnn_benchmark: bool) -> None:
+    """The process's defaults on CUDA (train.tf32, train.cudnn_benchmark), as open_clip sets
+    them: fp32 matmuls on TF32 tensor cores, and cuDNN timing its convolution algorithms
+    once per shape. The head and the loss's fp32 tiles opt out (`exact_fp32_matmuls`)."""
+    key, on, off = _tf32_switch()
+    setattr(torch.backends.cuda.matmul, key, on if tf32 else off)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+@contextmanager
+def matmul_tf32(enabled: bool):
+    """fp32 matmuls on CUDA inside the block at TF32 (enabled) or full fp32 precision, whatever
+    the process default; restored after."""
+    key, on, off = _tf32_switch()
+    matmul = torch.backends.cuda.matmul
+    saved = getattr(matmul, key)
+    setattr(matmul, key, on if enabled else off)
+    try:
+        yield
+    finally:
+        setattr(matmul, key, saved)
+
+
+def exact_fp32_matmuls(device: torch.device):
+    """Full fp32 matmuls inside the block on CUDA (nothing to change elsewhere)."""
+    return matmul_tf32(False) if device.type == "cuda" else nullcontext()
 
 
 def device_name(device: torch.device) -> str:

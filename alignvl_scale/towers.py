@@ -46,11 +46,13 @@ def _kind(cfg: TowerConfig, key: str) -> TowerKind:
 
 def build_tower(cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> nn.Module:
     """modality: 'image' or 'text'. Frozen towers have requires_grad off and stay in eval
-    mode (see `set_train_mode`). load_weights=False builds the architecture only (weights
-    then come from an export)."""
-    tower = _kind(cfg, f"model.{modality}_tower").build(cfg, modality, data, load_weights)
-    tower.requires_grad_(cfg.trainable)
-    tower.trainable = cfg.trainable
+    mode (see `set_train_mode`); trainable ones train as `cfg.finetune` says (finetune.py).
+    load_weights=False builds the architecture only (weights then come from an export)."""
+    from alignvl_scale.finetune import apply_finetune
+
+    key = f"model.{modality}_tower"
+    tower = _kind(cfg, key).build(cfg, modality, data, load_weights)
+    apply_finetune(tower, cfg, key)
     return tower
 
 
@@ -99,15 +101,16 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
 
 
 class Tokenize:
-    """Captions -> fixed-length token tensors. Always padded to max_length so that every
-    rank feeds the same shapes (ZeRO-3 gathers parameters per module call)."""
+    """Captions -> fixed-length token tensors, each caption after `prefix` (an instruction).
+    Always padded to max_length so that every rank feeds the same shapes (ZeRO-3 gathers
+    parameters per module call); truncation cuts the caption's end, never the prefix's."""
 
-    def __init__(self, tokenizer, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer, max_length: int, prefix: str = "") -> None:
+        self.tokenizer, self.max_length, self.prefix = tokenizer, max_length, prefix
 
     def __call__(self, captions: list[str]) -> dict[str, Tensor]:
-        out = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        out = self.tokenizer([self.prefix + c for c in captions], padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
@@ -153,8 +156,8 @@ def tower_warnings(tower: nn.Module, modality: str, lr: float) -> list[str]:
 class HFTower(nn.Module):
     """Any transformers AutoModel (or its vision/text sub-model) with a pooling rule.
 
-    Pooling: `cls` (first token), `mean` (mask-weighted), `last_token` (last non-padding
-    token, right padding: decoder-only LLMs), `pooler` (the model's pooler_output: CLIP,
+    Pooling: `cls` (first token), `mean` (mask-weighted), `last_token` (the last position
+    the attention mask keeps, with left or right padding: decoder-only LLMs), `pooler` (the model's pooler_output: CLIP,
     SigLIP, DINOv2, ViT). `auto` picks pooler for image towers that have one, last_token for
     decoder-only text models, else mean.
     """
@@ -189,7 +192,9 @@ class HFTower(nn.Module):
             else:
                 self.pooling = "last_token" if _is_decoder_only(config) else "mean"
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant: works with frozen inputs (LoRA, last_n: no input needs a gradient)
+            # and under ZeRO-3, whose hooks gather the parameters again for the recomputation.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, **inputs: Tensor) -> Tensor:
         out = self.model(**inputs)
@@ -209,7 +214,8 @@ class HFTower(nn.Module):
         if self.pooling == "mean":
             weights = mask.to(hidden.dtype).unsqueeze(-1)
             return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        last = mask.sum(dim=1).clamp(min=1) - 1
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * mask.bool()).argmax(dim=1)  # the last kept position, whichever side pads
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
@@ -223,10 +229,11 @@ def hf_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Calla
         except (OSError, ValueError):  # no processor saved with the model: the config's transform
             return ImageTransform(data.image_size, data.image_mean, data.image_std)
     tokenizer = AutoTokenizer.from_pretrained(cfg.name)
-    tokenizer.padding_side = "right"  # last_token pooling reads the last unmasked position
+    tokenizer.padding_side = cfg.padding_side
+    tokenizer.truncation_side = "right"  # keep the prefix
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Tokenize(tokenizer, cfg.max_length)
+    return Tokenize(tokenizer, cfg.max_length, cfg.prefix)
 
 
 register_tower("hf", HFTower, hf_preprocessing)

@@ -48,12 +48,20 @@ from alignvl_scale.distributed import (
 )
 from alignvl_scale.engine import fill_ds_config, make_accelerator, zero3_init, zero_stage
 from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
+from alignvl_scale.finetune import param_groups
 from alignvl_scale.launch import LaunchError
 from alignvl_scale.logger import RunLogger, flat_config
 from alignvl_scale.metrics import headline
 from alignvl_scale.model import AlignVLModel, Preprocessing, build_model, build_preprocessing
 from alignvl_scale.objectives import HeadOutput, objective_loss
-from alignvl_scale.perf import StepProfiler, counted_flops, peak_memory_gib, peak_tflops, throughput_scalars
+from alignvl_scale.perf import (
+    StepProfiler,
+    counted_flops,
+    peak_memory_gib,
+    peak_tflops,
+    set_cuda_math,
+    throughput_scalars,
+)
 from alignvl_scale.preflight import Prepared, preflight
 from alignvl_scale.rundir import CONFIG, PROFILE, SUMMARY, RunDirError, release_run_dir
 from alignvl_scale.towers import set_train_mode, tower_warnings
@@ -96,16 +104,6 @@ def learning_rate(cfg: RunConfig, step: int, total_steps: int) -> float:
         return cfg.train.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return cfg.train.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and the temperature (1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Parameters built under zero.Init are empty partitions; ds_shape is their real shape.
-    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
-    groups = [{"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": weight_decay},
-              {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
 
 
 def make_decoder(cfg: RunConfig, preprocessing: Preprocessing | None):
@@ -154,6 +152,8 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         make_host_group(timedelta(seconds=cfg.engine.collective_timeout))
         self.device = self.accelerator.device
+        if self.device.type == "cuda":
+            set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.run_dir = Path(cfg.run_dir)
         if plan is not None:
@@ -174,7 +174,7 @@ class Trainer:
         self.total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
         # DeepSpeed steps this optimizer on its fp32 partitions; its param_groups' "lr" is
         # what every step uses, set by set_learning_rate() before each step.
-        self.base_optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+        self.base_optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
                                                 betas=tuple(cfg.train.betas), eps=cfg.train.eps, fused=True)
         self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -314,9 +314,10 @@ class Trainer:
         return iter(self.stream)
 
     def set_learning_rate(self) -> None:
-        lr = learning_rate(self.cfg, self.step, self.total_steps)
+        """Every group at its peak rate (base_lr: the head's train.lr, a tower's lr) times the schedule."""
+        factor = learning_rate(self.cfg, self.step, self.total_steps) / self.cfg.train.lr
         for group in self.base_optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * factor
 
     def loss(self, out: HeadOutput):
         """The configured objective over the contrastive batch. FloatingPointError when it is
@@ -361,10 +362,12 @@ class Trainer:
             self.log(f"step {self.step}: non-finite loss, step skipped ({self.skipped_steps} so far)")
             return None
         self.bad_steps_in_a_row = 0
-        # The rate the step used, read back from the optimizer DeepSpeed stepped (not recomputed).
-        lr = self.optimizer.param_groups[0]["lr"]
+        # The rates the step used, read back from the optimizer DeepSpeed stepped (not recomputed):
+        # train/lr the head's, train/lr_<tower> a tower's where it has its own.
+        rates = {f"train/lr_{g['part']}" if g["part"] != "head" else "train/lr": g["lr"]
+                 for g in reversed(self.optimizer.param_groups)}
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
-                "train/t2i_accuracy": out.t2i_accuracy, "train/lr": lr,
+                "train/t2i_accuracy": out.t2i_accuracy, **rates,
                 **{f"train/{name}": value.detach().reshape(()) for name, value in head.scalars().items()}}
 
     def forward_backward(self, micro: list[dict]):

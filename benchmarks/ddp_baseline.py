@@ -16,10 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alignvl_scale.config import load_config
 from alignvl_scale.data.reader import TrainStream
+from alignvl_scale.finetune import param_groups
 from alignvl_scale.model import build_model, build_preprocessing
 from alignvl_scale.objectives import objective_loss
 from alignvl_scale.towers import set_train_mode
-from alignvl_scale.train import make_decoder, param_groups, parse_args, seed_everything
+from alignvl_scale.train import make_decoder, parse_args, seed_everything
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     model = build_model(cfg, rank)
     stream = TrainStream(cfg.data, make_decoder(cfg, build_preprocessing(cfg)), rank, world, cfg.seed)
     ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
                                   betas=tuple(cfg.train.betas), eps=cfg.train.eps)
     set_train_mode(model, True)
     batches, rates, step = iter(stream), [], 0

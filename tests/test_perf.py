@@ -88,3 +88,27 @@ def test_the_sync_count_sees_the_throughput_timer(tmp_path):
     timed.write_text(json.dumps({**shipped, "timers": {"throughput": {"enabled": True}}}))
     steps = _syncs_per_step(tmp_path, str(timed))
     assert all(sum(n for k, n in step.items() if "synchronize" in k) == 2 for step in steps[2:]), steps
+
+
+def test_tf32_is_the_process_default_but_not_inside_exact_blocks():
+    """train.tf32 sets the process-wide switch; the head's and the loss's forward run inside
+    exact_fp32_matmuls, which turns it off on CUDA and restores it after (on CPU it leaves
+    the switch alone: there is nothing to round)."""
+    from alignvl_scale.perf import _tf32_switch, exact_fp32_matmuls, set_cuda_math
+
+    key, on, off = _tf32_switch()
+    matmul = torch.backends.cuda.matmul
+    saved, benchmark = getattr(matmul, key), torch.backends.cudnn.benchmark
+    try:
+        set_cuda_math(tf32=True, cudnn_benchmark=True)
+        assert getattr(matmul, key) == on and torch.backends.cudnn.benchmark
+        with exact_fp32_matmuls(torch.device("cuda")):
+            assert getattr(matmul, key) == off
+        assert getattr(matmul, key) == on
+        with exact_fp32_matmuls(torch.device("cpu")):
+            assert getattr(matmul, key) == on
+        set_cuda_math(tf32=False, cudnn_benchmark=False)
+        assert getattr(matmul, key) == off and not torch.backends.cudnn.benchmark
+    finally:
+        setattr(matmul, key, saved)
+        torch.backends.cudnn.benchmark = benchmark
