@@ -31,7 +31,7 @@ def main() -> None:
     seed_everything(cfg.seed)
     model = build_model(cfg, rank)
     stream = TrainStream(cfg.data, make_decoder(cfg, build_preprocessing(cfg)), rank, world, cfg.seed)
-    ddp = DistributedDataParallel(model)
+    ddp = DistributedDataParallel(model, static_graph=True)  # towers may hold unused parameters (a pooler)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
                                   betas=tuple(cfg.train.betas), eps=cfg.train.eps)
     set_train_mode(model, True)

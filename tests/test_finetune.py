@@ -174,7 +174,7 @@ def test_towers_that_cannot_take_the_setting_say_so(towers):
         build_tower(TowerConfig(kind="efficientnet_lite0", trainable=True, finetune="lora"), "image", DATA)
 
 
-def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool):
+def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool, *overrides: str):
     run_dir = tmp_path / name
     tower = {"trainable": True, "gradient_checkpointing": checkpointing}
     config = tmp_path / f"{name}.yaml"
@@ -190,7 +190,8 @@ def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool):
         "data": {"train": [str(tmp_path / "shards")], "batch_size": 4, "workers": 0, "image_size": 16},
         "train": {"steps": 4, "lr": 0.003, "warmup_steps": 1, "log_every": 1, "accumulation": 2},
         "run_dir": str(run_dir)}))
-    run(torchrun(config, 2, stage), run_dir, timeout=600)
+    proc = run(torchrun(config, 2, stage, *overrides), run_dir, timeout=600)
+    (tmp_path / f"{name}.out").write_text(proc.stdout)
     return run_dir
 
 

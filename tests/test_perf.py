@@ -112,3 +112,24 @@ def test_tf32_is_the_process_default_but_not_inside_exact_blocks():
     finally:
         setattr(matmul, key, saved)
         torch.backends.cudnn.benchmark = benchmark
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_leaf_modules_still_lose_their_parameters_in_backward():
+    """Why ZeRO-3 leaf modules (and stage3_module_granularity_threshold, which sets them) are
+    not used: pins DeepSpeed's behaviour in tests/scripts/zero3_leaf_repro.py. A leaf called
+    with its input as a keyword (as transformers 5 calls attention), or whose input needs no
+    gradient (a head fed by frozen towers), runs its backward on released parameters. When
+    this test fails, DeepSpeed fixed it: measure the hook savings (benchmarks/train_bench.py)."""
+    from alignvl_scale.engine import free_port
+
+    seen = {}
+    for case in ("positional", "keyword", "no_grad", "none"):
+        proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/zero3_leaf_repro.py"), case], cwd=ROOT,
+                              env={**env(), "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[case] = proc.stdout.strip().splitlines()[-1]
+    assert seen["positional"] == seen["none"] == "OK"
+    for case in ("keyword", "no_grad"):
+        assert seen[case].startswith("The size of tensor a (0) must match"), seen
