@@ -131,7 +131,8 @@ def test_gradient_checkpointing_recomputes_blocks_and_still_reaches_lora(towers)
         tower = build_tower(cfg, "text", DATA).train()
         calls = []
         mlp = transformer_blocks(tower)[1][0].mlp
-        mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))  # a post-hook: recomputation stops before it
+        # A pre-hook: recomputation stops once it has what backward needs, before a post-hook.
+        mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         tower(**batch).pow(2).sum().backward()
         assert len(calls) == (2 if checkpointing else 1)
         grads[checkpointing] = {n: p.grad for n, p in tower.named_parameters() if p.requires_grad}

@@ -19,17 +19,16 @@ Prints OK or the error's last line; exits 0 either way (the caller reads the lin
 import os
 import sys
 
+import deepspeed
 import torch
+import torch._dynamo  # noqa: F401  (imported before zero.Init patches tensor constructors)
+from deepspeed.utils import set_z3_leaf_module
+from torch import nn
+
+from alignvl_scale.ds_ops import prepare_deepspeed_ops
 
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=os.environ.get("MASTER_PORT", "29561"))
-import torch._dynamo  # noqa: E402,F401  (before zero.Init patches tensor constructors)
-import deepspeed  # noqa: E402
-from deepspeed.utils import set_z3_leaf_module  # noqa: E402
-from torch import nn  # noqa: E402
-
-from alignvl_scale.ds_ops import prepare_deepspeed_ops  # noqa: E402
-
 CASE = sys.argv[1]
 
 
