@@ -86,8 +86,11 @@ def worker(config: str, out: str) -> None:
     built = rss_gib("VmHWM")
     trainer.save = lambda: None
     trainer.run()
+    import torch
+
     counts = {**live_tensor_bytes(trainer.model, trainer.base_optimizer), "peak_rss": rss_gib("VmHWM"),
-              "peak_rss_building": built, "rss_at_start": before, "rank": dist.get_rank()}
+              "peak_rss_building": built, "rss_at_start": before, "rank": dist.get_rank(),
+              **({"peak_cuda": torch.cuda.max_memory_allocated() / GIB} if torch.cuda.is_available() else {})}
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(counts))
     trainer.close()
 
@@ -202,7 +205,8 @@ def run_cell(assets: dict, stage: str, mode: str, ranks: int, steps: int, folder
         tail = (run / "log.txt").read_text().strip().splitlines()[-3:]
         return {"error": f"exit {code}: " + " | ".join(tail)[-400:]}
     return {key: max(r[key] for r in per_rank) for key in ("params", "optimizer", "other", "total", "peak_rss",
-                                                         "peak_rss_building", "rss_at_start")}
+                                                         "peak_rss_building", "rss_at_start", "peak_cuda")
+            if key in per_rank[0]}
 
 
 def main() -> None:
