@@ -15,7 +15,7 @@ parameter trained; this trainer keeps fp32 parameters (docs/training.md, Precisi
 A cell that would not fit this machine's memory (an estimate from the parameter count) is
 skipped and says so. One run per cell: the counts do not depend on timing.
 
-    python benchmarks/memory_bench.py                     # ~0.5 B tower, about 25 minutes here
+    python benchmarks/memory_bench.py                     # ~0.5 B tower, about 35 minutes here
     python benchmarks/memory_bench.py --hidden 256 --layers 2 --ranks 1 2 --stages 3   # a smoke run
 """
 

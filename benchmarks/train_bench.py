@@ -11,7 +11,7 @@ windows after the first (start-up) window, and a cell's the median over --repeat
 Runs alternate between the baseline and the ZeRO stages, so that the shared machine's
 noise hits all alike.
 
-    python benchmarks/train_bench.py            # about 15 minutes here
+    python benchmarks/train_bench.py            # about 20 minutes here
 """
 
 from __future__ import annotations
