@@ -228,5 +228,19 @@ def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path
     images = [Image.open(io.BytesIO(png_bytes(i))) for i in range(4)]
     assert torch.allclose(exported.encode_texts(CAPTIONS), trained.encode_texts(CAPTIONS), atol=1e-5)
     assert torch.allclose(exported.encode_images(images), trained.encode_images(images), atol=1e-5)
+    # --format hf (merged the same way): transformers loads it and encodes as the checkpoint does, given the
+    # tokens the run's preprocessing makes (the prefix is the run config's, shown in the model card).
+    from transformers import AutoModel
+
+    import alignvl_scale.hf  # noqa: F401  (registers the alignvl model type)
+    from alignvl_scale.export import export_hf
+
+    hf_model = AutoModel.from_pretrained(export_hf(checkpoint, tmp_path / "hf")).eval()
+    tokens = trained.preprocessing.tokenize(CAPTIONS)
+    with torch.no_grad():
+        text = hf_model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    assert not any("lora" in key for key in hf_model.state_dict())
+    assert torch.allclose(text, trained.encode_texts(CAPTIONS), atol=1e-5)
+    assert "caption: " in (tmp_path / "hf" / "README.md").read_text()
     summary = json.loads((plain / "summary.json").read_text())
     assert summary["step"] == 4
