@@ -157,9 +157,9 @@ class HFTower(nn.Module):
     """Any transformers AutoModel (or its vision/text sub-model) with a pooling rule.
 
     Pooling: `cls` (first token), `mean` (mask-weighted), `last_token` (the last position
-    the attention mask keeps, with left or right padding: decoder-only LLMs), `pooler` (the model's pooler_output: CLIP,
-    SigLIP, DINOv2, ViT). `auto` picks pooler for image towers that have one, last_token for
-    decoder-only text models, else mean.
+    the attention mask keeps, with left or right padding: decoder-only LLMs), `pooler` (the
+    model's pooler_output: CLIP, SigLIP, DINOv2, ViT). `auto` picks pooler for image towers
+    that have one, last_token for decoder-only text models, else mean.
     """
 
     def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True,
