@@ -96,13 +96,18 @@ def counted_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, counter.get_total_flops()
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux VmHWM; reset by writing 5 to
-    /proc/self/clear_refs)."""
+def process_memory_bytes(field: str) -> int:
+    """A memory figure of this process from Linux's /proc/self/status: VmRSS (resident now),
+    VmHWM (its peak; reset by writing 5 to /proc/self/clear_refs)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not in /proc/self/status")
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory."""
+    return process_memory_bytes("VmHWM")
 
 
 def peak_memory_gib(device: torch.device) -> float:

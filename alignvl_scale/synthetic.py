@@ -74,3 +74,15 @@ def make_tiny_towers(folder: Path, seed: int = 0) -> dict[str, str]:
     for name in ("bert", "llama"):
         tokenizer.save_pretrained(paths[name])
     return paths
+
+
+def save_vit_s16(folder: Path, image_size: int, seed: int = 0) -> str:
+    """ViT-S/16's shape (22 M parameters: 12 layers, width 384, 6 heads) at `image_size`,
+    seeded random weights from its config, saved like a pretrained model; its path."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(image_size=image_size, patch_size=16, hidden_size=384, num_hidden_layers=12,
+                       num_attention_heads=6, intermediate_size=1536)).save_pretrained(folder)
+    return str(folder)

@@ -365,7 +365,7 @@ class Trainer:
         # The rates the step used, read back from the optimizer DeepSpeed stepped (not recomputed):
         # train/lr the head's, train/lr_<tower> a tower's where it has its own.
         rates = {f"train/lr_{g['part']}" if g["part"] != "head" else "train/lr": g["lr"]
-                 for g in reversed(self.optimizer.param_groups)}
+                 for g in self.optimizer.param_groups}  # a part's groups share its rate
         return {"train/loss": out.loss.detach(), "train/i2t_accuracy": out.i2t_accuracy,
                 "train/t2i_accuracy": out.t2i_accuracy, **rates,
                 **{f"train/{name}": value.detach().reshape(()) for name, value in head.scalars().items()}}

@@ -51,6 +51,7 @@ def write_zero_shot_set(folder: Path, images: list[tuple[str, str, bytes]], name
     (folder / TEMPLATES_FILE).write_text("".join(t + "\n" for t in templates), encoding="utf-8")
     return len(names)
 
+
 def _lines(path: Path) -> list[str]:
     return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

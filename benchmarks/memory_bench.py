@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,36 +61,31 @@ def live_tensor_bytes(model, optimizer) -> dict[str, float]:
     gc.collect()
     found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     everything = storages(found) | storages(t.grad for t in found if t.grad is not None)
-    params, optim = storages(held), storages(masters + state) - storages(held)
+    params = storages(held)
+    optim = storages(masters + state) - params
     other = everything - params - optim
     return {name: sum(n for _, n in group) / GIB for name, group in
             (("params", params), ("optimizer", optim), ("other", other), ("total", everything | params | optim))}
 
 
-def rss_gib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise RuntimeError(field)
-
-
 def worker(config: str, out: str) -> None:
     """One rank: the trainer's own Trainer, without its checkpoint (GiBs of disk per cell)."""
+    import torch
     import torch.distributed as dist
 
     from alignvl_scale.config import load_config
+    from alignvl_scale.perf import process_memory_bytes
     from alignvl_scale.preflight import preflight
     from alignvl_scale.train import Trainer
 
-    before = rss_gib("VmRSS")
+    before = process_memory_bytes("VmRSS") / GIB
     trainer = Trainer(preflight(load_config(config), overwrite=True))
-    built = rss_gib("VmHWM")
+    built = process_memory_bytes("VmHWM") / GIB
     trainer.save = lambda: None
     trainer.run()
-    import torch
-
-    counts = {**live_tensor_bytes(trainer.model, trainer.base_optimizer), "peak_rss": rss_gib("VmHWM"),
-              "peak_rss_building": built, "rss_at_start": before, "rank": dist.get_rank(),
+    counts = {**live_tensor_bytes(trainer.model, trainer.base_optimizer),
+              "peak_rss": process_memory_bytes("VmHWM") / GIB, "peak_rss_building": built, "rss_at_start": before,
+              "rank": dist.get_rank(),
               **({"peak_cuda": torch.cuda.max_memory_allocated() / GIB} if torch.cuda.is_available() else {})}
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(counts))
     trainer.close()
@@ -98,9 +94,9 @@ def worker(config: str, out: str) -> None:
 def make_assets(folder: Path, hidden: int, layers: int) -> dict:
     """The towers (saved once per shape) and a few shards of tiny images."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, ViTConfig, ViTModel
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    from alignvl_scale.synthetic import write_image_shards
+    from alignvl_scale.synthetic import save_vit_s16, write_image_shards
 
     llama = folder / f"llama_h{hidden}_l{layers}"
     vit = folder / "vit_s16"
@@ -116,24 +112,17 @@ def make_assets(folder: Path, hidden: int, layers: int) -> dict:
                    ).save_pretrained(llama)
         tokenizer.save_pretrained(llama)
     if not (vit / "config.json").is_file():
-        torch.manual_seed(1)
-        ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=384, num_hidden_layers=12,
-                           num_attention_heads=6, intermediate_size=1536)).save_pretrained(vit)
+        save_vit_s16(vit, image_size=32, seed=1)
     shards = folder / "shards"
     if not (shards / "manifest.json").is_file():
         write_image_shards(shards, [64] * 4)
     import safetensors
 
     def count(path: Path) -> tuple[int, int]:
-        total, largest = 0, 0
+        """All the parameters in the saved weights, and the largest tensor's."""
         with safetensors.safe_open(str(path / "model.safetensors"), "pt") as f:
-            for key in f.keys():
-                n = f.get_slice(key).get_shape()
-                size = 1
-                for d in n:
-                    size *= d
-                total, largest = total + size, max(largest, size)
-        return total, largest
+            sizes = [math.prod(f.get_slice(key).get_shape()) for key in f.keys()]
+        return sum(sizes), max(sizes)
 
     (llama_params, llama_largest), (vit_params, _) = count(llama), count(vit)
     return {"llama": str(llama), "vit": str(vit), "shards": str(shards), "params": llama_params + vit_params,

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import make_tiny_towers, write_image_shards
+from alignvl_scale.synthetic import make_tiny_towers, save_vit_s16, write_image_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,17 +43,6 @@ def torchrun(world: int, script: str, config: Path, *overrides: str) -> subproce
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
     return proc
-
-
-def real_vit(folder: Path) -> str:
-    """ViT-S/16's shape (22 M parameters) at 64 px, random weights from its config."""
-    import torch
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=64, patch_size=16, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                       intermediate_size=1536)).save_pretrained(folder)
-    return str(folder)
 
 
 def trainer_rates(run_dir: Path) -> list[float]:
@@ -79,7 +68,8 @@ def main() -> None:
         tmp = Path(tmp)
         write_image_shards(tmp / "train", [args.batch * 8] * 8)
         if real:
-            towers = {"image_tower": {"name": real_vit(tmp / "vit"), "trainable": True, "pooling": "pooler"},
+            towers = {"image_tower": {"name": save_vit_s16(tmp / "vit", image_size=64), "trainable": True,
+                                      "pooling": "pooler"},
                       "text_tower": {"kind": "minilm", "trainable": True, "max_length": 16}}
         else:
             tiny = make_tiny_towers(tmp)
