@@ -92,7 +92,7 @@ def _export(checkpoint: Path, out: Path, trust: bool) -> None:
         for prefix, tower in zip(("image_tower.", "text_tower."), towers, strict=True):
             for key, value in tower.state_dict().items():
                 state.setdefault(prefix + key, value.float().contiguous())
-        state = merged_lora_state(cfg, state)  # while the config still names the towers' sources
+        state = merge_lora_into(state, cfg, towers)
         for modality, tower, prep in zip(("image", "text"), towers, (preprocessing.image_transform,
                                                                    preprocessing.tokenize), strict=True):
             if isinstance(tower, HFTower):
@@ -102,22 +102,23 @@ def _export(checkpoint: Path, out: Path, trust: bool) -> None:
     (out / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
-def merged_lora_state(cfg: RunConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merge_lora_into(state: dict[str, torch.Tensor], cfg: RunConfig, towers) -> dict[str, torch.Tensor]:
     """The weights with each LoRA tower's updates merged into its base weights (the plain
-    tower's keys), and the config's towers marked finetune: full to match (in place); other
-    weights as they are."""
-    lora = [t for t in (cfg.model.image_tower, cfg.model.text_tower) if t.trainable and t.finetune == "lora"]
-    if not lora:
-        return state
+    tower's keys), through the towers export built anyway (loaded with these weights and
+    merged, in place); the config's towers marked finetune: full to match. Other weights as
+    they are."""
     from alignvl_scale.finetune import merge_lora
 
-    model = build_model(cfg, load_weights=False)
-    model.load_state_dict(state, strict=True)
-    for tower in (model.image_tower, model.text_tower):
+    for prefix, tower, tower_cfg in zip(("image_tower.", "text_tower."), towers,
+                                        (cfg.model.image_tower, cfg.model.text_tower), strict=True):
+        if not (tower_cfg.trainable and tower_cfg.finetune == "lora"):
+            continue
+        tower.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
         merge_lora(tower)
-    for tower_cfg in lora:
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state.update({prefix + k: v.float().contiguous() for k, v in tower.state_dict().items()})
         tower_cfg.finetune = "full"
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
+    return state
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, trust: bool = False) -> Path:
