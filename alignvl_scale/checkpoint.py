@@ -233,7 +233,7 @@ def _why(error: Exception, partial: Path) -> str:
 
 
 def demote_checkpoint(run_dir: str | Path, step: int) -> str:
-    """Rank 0, when a run stops on non-finite losses right after saving `step`: that
+    """Rank 0, when a run stops on non-finite steps right after saving `step`: that
     checkpoint may hold the diverged weights (finite, ~1e30), so it moves aside to
     `suspect_step_N` and `latest` names the newest complete one before it. Returns the
     sentence to tell the user."""
@@ -249,10 +249,10 @@ def demote_checkpoint(run_dir: str | Path, step: int) -> str:
         tmp = root / f".{LATEST}.tmp"
         tmp.write_text(earlier[-1].name)
         os.replace(tmp, root / LATEST)
-        return (f"checkpoint {path.name}, saved right before the first non-finite loss, may hold diverged weights: "
+        return (f"checkpoint {path.name}, saved right before the first non-finite step, may hold diverged weights: "
                 f"moved to {suspect}; `latest` now names {earlier[-1].name}")
     (root / LATEST).unlink(missing_ok=True)
-    return (f"checkpoint {path.name}, saved right before the first non-finite loss, may hold diverged weights: "
+    return (f"checkpoint {path.name}, saved right before the first non-finite step, may hold diverged weights: "
             f"moved to {suspect}; there is no earlier checkpoint, so --resume latest starts over")
 
 

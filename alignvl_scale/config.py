@@ -309,7 +309,8 @@ class TrainConfig:
     """CUDA: cuDNN times its convolution algorithms once per input shape and keeps the fastest (conv towers,
     patch embeddings; the shapes here are fixed). Not bit-reproducible run to run."""
     max_bad_steps: int = 5
-    """Non-finite losses in a row before the run stops."""
+    """Skipped steps in a row (a non-finite loss, or a non-finite gradient norm DeepSpeed skipped) before the run
+    stops."""
     log_every: int = 10
     """Steps between logged scalars."""
     peak_tflops: float | None = None
@@ -364,6 +365,9 @@ class EngineConfig:
     collective_timeout: int = 1800
     """Seconds a collective may wait for a peer (one that died or hangs) before the run stops with a line saying a
     peer was lost."""
+    zero3_leaf_blocks: bool = True
+    """Under ZeRO-3, each tower block is one DeepSpeed leaf module: one set of hooks and one gather per block
+    instead of one per layer inside it (docs/training.md, "ZeRO-3's hooks"); false: DeepSpeed's per-module hooks."""
 
     def resolved_ds_config(self) -> Path:
         from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")

@@ -66,6 +66,16 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def deepspeed_skips_nonfinite_steps(ds_config: dict) -> bool:
+    """Whether DeepSpeed itself skips (and zeroes the gradients of) an optimizer step whose
+    gradient norm is not finite, with fp32 parameters as here (0.19.8: stage3.py `step`,
+    stage_1_and_2.py `step`): ZeRO-3 always; ZeRO 1-2 when they compute the norm (clipping
+    on, or offload: see fill_ds_config). Its check reads the norm on the host, a read it
+    makes anyway; the trainer then needs no host read of its own before backward."""
+    zero = ds_config.get("zero_optimization", {})
+    return zero_stage(ds_config) == 3 or (zero_stage(ds_config) in (1, 2) and zero.get("compute_grad_norm", True))
+
+
 def zero3_init(ds_config: dict):
     """Under ZeRO-3, build the model partitioned from the start (no rank holds all of it).
 
@@ -85,6 +95,42 @@ def zero3_init(ds_config: dict):
 
 
 _LIVE_HF_DS_CONFIG: list = []
+
+
+def zero3_leaf_blocks(model) -> int:
+    """Makes each tower block (finetune.transformer_blocks) one ZeRO-3 leaf module, before
+    `deepspeed.initialize` registers its hooks; returns how many.
+
+    ZeRO-3 hooks every module: on CPU most of a step went into those hooks (issue 21). A leaf
+    has one set, and its parameters are gathered together. DeepSpeed (0.19.8) gathers a leaf's
+    parameters for backward from hooks on its *positional input tensors that need a gradient*
+    (tests/scripts/zero3_leaf_repro.py): transformers calls its blocks with the hidden states
+    positional, and a block that trains but whose input needs no gradient (the first block of
+    a LoRA tower over frozen embeddings, the first unfrozen one of a last_n tower) gets its
+    input marked as needing one by a pre-hook that runs before DeepSpeed's."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    from alignvl_scale.finetune import transformer_blocks
+
+    count = 0
+    for tower in (model.image_tower, model.text_tower):
+        if tower is None:
+            continue
+        for block in transformer_blocks(tower)[1]:
+            set_z3_leaf_module(block, True)
+            if any(p.requires_grad for p in block.parameters()):
+                block.register_forward_pre_hook(_inputs_need_grad)
+            count += 1
+    return count
+
+
+def _inputs_need_grad(module, args: tuple):
+    import torch
+
+    if not torch.is_grad_enabled():
+        return None
+    return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() and not a.requires_grad
+                 else a for a in args)
 
 
 def _default_group_timeout(timeout: timedelta) -> None:

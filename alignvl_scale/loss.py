@@ -317,8 +317,9 @@ def check_equal_local_batches(x: Tensor) -> None:
 
 def align_vl_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
                              smoothing: float = 0.0, chunk_size: int | None = None,
-                             matmul_precision: str = "fp32") -> LossOutput:
-    """The loss plus in-batch top-1 accuracies, see `align_vl_loss`."""
+                             matmul_precision: str = "fp32", check_finite: bool = True) -> LossOutput:
+    """The loss plus in-batch top-1 accuracies, see `align_vl_loss`; check_finite: see
+    `global_value_local_gradient`."""
     validate_inputs(image_emb, text_emb, smoothing, chunk_size, matmul_precision)
     check_equal_local_batches(image_emb)
     rank, world = rank_world()
@@ -333,20 +334,22 @@ def align_vl_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: T
         local = (loss_i2t + loss_t2i) / 2
     else:
         local, correct_i2t, correct_t2i = _fused_loss(u, v, scale, smoothing, chunk_size, matmul_precision)
-    return global_value_local_gradient(local, correct_i2t, correct_t2i, u.shape[0] * world)
+    return global_value_local_gradient(local, correct_i2t, correct_t2i, u.shape[0] * world, check_finite)
 
 
-def global_value_local_gradient(local: Tensor, correct_i2t: Tensor, correct_t2i: Tensor, n: int) -> LossOutput:
+def global_value_local_gradient(local: Tensor, correct_i2t: Tensor, correct_t2i: Tensor, n: int,
+                                check_finite: bool = True) -> LossOutput:
     """Every objective's ending: this rank's share `local` becomes the global loss value
     (one all-reduce, with the in-batch correct counts), keeping the gradient of the share.
-    FloatingPointError on every rank alike when the global value is not finite."""
+    check_finite: FloatingPointError on every rank alike when the global value is not finite
+    (one host read of a device value); False leaves the check to the caller."""
     _, world = rank_world()
     stats = torch.stack([local.detach(), correct_i2t.float(), correct_t2i.float()])
     if world > 1:
         dist.all_reduce(stats)
     # One host sync, on values every rank shares: a bad embedding or scale anywhere makes
     # the summed loss non-finite on every rank, so all raise together.
-    if not torch.isfinite(stats[0]):
+    if check_finite and not torch.isfinite(stats[0]):
         raise FloatingPointError("non-finite embeddings, logit_scale or logit_bias in the contrastive batch")
     loss = local + (stats[0] / world - local).detach()
     return LossOutput(loss=loss, i2t_accuracy=stats[1] / n, t2i_accuracy=stats[2] / n)

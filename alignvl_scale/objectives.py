@@ -42,21 +42,21 @@ class HeadOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class Objective:
-    loss: Callable[[HeadOutput, LossConfig], LossOutput]
+    loss: Callable[[HeadOutput, LossConfig, bool], LossOutput]  # (out, cfg, check_finite)
     logit_scale_init: float
     logit_bias_init: float | None  # None: no bias parameter
     calibration: Literal["softmax", "sigmoid"]  # how retrieval_metrics reads confidence
     description: str  # one line for the model card
 
 
-def infonce(out: HeadOutput, cfg: LossConfig) -> LossOutput:
+def infonce(out: HeadOutput, cfg: LossConfig, check_finite: bool) -> LossOutput:
     return align_vl_loss_with_stats(out.image, out.text, out.logit_scale, cfg.smoothing, cfg.chunk_size,
-                                    cfg.matmul_precision)
+                                    cfg.matmul_precision, check_finite)
 
 
-def siglip(out: HeadOutput, cfg: LossConfig) -> LossOutput:
+def siglip(out: HeadOutput, cfg: LossConfig, check_finite: bool) -> LossOutput:
     return sigmoid_loss_with_stats(out.image, out.text, out.logit_scale, out.logit_bias, cfg.smoothing,
-                                   cfg.chunk_size, cfg.matmul_precision)
+                                   cfg.chunk_size, cfg.matmul_precision, check_finite)
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -69,8 +69,9 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def objective_loss(out: HeadOutput, cfg: LossConfig) -> LossOutput:
+def objective_loss(out: HeadOutput, cfg: LossConfig, check_finite: bool = True) -> LossOutput:
     """The configured objective's loss on a head output; its forward in full fp32 on CUDA
-    whatever train.tf32 says (the fused path's tiles: loss.matmul_precision)."""
+    whatever train.tf32 says (the fused path's tiles: loss.matmul_precision). check_finite:
+    FloatingPointError on every rank when the global loss is not finite (a host read)."""
     with exact_fp32_matmuls(out.image.device):
-        return OBJECTIVES[cfg.objective].loss(out, cfg)
+        return OBJECTIVES[cfg.objective].loss(out, cfg, check_finite)

@@ -123,14 +123,15 @@ def _plain_sigmoid(u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, smoothing:
 
 def sigmoid_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor,
                             smoothing: float = 0.0, chunk_size: int | None = None,
-                            matmul_precision: str = "fp32") -> LossOutput:
+                            matmul_precision: str = "fp32", check_finite: bool = True) -> LossOutput:
     """The sigmoid loss with Embedding Smoothing over the global batch, plus in-batch top-1
     accuracies.
 
     Args as `alignvl_scale.loss.align_vl_loss`, and logit_bias: the learned bias b added
     to every scaled similarity. smoothing: alpha in [0, 1), targets (1 - alpha) on the pair
     + alpha / N everywhere (0: SigLIP). chunk_size None: the plain B x N logits (the
-    reference); an int: the fused tiles (same value and gradients).
+    reference); an int: the fused tiles (same value and gradients). check_finite: see
+    `alignvl_scale.loss.global_value_local_gradient`.
 
     Returns the global loss on every rank, with the local-share gradient (average parameter
     gradients over ranks to get the global gradient), for embeddings, scale and bias.
@@ -144,7 +145,7 @@ def sigmoid_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: Te
         local, i2t, t2i = _plain_sigmoid(u, v, scale, bias, smoothing)
     else:
         local, i2t, t2i = _SigmoidTiles.apply(u, v, scale, bias, smoothing, chunk_size, matmul_precision)
-    return global_value_local_gradient(local, i2t, t2i, u.shape[0] * world)
+    return global_value_local_gradient(local, i2t, t2i, u.shape[0] * world, check_finite)
 
 
 def sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor,

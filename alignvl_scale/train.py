@@ -46,7 +46,14 @@ from alignvl_scale.distributed import (
     broadcast_from_rank0,
     make_host_group,
 )
-from alignvl_scale.engine import fill_ds_config, make_accelerator, zero3_init, zero_stage
+from alignvl_scale.engine import (
+    deepspeed_skips_nonfinite_steps,
+    fill_ds_config,
+    make_accelerator,
+    zero3_init,
+    zero3_leaf_blocks,
+    zero_stage,
+)
 from alignvl_scale.evaluate import Encoder, evaluate_specs, evaluate_zero_shot
 from alignvl_scale.finetune import param_groups
 from alignvl_scale.launch import LaunchError
@@ -155,6 +162,9 @@ class Trainer:
         if self.device.type == "cuda":
             set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        # A non-finite step is skipped by DeepSpeed after backward where it checks the gradient
+        # norm anyway; elsewhere the loss is read on the host before backward (docs/training.md).
+        self.loss_checked_on_host = not deepspeed_skips_nonfinite_steps(self.ds_config)
         self.run_dir = Path(cfg.run_dir)
         if plan is not None:
             self.prepare_resume(plan)  # before the model: a conversion holds a whole checkpoint in memory
@@ -163,6 +173,8 @@ class Trainer:
         seed_everything(cfg.seed)  # the same initial weights on every rank
         with zero3_init(self.ds_config):
             model = build_model(cfg, self.rank)
+        if zero_stage(self.ds_config) == 3 and cfg.engine.zero3_leaf_blocks:
+            self.log(f"ZeRO-3 leaf modules: {zero3_leaf_blocks(model)} tower blocks (engine.zero3_leaf_blocks)")
         seed_everything(cfg.seed + 1_000_003 * (self.rank + 1))  # dropout: a different mask on every rank
         self.random_modules = model.head.random_modules()
         for modality, tower in (("image", model.image_tower), ("text", model.text_tower)):
@@ -320,9 +332,10 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
 
     def loss(self, out: HeadOutput):
-        """The configured objective over the contrastive batch. FloatingPointError when it is
-        not finite (decided on the all-reduced loss, so on every rank alike)."""
-        return objective_loss(out, self.cfg.loss)
+        """The configured objective over the contrastive batch. Where the loss is checked on
+        the host, FloatingPointError when it is not finite (decided on the all-reduced loss,
+        so on every rank alike)."""
+        return objective_loss(out, self.cfg.loss, check_finite=self.loss_checked_on_host)
 
     def backward(self, loss) -> None:
         """Gradients accumulate in the engine until its step at the end of the cycle;
@@ -352,14 +365,17 @@ class Trainer:
                 out, head = self.forward_backward(micro)
         except FloatingPointError:  # raised before any backward, on every rank alike
             out = None
+        if out is not None and not self.loss_checked_on_host and not self.engine.was_step_applied():
+            out = None  # DeepSpeed found the gradient norm non-finite (on every rank) and skipped the step
         if out is None:
             self.bad_steps_in_a_row += 1
             self.skipped_steps += 1
             if self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
                 demoted = demote_checkpoint(self.run_dir, self.step) if self.rank == 0 else ""
-                raise FloatingPointError(f"{self.bad_steps_in_a_row} non-finite losses in a row at step {self.step} "
-                                         f"(train.max_bad_steps); lower train.lr or check the data. {demoted}")
-            self.log(f"step {self.step}: non-finite loss, step skipped ({self.skipped_steps} so far)")
+                raise FloatingPointError(f"{self.bad_steps_in_a_row} non-finite steps in a row (loss or gradients) "
+                                         f"at step {self.step} (train.max_bad_steps); lower train.lr or check the "
+                                         f"data. {demoted}")
+            self.log(f"step {self.step}: non-finite loss or gradients, step skipped ({self.skipped_steps} so far)")
             return None
         self.bad_steps_in_a_row = 0
         # The rates the step used, read back from the optimizer DeepSpeed stepped (not recomputed):

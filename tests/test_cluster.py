@@ -31,6 +31,7 @@ from conftest import (
     launch_cmd,
     logged,
     rank_pids,
+    resumable_copy,
     run,
     torchrun,
 )
@@ -92,16 +93,6 @@ def saved_on_two(tmp_path_factory, features):
             return run_dir
 
     return Runs()
-
-
-def resumable_copy(run_dir: Path, step: int, to: Path) -> Path:
-    """A run folder holding only `run_dir`'s checkpoint of `step`, named by `latest`."""
-    import shutil
-
-    name = f"step_{step:08d}"
-    shutil.copytree(run_dir / "checkpoints" / name, to / "checkpoints" / name)
-    (to / "checkpoints" / "latest").write_text(name)
-    return to / "checkpoints" / name
 
 
 @pytest.mark.parametrize("old_stage,ranks,stage", [(2, 3, 3), pytest.param(3, 1, 1, marks=pytest.mark.slow)])
@@ -178,6 +169,7 @@ def test_the_same_world_on_another_stage_continues_exactly(tmp_path, features, s
     assert drift < 1e-4, drift
 
 
+@pytest.mark.slow
 def test_a_stage_change_deepspeed_cannot_convert_is_one_line(tmp_path, features):
     """ZeRO-0 has no universal checkpoint: moving a ZeRO-0 checkpoint to ZeRO-2 is refused
     before any process group, in one line."""

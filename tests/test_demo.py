@@ -107,6 +107,7 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
     assert (out / "results.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_in_process_and_separate_runs_give_the_same_metrics(tmp_path):
     """`ablate` trains a study's cells one after another in a worker process; launched as
     separate `alignvl-scale train` processes, the same cells give the same numbers to the

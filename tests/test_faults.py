@@ -91,6 +91,7 @@ def checkpoints(run_dir: Path) -> list[str]:
 
 
 # -- checkpoints and the run folder -----------------------------------------------------
+@pytest.mark.slow
 def test_retention_never_deletes_the_checkpoint_just_saved(tmp_path, features):
     """keep=1 in a folder that also holds a later step from an earlier run: keeping "the
     newest by name" deleted the new checkpoint and left `latest` pointing at nothing."""
@@ -152,7 +153,7 @@ def test_a_checkpoint_saved_just_before_the_non_finite_stop_is_not_latest(tmp_pa
     config, run_dir = run_config(tmp_path, features, train={"steps": 6, "lr": 1e30, "grad_clip": 0.0,
                                                              "max_bad_steps": 2}, checkpoint={"every": 1})
     proc = train(config)
-    assert proc.returncode != 0 and "non-finite losses in a row" in proc.stderr
+    assert proc.returncode != 0 and "non-finite steps in a row" in proc.stderr
     assert "may hold diverged weights" in proc.stderr
     latest = run_dir / "checkpoints/latest"
     bad_step = max(logged(run_dir, "train/loss"))

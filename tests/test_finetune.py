@@ -3,19 +3,22 @@
 Unit level: LoRA starts at the pretrained tower, trains only its updates and merges back to
 the plain architecture with the same outputs; last_n trains the last blocks and the final
 norm; pooling gives each caption the vector it gets alone, with left or right padding; the
-instruction prefix survives truncation. Then the trainer on 2 gloo ranks (torchrun), ZeRO-2
-and ZeRO-3, a LoRA Llama text tower and a last_n ViT with a decaying schedule, dropout
-everywhere and GradCache accumulation: gradient checkpointing changes no logged loss, and the
-merged export encodes as the trained checkpoint does."""
+instruction prefix survives truncation. Then the trainer on 2 gloo ranks (torchrun), ZeRO 1-3,
+a LoRA Llama text tower and a last_n ViT with a decaying schedule, dropout everywhere and
+GradCache accumulation: gradient checkpointing changes no logged loss, neither do ZeRO-3's
+leaf blocks (nor the weights), and the merged export encodes as the trained checkpoint does;
+such a run resized from 2 ranks under ZeRO-2 to 3 under ZeRO-3 keeps every frozen weight."""
 
 import io
 import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import logged, run, torchrun
+from conftest import logged, resumable_copy, run, torchrun
 from distributed import run_ranks
 from PIL import Image
 
@@ -175,7 +178,7 @@ def test_towers_that_cannot_take_the_setting_say_so(towers):
         build_tower(TowerConfig(kind="efficientnet_lite0", trainable=True, finetune="lora"), "image", DATA)
 
 
-def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool, *overrides: str):
+def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool, *overrides: str, ranks: int = 2):
     run_dir = tmp_path / name
     tower = {"trainable": True, "gradient_checkpointing": checkpointing}
     config = tmp_path / f"{name}.yaml"
@@ -191,12 +194,23 @@ def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool, *overri
         "data": {"train": [str(tmp_path / "shards")], "batch_size": 4, "workers": 0, "image_size": 16},
         "train": {"steps": 4, "lr": 0.003, "warmup_steps": 1, "log_every": 1, "accumulation": 2},
         "run_dir": str(run_dir)}))
-    proc = run(torchrun(config, 2, stage, *overrides), run_dir, timeout=600)
+    proc = run(torchrun(config, ranks, stage, *overrides), run_dir, timeout=600)
     (tmp_path / f"{name}.out").write_text(proc.stdout)
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def assert_same_weights(run_a: Path, run_b: Path, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """The two runs' step-4 checkpoints hold the same weights, key for key; by default up to
+    fp32 rounding (which Adam's normalized update can lift to ~1e-6 where a gradient is near 0)."""
+    from alignvl_scale.export import consolidated_state_dict
+
+    a, b = (consolidated_state_dict(run / "checkpoints" / "step_00000004") for run in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("stage", [pytest.param(stage, marks=pytest.mark.slow) for stage in (1, 2)] + [3])
 def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path, towers, stage):
     """2 ranks, a decaying LR with warmup, dropout in the adapters and in LoRA, noise on,
     GradCache over 2 micro-batches: the run with gradient checkpointing logs the same losses
@@ -210,6 +224,12 @@ def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path
     losses = logged(plain, "train/loss")
     assert len(losses) == 4 and len(set(losses.values())) == 4
     assert logged(recomputed, "train/loss") == pytest.approx(losses, rel=1e-5)
+    if stage == 3:  # tower blocks as leaf modules (the default) against DeepSpeed's hooks on every module
+        assert "ZeRO-3 leaf modules: 4 tower blocks" in (tmp_path / "plain.out").read_text()
+        hooked = _train(tmp_path, towers, "hooked", stage, False, "engine.zero3_leaf_blocks=false")
+        assert "leaf modules" not in (tmp_path / "hooked.out").read_text()
+        assert logged(hooked, "train/loss") == pytest.approx(losses, rel=1e-5)
+        assert_same_weights(plain, hooked)
     assert logged(recomputed, "train/lr") == logged(plain, "train/lr")
     head_lr, lora_lr, vit_lr = (logged(plain, key) for key in ("train/lr", "train/lr_text_tower",
                                                                 "train/lr_image_tower"))
@@ -244,3 +264,20 @@ def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path
     assert "caption: " in (tmp_path / "hf" / "README.md").read_text()
     summary = json.loads((plain / "summary.json").read_text())
     assert summary["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_on_another_world_and_stage_with_its_frozen_weights(tmp_path, towers):
+    """A LoRA tower and a last_n tower keep frozen weights that no optimizer partition holds.
+    2 ranks under ZeRO-2 -> 3 ranks under ZeRO-3 (through the universal conversion): right
+    after the resume (0 more steps, saved again) every weight, frozen base, LoRA updates and
+    head, equals the checkpoint's exactly; then training goes on."""
+    write_image_shards(tmp_path / "shards", [16] * 4)
+    source = _train(tmp_path, towers, "two", 2, False)
+    resumable_copy(source, 4, tmp_path / "run")
+    out = _train(tmp_path, towers, "run", 3, False, "--resume", "latest", ranks=3)
+    assert "ZeRO-2 on 2 ranks, now ZeRO-3 on 3 ranks" in (tmp_path / "run.out").read_text()
+    assert_same_weights(source, out, rtol=0, atol=0)
+    _train(tmp_path, towers, "run", 3, False, "--resume", "latest", "train.steps=6", ranks=3)
+    losses = logged(out, "train/loss")
+    assert sorted(losses) == [5, 6] and all(math.isfinite(x) for x in losses.values()), losses

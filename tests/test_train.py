@@ -210,15 +210,18 @@ def test_bad_config_fails_before_any_process_group(assets, tmp_path, override, m
     assert "init_process_group" not in proc.stderr and not (tmp_path / "run").exists()
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path):
+@pytest.mark.parametrize("stage,clip", [(1, 0.0), (2, 1.0)])
+def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path, stage, clip):
+    """Without clipping the trainer reads the loss on the host and skips before backward;
+    with it, DeepSpeed skips the step on its non-finite gradient norm and the trainer counts it."""
     run_dir = tmp_path / "run"
-    config = write_config(assets, run_dir, train={"lr": 1e30, "grad_clip": 0.0, "max_bad_steps": 3},
+    config = write_config(assets, run_dir, train={"lr": 1e30, "grad_clip": clip, "max_bad_steps": 3},
                           eval={"data": []})
-    proc = subprocess.run(launch_cmd("torchrun", 1, config), cwd=ROOT, env=env(), capture_output=True, text=True,
+    proc = subprocess.run(launch_cmd("torchrun", stage, config), cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
-    assert "non-finite loss, step skipped" in proc.stdout
-    assert "3 non-finite losses in a row" in proc.stdout + proc.stderr
+    assert "non-finite loss or gradients, step skipped" in proc.stdout
+    assert "3 non-finite steps in a row" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
