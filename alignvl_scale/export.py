@@ -45,11 +45,20 @@ def read_run_config(folder: Path) -> RunConfig:
 
 
 def consolidated_state_dict(checkpoint: Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (1-3), gathered offline."""
+    """Every weight, fp32, from a DeepSpeed checkpoint of any ZeRO stage (1-3), gathered
+    offline. DeepSpeed's consolidation (zero_to_fp32) covers the optimized parameters, and
+    the frozen ones only where it recorded them (ZeRO 2-3; 0.19.8 `_common_checkpoint_state`):
+    a ZeRO-1 checkpoint's frozen weights (frozen towers, LoRA and last_n base weights) come
+    from rank 0's module state, where ZeRO 1-2 hold every parameter whole."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    module_file = Path(checkpoint) / TAG / "mp_rank_00_model_states.pt"  # ZeRO 1-2 (ZeRO-3: one per rank)
     with redirect_stdout(io.StringIO()), weights_only_loads(trust):  # it prints per-tensor progress
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+        module = torch.load(module_file, map_location="cpu", mmap=True)["module"] if module_file.exists() else {}
+    for key, value in module.items():
+        if key not in state and value.numel():
+            state[key] = value.float()
     return {k: v.contiguous() for k, v in state.items()}
 
 
@@ -87,11 +96,6 @@ def _export(checkpoint: Path, out: Path, trust: bool) -> None:
     if cfg.data.kind != "features":  # towers are in the weights: keep their files beside them
         towers = build_towers(cfg, load_weights=True)
         preprocessing = build_preprocessing(cfg)
-        # ZeRO 1/2 checkpoints keep only optimized parameters in fp32; frozen tower weights
-        # never change, so they come from the towers' own pretrained files.
-        for prefix, tower in zip(("image_tower.", "text_tower."), towers, strict=True):
-            for key, value in tower.state_dict().items():
-                state.setdefault(prefix + key, value.float().contiguous())
         state = merge_lora_into(state, cfg, towers)
         for modality, tower, prep in zip(("image", "text"), towers, (preprocessing.image_transform,
                                                                    preprocessing.tokenize), strict=True):
