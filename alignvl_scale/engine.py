@@ -72,8 +72,8 @@ def deepspeed_skips_nonfinite_steps(ds_config: dict) -> bool:
     stage_1_and_2.py `step`): ZeRO-3 always; ZeRO 1-2 when they compute the norm (clipping
     on, or offload: see fill_ds_config). Its check reads the norm on the host, a read it
     makes anyway; the trainer then needs no host read of its own before backward."""
-    zero = ds_config.get("zero_optimization", {})
-    return zero_stage(ds_config) == 3 or (zero_stage(ds_config) in (1, 2) and zero.get("compute_grad_norm", True))
+    stage = zero_stage(ds_config)
+    return stage == 3 or (stage in (1, 2) and ds_config["zero_optimization"].get("compute_grad_norm", True))
 
 
 def zero3_init(ds_config: dict):
@@ -107,16 +107,19 @@ def zero3_leaf_blocks(model) -> int:
     (tests/scripts/zero3_leaf_repro.py): transformers calls its blocks with the hidden states
     positional, and a block that trains but whose input needs no gradient (the first block of
     a LoRA tower over frozen embeddings, the first unfrozen one of a last_n tower) gets its
-    input marked as needing one by a pre-hook that runs before DeepSpeed's."""
+    input marked as needing one by a pre-hook that runs before DeepSpeed's. A tower with no
+    block list (a registered kind of another shape) keeps DeepSpeed's per-module hooks."""
     from deepspeed.utils import set_z3_leaf_module
 
     from alignvl_scale.finetune import transformer_blocks
 
     count = 0
     for tower in (model.image_tower, model.text_tower):
-        if tower is None:
-            continue
-        for block in transformer_blocks(tower)[1]:
+        try:
+            blocks = transformer_blocks(tower)[1] if tower is not None else []
+        except ValueError:  # no nn.ModuleList in it
+            blocks = []
+        for block in blocks:
             set_z3_leaf_module(block, True)
             if any(p.requires_grad for p in block.parameters()):
                 block.register_forward_pre_hook(_inputs_need_grad)

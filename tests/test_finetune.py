@@ -178,6 +178,23 @@ def test_towers_that_cannot_take_the_setting_say_so(towers):
         build_tower(TowerConfig(kind="efficientnet_lite0", trainable=True, finetune="lora"), "image", DATA)
 
 
+def test_zero3_leaf_blocks_are_the_towers_blocks_and_a_tower_without_any_keeps_its_hooks(towers):
+    """engine.zero3_leaf_blocks marks each block of a tower with a block list, pre-hooks only
+    the blocks that train, and leaves a tower of another shape (no nn.ModuleList) alone."""
+    from types import SimpleNamespace
+
+    from deepspeed.utils import z3_leaf_module
+
+    from alignvl_scale.engine import zero3_leaf_blocks
+
+    llama = build_tower(TowerConfig(name=towers["llama"], trainable=True, finetune="last_n", last_n=1), "text", DATA)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    assert zero3_leaf_blocks(SimpleNamespace(image_tower=other, text_tower=llama)) == 2
+    blocks = transformer_blocks(llama)[1]
+    assert all(z3_leaf_module(b) for b in blocks) and not any(z3_leaf_module(m) for m in other.modules())
+    assert [len(b._forward_pre_hooks) for b in blocks] == [0, 1]  # the frozen first block needs none
+
+
 def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool, *overrides: str, ranks: int = 2):
     run_dir = tmp_path / name
     tower = {"trainable": True, "gradient_checkpointing": checkpointing}

@@ -137,6 +137,9 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: P
     encoder = load_encoder(export_dir)
     one = encoder.encode_texts("a cat")
     assert one.shape[0] == 1 and torch.equal(one, encoder.encode_texts(["a cat"]))
+    # The training checkpoint itself loads whole too (its frozen towers: ZeRO-1 keeps them only
+    # in its module state) and encodes as the export does.
+    assert torch.equal(load_encoder(checkpoint).encode_texts("a cat"), one)
     (tmp_path / "cat.png").write_bytes(png_bytes(7))
     assert encoder.encode_images(tmp_path / "cat.png").shape == one.shape
     if hf:
@@ -183,12 +186,6 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     # The HF-format export on the Llama/bf16 cell (ViT + BERT: test_demo's export).
     exported = export_and_eval(run_dir, tmp_path, assets[0] / "eval", assets[0] / "zs",
                                hf=(launcher, stage) == ("deepspeed", 2))
-    # The training checkpoint itself loads whole too (its frozen towers: ZeRO-1 keeps them only
-    # in its module state) and encodes as the export does.
-    from alignvl_scale import load_encoder
-
-    direct, export_model = load_encoder(run_dir / "checkpoints" / "step_00000030"), load_encoder(tmp_path / "export")
-    assert torch.equal(direct.encode_texts(["a cat"]), export_model.encode_texts(["a cat"]))
     tolerance = 1e-9 if precision == "fp32" else 15.0  # bf16 training vs fp32 inference may swap near-ties
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
         assert exported[key] == pytest.approx(summary["eval"][f"eval/{key}"], abs=tolerance), key
