@@ -1,4 +1,6 @@
-"""The `alignvl-scale` command: one subcommand per job."""
+"""The `alignvl-scale` command: one subcommand per job. Each command imports what it runs when
+it runs (torch, DeepSpeed and the trainer take seconds to import), so that the parser and
+`--help` stay quick."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import sys
 from pathlib import Path
 
 from alignvl_scale import __version__
-from alignvl_scale.config import DataConfig, EvalConfig
+from alignvl_scale.config import DataConfig, EvalConfig, UserError
+from alignvl_scale.studies.benchmarks import BENCHMARKS, DEMO_CONFIG, STUDIES, demo_overrides
 
 
 def _env(_args: argparse.Namespace) -> int:
@@ -130,7 +133,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from alignvl_scale.export import export, export_hf
+    from alignvl_scale.export.exporter import export, export_hf
 
     if args.push_to_hub and args.format != "hf":
         raise SystemExit("alignvl-scale export: --push-to-hub needs --format hf")
@@ -138,7 +141,7 @@ def _export(args: argparse.Namespace) -> int:
     out = write(args.checkpoint, args.out, args.trust_checkpoint)
     print(f"exported {args.checkpoint} -> {out}")
     if args.push_to_hub:
-        from alignvl_scale.hf import push_to_hub
+        from alignvl_scale.export.hf import push_to_hub
 
         print(f"uploaded {out} -> {push_to_hub(Path(out), args.push_to_hub, private=not args.public)}")
     return 0
@@ -147,10 +150,10 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from alignvl_scale.evaluate import evaluate_specs, evaluate_zero_shot
-    from alignvl_scale.export import load_encoder
-    from alignvl_scale.metrics import DIRECTIONS, RECALL_KS, recall_key
-    from alignvl_scale.zeroshot import load_zero_shot_set
+    from alignvl_scale.evaluation.evaluate import evaluate_specs, evaluate_zero_shot
+    from alignvl_scale.evaluation.metrics import DIRECTIONS, RECALL_KS, recall_key
+    from alignvl_scale.evaluation.zeroshot import load_zero_shot_set
+    from alignvl_scale.export.exporter import load_encoder
 
     if not args.data and not args.zero_shot:
         raise SystemExit("alignvl-scale eval: give --data (retrieval sets) and/or --zero-shot (image folders)")
@@ -181,9 +184,9 @@ def _extract(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from alignvl_scale.config import load_config
-    from alignvl_scale.distributed import backend
-    from alignvl_scale.extract import extract
-    from alignvl_scale.launch import export_torch_env, launch_env
+    from alignvl_scale.runtime.distributed import backend
+    from alignvl_scale.training.extract import extract
+    from alignvl_scale.training.launch import export_torch_env, launch_env
 
     cfg = load_config(args.config, args.overrides)
     launch = launch_env()
@@ -200,7 +203,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from alignvl_scale.demo import BENCHMARKS, DEMO_CONFIG, run_demo
+    from alignvl_scale.studies.demo import run_demo
 
     run_demo(args.out or BENCHMARKS[args.benchmark].default_dir, args.config or DEMO_CONFIG, args.overrides,
              args.benchmark, args.source)
@@ -208,14 +211,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from alignvl_scale.ablate import load_study, run_study
-    from alignvl_scale.demo import DEMO_CONFIG, demo_overrides, prepare_features
+    from alignvl_scale.studies.ablate import load_study, run_study
+    from alignvl_scale.studies.demo import prepare_features
 
     studies = [load_study(s, args.seeds) for s in args.study or ("sigma", "alpha")]  # every file checked first
     for study in studies:
         overrides = list(args.overrides)
         if study.benchmark:  # a benchmark's data and the demo's towers, features extracted once
-            folder = {"emoji": args.demo_dir, "openclipart": args.openclipart_dir}[study.benchmark]
+            folder = getattr(args, f"{study.benchmark}_dir")
             prepare_features(folder, DEMO_CONFIG, study.benchmark)
             overrides = [*demo_overrides(folder), *overrides]
         run_study(study, overrides, args.out, args.jobs, in_process=not args.separate)
@@ -227,10 +230,7 @@ TRUST_HELP = ("unpickle a training checkpoint in full (only for files you trust:
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    # `train` hands its arguments to alignvl_scale.train as they are (see main).
-    sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
-                   "(under torchrun or deepspeed use launchers/train.py; every key and its meaning: "
-                   "`alignvl-scale config show --defaults`)", add_help=False)
+    """What is done with a trained model: export and evaluation."""
     export = sub.add_parser("export", help="checkpoint of any ZeRO stage -> fp32 safetensors + config, or a "
                             "transformers folder")
     export.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_N")
@@ -238,7 +238,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
                         help="safetensors: for load_encoder and eval; hf: a transformers folder for "
-                        "AutoModel.from_pretrained (after `import alignvl_scale.hf`), with a model card")
+                        "AutoModel.from_pretrained (after `import alignvl_scale.export.hf`), with a model card")
     export.add_argument("--push-to-hub", metavar="REPO", help="with --format hf: upload the folder to this Hub "
                         "repository (huggingface_hub; needs a token)")
     export.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
@@ -259,6 +259,14 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                           help="let a JSONL set name images outside its folder")
     evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate.set_defaults(func=_eval)
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """Training, and the pipelines built on it: extraction, the demo, the studies."""
+    # `train` hands its arguments to alignvl_scale.training.main as they are (see main).
+    sub.add_parser("train", help="train in one process: --config FILE [--resume latest] [key=value ...] "
+                   "(under torchrun or deepspeed use launchers/train.py; every key and its meaning: "
+                   "`alignvl-scale config show --defaults`)", add_help=False)
     extract = sub.add_parser("extract", help="tower outputs -> feature shards (run under torchrun for many ranks)")
     extract.add_argument("--config", required=True, help="run YAML naming the towers")
     extract.add_argument("--data", required=True, nargs="+", help="image-text shard specs")
@@ -268,28 +276,28 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     extract.set_defaults(func=_extract)
     demo = sub.add_parser("demo", help="offline end to end on a benchmark (emoji, or Openclipart from Debian): "
                           "data, extract, train, eval, zero-shot, export")
-    demo.add_argument("--benchmark", choices=["emoji", "openclipart"], default="emoji",
+    demo.add_argument("--benchmark", choices=list(BENCHMARKS), default="emoji",
                       help="emoji (PyPI packages) or openclipart (Debian: apt-get install openclipart-svg "
                       "librsvg2-bin); default emoji")
     demo.add_argument("--source", type=Path, help="openclipart: the SVG folder (default /usr/share/openclipart/svg)")
-    demo.add_argument("--out", type=Path, help="where data, features and the run go (default runs/demo for emoji, "
-                      "runs/openclipart)")
+    demo.add_argument("--out", type=Path, help="where data, features and the run go (default: " + ", ".join(
+                      f"{b.default_dir} for {name}" for name, b in BENCHMARKS.items()) + ")")
     demo.add_argument("--config", type=Path, help="default: configs/demo.yaml")
     demo.add_argument("overrides", nargs="*", help="section.key=value")
     demo.set_defaults(func=_demo)
-    ablate = sub.add_parser("ablate", help="studies of sigma, alpha, mixup, caption noise, training fraction: "
-                            "several paired seeds per setting (alignvl_scale/ablate.py)")
+    ablate = sub.add_parser("ablate", help="studies of sigma, alpha, mixup, caption noise, training fraction, the "
+                            "objective: several paired seeds per setting (alignvl_scale/studies/ablate.py)")
     ablate.add_argument("--study", action="append", help="a study YAML, or a shipped one by name (configs/studies/: "
-                        "sigma, alpha, caption_noise, sigma_alpha_grid, sigma_relative, mixup, data_efficiency); "
-                        "repeatable; default: sigma and alpha")
+                        f"{', '.join(sorted(p.stem for p in STUDIES.glob('*.yaml')))}); repeatable; default: sigma "
+                        "and alpha")
     ablate.add_argument("--out", type=Path, default=Path("runs/ablate"), help="runs, and per study results.csv/md "
                         "and its plot")
     ablate.add_argument("--seeds", type=int, help="seeds per setting (default: the study's)")
     ablate.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
-    ablate.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="where the emoji benchmark's data "
-                        "lives (studies with benchmark: emoji, the default for the demo config)")
-    ablate.add_argument("--openclipart-dir", type=Path, default=Path("runs/openclipart"),
-                        help="where the Openclipart benchmark's data lives (studies with benchmark: openclipart)")
+    for name, bench in BENCHMARKS.items():  # the emoji benchmark's folder is the demo's: --demo-dir too
+        flags = [f"--{name}-dir", *(["--demo-dir"] if name == "emoji" else [])]
+        ablate.add_argument(*flags, dest=f"{name}_dir", type=Path, default=bench.default_dir,
+                            help=f"where the {name} benchmark's data lives (studies with benchmark: {name})")
     ablate.add_argument("--separate", action="store_true", help="one `alignvl-scale train` process per run "
                         "(default: --jobs worker processes that each train run after run; the same numbers)")
     ablate.add_argument("overrides", nargs="*", help="section.key=value for every run")
@@ -325,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions and distributed backends").set_defaults(func=_env)
     _add_data_commands(sub)
+    _add_run_commands(sub)
     _add_model_commands(sub)
     _add_config_commands(sub)
     return parser
@@ -333,18 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from alignvl_scale.train import main as train_main
+        from alignvl_scale.training.main import main as train_main
 
         train_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
-    from alignvl_scale.config import ConfigError
-    from alignvl_scale.data.shards import DataSourceError
-    from alignvl_scale.launch import LaunchError
-
     try:
         return args.func(args)
-    except (ConfigError, DataSourceError, LaunchError) as exc:  # the user's input: one line, no traceback
+    except UserError as exc:  # the user's input: one line, no traceback
         print(f"alignvl-scale {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -1,16 +1,19 @@
 """One validated run config: YAML file + `section.key=value` overrides, checked before any
-process group starts. Every default lives here, once.
+process group starts. Every default lives here, once, and every allowed value of a key that
+takes a name (a `Literal` below, which the components read their choices from).
 
     cfg = load_config("configs/demo.yaml", ["loss.smoothing=0.2", "data.batch_size=64"])
 
-Unknown keys and bad values raise ConfigError naming the key and what is allowed.
+Unknown keys and bad values raise ConfigError naming the key and what is allowed. This module
+imports nothing of the project: what only a component can check (an objective's bias, the
+DeepSpeed JSON, an installed tracker) is checked by that component (`training/preflight.py`
+calls them all before any process group).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,29 +22,45 @@ from typing import Any, Literal
 
 import yaml
 
-from alignvl_scale.data.samples import DecodeLimits
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source tree (editable installs)
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DS_CONFIGS = PACKAGE_ROOT / "ds_configs"  # shipped in the wheel; ds_configs/ in the tree links here
 CONFIGS = PACKAGE_ROOT / "configs"
 
+# The names a key may take; components read their choices from these (typing.get_args).
+Objective = Literal["infonce", "siglip"]
+MatmulPrecision = Literal["fp32", "tf32", "bf16"]
+NoiseMode = Literal["absolute", "relative"]
+Mixup = Literal["off", "fusemix", "permutation"]
+Adapter = Literal["mlp", "linear"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 
-class ConfigError(ValueError):
+MAX_LOGIT_SCALE = 100.0  # the temperature multiplier's clamp (model/head.py Temperature)
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal type above."""
+    return typing.get_args(kind)
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (config, data, run folder, checkpoint, launch): it ends
+    the command with one line naming it and exit code 2, never a traceback. Every such error
+    of the project derives from this one."""
+
+
+class ConfigError(UserError, ValueError):
     pass
 
 
-def resolve_ds_config(path: str) -> Path:
-    """A DeepSpeed JSON: a path as given, else relative to the source tree, else one shipped
-    with the package by name (`zero2`, `zero2.json` or `ds_configs/zero2.json` all name
-    alignvl_scale/ds_configs/zero2.json, also from an installed wheel)."""
-    name = Path(path).name if Path(path).parent in (Path("."), Path("ds_configs")) else None
-    shipped = [DS_CONFIGS / (name if name.endswith(".json") else f"{name}.json")] if name else []
-    for candidate in (Path(path), PROJECT_ROOT / path, *shipped):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise ConfigError(f"engine.ds_config: must be an existing DeepSpeed JSON file or one of "
-                      f"{', '.join(sorted(p.stem for p in DS_CONFIGS.glob('*.json')))}, got {path!r}")
+@dataclass(frozen=True)
+class DecodeLimits:
+    """The bounds on what one sample may cost; the defaults of the `data.max_*` keys."""
+
+    max_image_bytes: int = 50 * 2**20
+    max_image_pixels: int = 64 * 2**20
+    max_caption_chars: int = 4096
+    max_member_bytes: int = 64 * 2**20  # any tar member, checked on its header before it is read
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -72,7 +91,7 @@ class LoraSettings:
 @dataclass
 class TowerConfig:
     kind: str = "hf"
-    """Tower family: a name registered in alignvl_scale.towers (hf, efficientnet_lite0, minilm, ...)."""
+    """Tower family: a name registered in alignvl_scale.model.towers (hf, efficientnet_lite0, minilm, ...)."""
     name: str = ""
     """HF hub name or local folder of the weights (hf); ignored by kinds that need none."""
     pooling: Literal["auto", "cls", "mean", "last_token", "pooler"] = "auto"
@@ -124,7 +143,7 @@ class ModelConfig:
     """The text encoder."""
     embed_dim: int = 512
     """Dimension of the joint embedding space."""
-    adapter: Literal["mlp", "linear"] = "mlp"
+    adapter: Adapter = "mlp"
     """mlp: FuseMix's residual MLP blocks then a projection; linear: one projection."""
     adapter_depth: int = 2
     """Residual blocks of the mlp adapter."""
@@ -132,9 +151,9 @@ class ModelConfig:
     """Dropout inside the mlp adapter's blocks."""
     noise_sigma: float = 0.01
     """Random Perturbation level sigma (the paper's default 0.01); 0 turns it off."""
-    noise_mode: Literal["absolute", "relative"] = "absolute"
+    noise_mode: NoiseMode = "absolute"
     """absolute: N(0, sigma^2) noise; relative: sigma times each feature vector's RMS."""
-    mixup: Literal["off", "fusemix", "permutation"] = "off"
+    mixup: Mixup = "off"
     """Latent mixup, one lambda ~ Beta(a, a) per batch shared by both modalities. fusemix (FuseMix's, the
     paper's recipe): the first half of each rank's batch mixed with its second half, B rows -> B / 2;
     permutation: each row mixed with a row of a random permutation of the batch, B rows stay B."""
@@ -164,9 +183,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = "infonce"
+    objective: Objective = "infonce"
     """infonce: symmetric InfoNCE (softmax over the global batch); siglip: the sigmoid loss with a learned bias
-    (alignvl_scale/objectives.py)."""
+    (alignvl_scale/losses/registry.py)."""
     smoothing: float = 0.0
     """Embedding Smoothing alpha in [0, 1): targets (1 - alpha) on the pair + alpha / N everywhere (for siglip,
     each pair's binary target)."""
@@ -176,20 +195,13 @@ class LossConfig:
     """siglip: the bias at step 0; null: the objective's (-10). Objectives without a bias refuse it."""
     chunk_size: int | None = None
     """null: the plain B x N logits per direction; an int: the fused path, tiles of this many columns."""
-    matmul_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    matmul_precision: MatmulPrecision = "fp32"
     """The fused path's tile matmuls: fp32, tf32 or bf16 (split bf16 with fp32 accumulation)."""
 
     def validate(self, key: str) -> None:
-        from alignvl_scale.model import MAX_LOGIT_SCALE
-        from alignvl_scale.objectives import OBJECTIVES
-
-        _require(self.objective in OBJECTIVES, f"{key}.objective", "one of " + ", ".join(OBJECTIVES), self.objective)
         _require(0 <= self.smoothing < 1, f"{key}.smoothing", "in [0, 1)", self.smoothing)
         _require(self.logit_scale_init is None or 0 < self.logit_scale_init <= MAX_LOGIT_SCALE,
                  f"{key}.logit_scale_init", f"null or in (0, {MAX_LOGIT_SCALE:g}] (the clamp)", self.logit_scale_init)
-        _require(self.logit_bias_init is None or OBJECTIVES[self.objective].logit_bias_init is not None,
-                 f"{key}.logit_bias_init", f"null for loss.objective {self.objective} (it has no bias)",
-                 self.logit_bias_init)
         _require(self.chunk_size is None or self.chunk_size >= 1, f"{key}.chunk_size", "null or >= 1",
                  self.chunk_size)
         _require(self.matmul_precision == "fp32" or self.chunk_size is not None, f"{key}.matmul_precision",
@@ -319,9 +331,10 @@ class TrainConfig:
     """> 0: torch.profiler over this many steps (tables and traces in RUN_DIR/profile)."""
     profile_start: int = 10
     """Steps done before profiling starts (past the warm-up)."""
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    """Preemption: on one of these signals (at any rank) every rank finishes its step, saves a checkpoint and exits 0
-    (SLURM: --signal=USR1@120); a second signal exits at once. []: signals keep their default action."""
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    """Preemption and Ctrl-C: on one of these signals (at any rank) every rank finishes its step, saves a checkpoint
+    and exits 0 (SLURM: --signal=USR1@120); the same signal a second time exits at once. []: signals keep their
+    default action."""
 
     def validate(self, key: str, data: DataConfig) -> None:
         _require((self.steps is None) != (self.epochs is None), f"{key}.steps", "set, or train.epochs set (one of "
@@ -354,9 +367,6 @@ class TrainConfig:
                      "a list of catchable signal names: " + ", ".join(catchable), self.stop_signals)
 
 
-DEFAULT_DS_CONFIG = "zero2"
-
-
 @dataclass
 class EngineConfig:
     ds_config: str | None = None
@@ -369,16 +379,7 @@ class EngineConfig:
     """Under ZeRO-3, each tower block is one DeepSpeed leaf module: one set of hooks and one gather per block
     instead of one per layer inside it (docs/training.md, "ZeRO-3's hooks"); false: DeepSpeed's per-module hooks."""
 
-    def resolved_ds_config(self) -> Path:
-        from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if self.ds_config and from_accelerate and resolve_ds_config(self.ds_config) != resolve_ds_config(
-                from_accelerate):
-            raise ConfigError(f"engine.ds_config: {self.ds_config} differs from the accelerate config's "
-                              f"deepspeed_config_file {from_accelerate}; name one of them")
-        return resolve_ds_config(self.ds_config or from_accelerate or DEFAULT_DS_CONFIG)
-
     def validate(self, key: str) -> None:
-        self.resolved_ds_config()
         _require(self.collective_timeout >= 1, f"{key}.collective_timeout", ">= 1 (seconds)", self.collective_timeout)
 
 
@@ -407,34 +408,35 @@ class EvalConfig:
     allow_outside_paths: bool = False
     """JSONL sets: read images outside the set's folder."""
     zero_shot: list[str] = field(default_factory=list)
-    """Zero-shot classification sets: image folders with one subfolder per class (alignvl_scale/zeroshot.py)."""
+    """Zero-shot classification sets: image folders with one subfolder per class
+    (alignvl_scale/evaluation/zeroshot.py)."""
 
     def validate(self, key: str) -> None:
         _require(self.every >= 0, f"{key}.every", ">= 0", self.every)
         _require(self.batch_size >= 1, f"{key}.batch_size", ">= 1", self.batch_size)
 
 
-# Trackers Accelerate drives (log.report_to), and the module each needs installed.
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
-
-
 @dataclass
 class LogConfig:
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
     """Where scalars go besides RUN_DIR/metrics.jsonl: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive,
     swanlab, trackio (through Accelerate; each reads its own environment, e.g. WANDB_MODE, MLFLOW_TRACKING_URI)."""
     project: str | None = None
     """The trackers' project or experiment name; null: the run folder's name."""
+    hparams: list[str] = field(default_factory=lambda: [
+        "loss.objective", "model.noise_sigma", "model.noise_mode", "loss.smoothing", "model.mixup",
+        "data.caption_noise", "data.train_fraction", "seed", "train.lr"])
+    """Config keys TensorBoard's hparams table compares runs by (with the final evaluation); the default is what
+    the ablation studies vary, and the seed and learning rate."""
 
     def validate(self, key: str) -> None:
-        import importlib.util
-
-        for name in self.report_to:
-            _require(name in TRACKERS, f"{key}.report_to", f"a list of {', '.join(TRACKERS)}", self.report_to)
-            _require(importlib.util.find_spec(TRACKERS[name]) is not None, f"{key}.report_to",
-                     f"trackers that are installed ({name}: pip install {TRACKERS[name]}, or the project's [track] "
-                     "extra for mlflow)", self.report_to)
+        for name in self.hparams:
+            node: Any = RunConfig()
+            for part in name.split("."):
+                _require(hasattr(node, part), f"{key}.hparams", "a list of config keys (section.key)", self.hparams)
+                node = getattr(node, part)
+            _require(not dataclasses.is_dataclass(node), f"{key}.hparams", "a list of config keys, not sections",
+                     self.hparams)
 
 
 @dataclass
@@ -480,23 +482,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# The axes a study varies (alignvl_scale/ablate.py), each the run config key it sets and its value
-# when a study names it nowhere; a run's TensorBoard hparams are its values on them (`axis_values`).
-STUDY_AXES = {"objective": ("loss.objective", "infonce"),
-              "sigma": ("model.noise_sigma", 0.0), "noise_mode": ("model.noise_mode", "absolute"),
-              "alpha": ("loss.smoothing", 0.0), "mixup": ("model.mixup", "fusemix"),
-              "caption_noise": ("data.caption_noise", 0.0), "train_fraction": ("data.train_fraction", 1.0)}
+def model_fingerprint(cfg: RunConfig) -> dict[str, object]:
+    """What decides the trained model's parameters: a checkpoint resumes only into a run whose
+    fingerprint is the same (world size, ZeRO stage, batch, schedule and the rest may change).
+    Read from a completed config (a cached-feature run's dims and towers from its manifest)."""
+    def tower(t: TowerConfig) -> str:
+        return f"{t.kind}:{t.name}" if t.name else t.kind
 
+    def training(t: TowerConfig) -> str:
+        if not t.trainable:
+            return "frozen"
+        if t.finetune == "lora":
+            targets = ",".join(t.lora.target_modules) if t.lora.target_modules else "default"
+            return f"lora rank {t.lora.rank} on {targets}"
+        return f"last {t.last_n} blocks" if t.finetune == "last_n" else "full"
 
-def axis_values(cfg: RunConfig) -> dict[str, object]:
-    """The config's value on every study axis."""
-    def get(key: str) -> object:
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        return node
-
-    return {axis: get(key) for axis, (key, _) in STUDY_AXES.items()}
+    m = cfg.model
+    return {"image_tower": tower(m.image_tower), "text_tower": tower(m.text_tower),
+            "image_tower_training": training(m.image_tower), "text_tower_training": training(m.text_tower),
+            "image_dim": m.image_dim, "text_dim": m.text_dim, "embed_dim": m.embed_dim,
+            "adapter": f"mlp x {m.adapter_depth}" if m.adapter == "mlp" else m.adapter,
+            "objective": cfg.loss.objective}
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

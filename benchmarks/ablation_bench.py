@@ -35,8 +35,8 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     import torch
 
-    from alignvl_scale import train
-    from alignvl_scale.demo import DEMO_CONFIG, demo_overrides
+    from alignvl_scale.studies.benchmarks import DEMO_CONFIG, demo_overrides
+    from alignvl_scale.training import main as train
 
     if args.unfused:  # the optimizer before: AdamW's default per-tensor loop on CPU
         class UnfusedAdamW(torch.optim.AdamW):

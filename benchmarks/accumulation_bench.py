@@ -25,12 +25,12 @@ from pathlib import Path
 
 import yaml
 
-from alignvl_scale.synthetic import write_image_shards
+from alignvl_scale.data.synthetic import write_image_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys
-from alignvl_scale.train import main
+from alignvl_scale.training.main import main
 main(sys.argv[1:])
 print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

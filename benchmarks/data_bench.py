@@ -29,7 +29,7 @@ from alignvl_scale.data.reader import ImageTextDecoder, TrainStream
 from alignvl_scale.data.samples import DecodeLimits
 from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.data.transforms import ImageTransform
-from alignvl_scale.towers import Tokenize
+from alignvl_scale.model.towers import Tokenize
 
 
 def make_shards(folder: Path, n_shards: int, per_shard: int, image_px: int) -> None:

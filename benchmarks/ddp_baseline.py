@@ -16,11 +16,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from alignvl_scale.config import load_config
 from alignvl_scale.data.reader import TrainStream
-from alignvl_scale.finetune import param_groups
-from alignvl_scale.model import build_model, build_preprocessing
-from alignvl_scale.objectives import objective_loss
-from alignvl_scale.towers import set_train_mode
-from alignvl_scale.train import make_decoder, parse_args, seed_everything
+from alignvl_scale.losses.registry import objective
+from alignvl_scale.model.finetune import param_groups
+from alignvl_scale.model.head import build_model, build_preprocessing
+from alignvl_scale.model.towers import set_train_mode
+from alignvl_scale.runtime.seeding import seed_everything
+from alignvl_scale.training.build import make_decoder
+from alignvl_scale.training.main import parse_args
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
             stream.next_epoch()
             batches = iter(stream)
             continue
-        loss = objective_loss(ddp(batch), cfg.loss).loss
+        loss = objective(cfg.loss.objective).loss(ddp(batch), cfg.loss).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()

@@ -29,8 +29,9 @@ import numpy as np
 from alignvl_scale.config import PROJECT_ROOT
 from alignvl_scale.data.samples import FEATURE_IMAGE, FEATURE_TEXT, encode_npy
 from alignvl_scale.data.shards import sample_members, write_shards
-from alignvl_scale.demo import DEMO_CONFIG, build_demo_data
-from alignvl_scale.perf import cpu_matmul_tflops
+from alignvl_scale.runtime.perf import cpu_matmul_tflops
+from alignvl_scale.studies.benchmarks import DEMO_CONFIG
+from alignvl_scale.studies.emoji import build_demo_data
 
 
 def synthetic_features(folder: Path, n: int, image_dim: int, text_dim: int) -> None:

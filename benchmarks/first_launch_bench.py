@@ -2,7 +2,7 @@
 
 On CPU, DeepSpeed JIT-builds `deepspeed_shm_comm` when its communication backend starts
 (deepspeed/comm/torch.py, build_shm_op) and uses it only in `inference_all_reduce`; the
-trainer skips it (alignvl_scale/ds_ops.py). This measures both ways, each cell a real
+trainer skips it (alignvl_scale/runtime/ds_ops.py). This measures both ways, each cell a real
 2-rank torchrun training launch (cached features, the demo's adapters) into a fresh
 TORCH_EXTENSIONS_DIR: the first launch (which builds the op when it is on), a second launch
 (op already built), and steady-state samples/s of both launches. Cells alternate between
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.data.synthetic import write_feature_shards
+from alignvl_scale.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WAYS = {"skip the op (ours)": "0", "build the op (DeepSpeed's default)": "1"}

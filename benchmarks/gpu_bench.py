@@ -43,8 +43,8 @@ import yaml
 from PIL import Image
 
 from alignvl_scale.data.shards import SHARD_PATTERN, sample_members, write_shards
-from alignvl_scale.engine import free_port
-from alignvl_scale.perf import cpu_matmul_tflops, device_name, peak_tflops
+from alignvl_scale.runtime.distributed import free_port
+from alignvl_scale.runtime.perf import cpu_matmul_tflops, device_name, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue small large round square photo drawing of a the cat dog car tree house bird boat "

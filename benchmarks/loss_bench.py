@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from alignvl_scale.engine import free_port
-from alignvl_scale.loss import align_vl_loss
-from alignvl_scale.perf import peak_rss_bytes
-from alignvl_scale.sigmoid_loss import sigmoid_loss
+from alignvl_scale.losses.infonce import align_vl_loss
+from alignvl_scale.losses.sigmoid import sigmoid_loss
+from alignvl_scale.runtime.distributed import free_port
+from alignvl_scale.runtime.perf import peak_rss_bytes
 
 GIB = 2**30
 EXIT_ABORT = "terminate called without an active exception"

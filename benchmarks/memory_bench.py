@@ -74,9 +74,9 @@ def worker(config: str, out: str) -> None:
     import torch.distributed as dist
 
     from alignvl_scale.config import load_config
-    from alignvl_scale.perf import process_memory_bytes
-    from alignvl_scale.preflight import preflight
-    from alignvl_scale.train import Trainer
+    from alignvl_scale.runtime.perf import process_memory_bytes
+    from alignvl_scale.training.preflight import preflight
+    from alignvl_scale.training.trainer import Trainer
 
     before = process_memory_bytes("VmRSS") / GIB
     trainer = Trainer(preflight(load_config(config), overwrite=True))
@@ -96,7 +96,7 @@ def make_assets(folder: Path, hidden: int, layers: int) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    from alignvl_scale.synthetic import save_vit_s16, write_image_shards
+    from alignvl_scale.data.synthetic import save_vit_s16, write_image_shards
 
     llama = folder / f"llama_h{hidden}_l{layers}"
     vit = folder / "vit_s16"
@@ -162,7 +162,7 @@ def fits(stage: str, mode: str, params: int, ranks: int) -> tuple[bool, float]:
 
 def run_cell(assets: dict, stage: str, mode: str, ranks: int, steps: int, folder: Path) -> dict:
     from alignvl_scale.config import resolve_ds_config
-    from alignvl_scale.engine import free_port
+    from alignvl_scale.runtime.distributed import free_port
 
     run = folder / f"z{stage}_{mode}_r{ranks}"
     run.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import make_tiny_towers, save_vit_s16, write_image_shards
+from alignvl_scale.data.synthetic import make_tiny_towers, save_vit_s16, write_image_shards
+from alignvl_scale.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 launchers/train.py --config configs/x.yaml
 """
 
-from alignvl_scale.train import main
+from alignvl_scale.training.main import main
 
 if __name__ == "__main__":
     main()

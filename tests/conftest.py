@@ -16,13 +16,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py for spawned ranks
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Any op torch JIT-builds for a test goes into a folder of this test run's own, never behind a lock
-# in the user's ~/.cache/torch_extensions (on CPU the trainer builds none: alignvl_scale/ds_ops.py).
+# in the user's ~/.cache/torch_extensions (on CPU the trainer builds none: alignvl_scale/runtime/ds_ops.py).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="alignvl-tests-torch-ext-"))
 
 from alignvl_scale.config import config_from_dict  # noqa: E402
-from alignvl_scale.engine import free_port  # noqa: E402
-from alignvl_scale.synthetic import make_tiny_towers, png_bytes, write_image_shards  # noqa: E402,F401
-from alignvl_scale.train import learning_rate  # noqa: E402
+from alignvl_scale.data.synthetic import make_tiny_towers, png_bytes, write_image_shards  # noqa: E402,F401
+from alignvl_scale.runtime.distributed import free_port  # noqa: E402
+from alignvl_scale.training.schedule import learning_rate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,6 +66,21 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
     return out
 
 
+def each_step_once(run_dir: Path, last: int) -> None:
+    """metrics.jsonl and TensorBoard (read by its own EventAccumulator, which honours the purge
+    markers a resumed run writes) hold train/loss for steps 1..last, each once, in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == list(range(1, last + 1)), steps
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    for tag in ("train/loss", "train/lr", "data/good_samples"):
+        logged_steps = [e.step for e in events.Scalars(tag)]
+        assert logged_steps == list(range(1, last + 1)), (tag, logged_steps)
+
+
 def assert_lr_follows_the_schedule(run_dir: Path) -> None:
     """`train/lr` (read back from the optimizer DeepSpeed steps) at every logged step s is
     the schedule's value for the optimizer step that made s: warmup, then cosine."""
@@ -73,20 +88,36 @@ def assert_lr_follows_the_schedule(run_dir: Path) -> None:
     lrs = logged(run_dir, "train/lr")
     assert lrs, "no train/lr logged"
     for step, lr in lrs.items():
-        assert lr == pytest.approx(learning_rate(cfg, step - 1, cfg.train.steps), rel=1e-6), (step, lrs)
+        assert lr == pytest.approx(learning_rate(cfg.train, step - 1, cfg.train.steps), rel=1e-6), (step, lrs)
 
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from /proc."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            found += children
+            frontier += children
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants at once, as when a node dies."""
-    family, frontier = [pid], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            children = [int(c) for c in (task / "children").read_text().split()] if (task / "children").exists() else []
-            family += children
-            frontier += children
-    for member in family:
+    for member in [pid, *descendants(pid)]:
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:

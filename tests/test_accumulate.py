@@ -7,7 +7,6 @@ as one batch of K x B (noise, dropout and mixup off: their draws depend on how a
 cut), with frozen and trainable towers, and a resume stays exact. ZeRO-1 cells and the
 2-rank ZeRO-3 trainer run are marked slow."""
 
-import json
 import os
 import subprocess
 import sys
@@ -19,13 +18,14 @@ import yaml
 from conftest import ROOT, env, logged
 from distributed import run_ranks
 
-import alignvl_scale.accumulate as accumulate
-from alignvl_scale.accumulate import accumulated_backward
+import alignvl_scale.training.accumulate as accumulate
+from alignvl_scale.checkpoint.store import read_states
 from alignvl_scale.config import LossConfig
-from alignvl_scale.engine import free_port
-from alignvl_scale.model import AlignVLHead
-from alignvl_scale.objectives import HeadOutput, objective_loss
-from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.data.synthetic import write_feature_shards
+from alignvl_scale.losses.registry import OBJECTIVES, HeadOutput
+from alignvl_scale.model.head import AlignVLHead
+from alignvl_scale.runtime.distributed import free_port
+from alignvl_scale.training.accumulate import accumulated_backward
 
 K, B, DIM = 3, 4, 12
 
@@ -33,13 +33,13 @@ K, B, DIM = 3, 4, 12
 def _head(rank: int, objective: str = "infonce") -> AlignVLHead:
     torch.manual_seed(0)
     head = AlignVLHead(DIM, DIM, 8, adapter="mlp", adapter_depth=1, dropout=0.3, noise_sigma=0.2, mixup="fusemix",
-                       mixup_alpha=0.5, seed=5, rank=rank, objective=objective)
+                       mixup_alpha=0.5, seed=5, rank=rank, objective=OBJECTIVES[objective])
     return head.train()
 
 
 def _loss_fn(objective: str, chunk: int | None):
     cfg = LossConfig(objective=objective, smoothing=0.2, chunk_size=chunk)
-    return lambda out: objective_loss(out, cfg)
+    return lambda out: OBJECTIVES[objective].loss(out, cfg)
 
 
 def _one_graph(outs: list[HeadOutput]) -> HeadOutput:
@@ -150,8 +150,8 @@ def test_resume_falls_on_optimizer_steps_and_stays_exact(tmp_path, features):
     reference = logged(run_dir, "train/loss")
     bias = logged(run_dir, "train/logit_bias")
     assert bias[1] == -10.0 and bias[6] != bias[5] != bias[1]
-    state = json.loads((run_dir / "checkpoints/step_00000004/rank_0.json").read_text())
-    assert state["step"] == 4 and state["data"]["stream"]["batches"] == 8  # 4 steps x 2 micro-batches
+    state = read_states(run_dir / "checkpoints/step_00000004", rank=0)
+    assert state["progress"]["step"] == 4 and state["data"]["stream"]["batches"] == 8  # 4 steps x 2 micro-batches
     resumed = _train(tmp_path, features, "run", 2, 2, 8, 1, "--resume", str(run_dir / "checkpoints/step_00000004"),
                      "loss.objective=siglip", model=NOISY)
     again = logged(resumed, "train/loss")
@@ -192,7 +192,7 @@ def _engine_update(rank: int, world: int, stage: int, chunk: int | None, cached:
     no accumulation), or accumulated_backward (micro batch B, K accumulation steps)."""
     import deepspeed
 
-    from alignvl_scale.ds_ops import prepare_deepspeed_ops
+    from alignvl_scale.runtime.ds_ops import prepare_deepspeed_ops
 
     prepare_deepspeed_ops(on_gpu=False)  # no shared-memory op build (ds_ops.py)
 

@@ -111,7 +111,7 @@ def test_ablation_bench_splits_a_run_three_ways(tmp_path):
     """benchmarks/ablation_bench.py, one repeat of one epoch on synthetic features: the three
     launches run, and each run's time comes back split into its phases (the figures are the
     benchmark's to report)."""
-    from alignvl_scale.synthetic import write_feature_shards
+    from alignvl_scale.data.synthetic import write_feature_shards
 
     write_feature_shards(tmp_path / "data" / "features" / "train", 512)
     write_feature_shards(tmp_path / "data" / "features" / "test", 64, seed=1, shards=1)

@@ -9,6 +9,7 @@ Slow-marked here: the rest of the two-node launcher cells (`pytest -m slow`).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from conftest import (
     ROOT,
     Started,
     assert_lr_follows_the_schedule,
+    each_step_once,
     env,
     kill_tree,
     launch_cmd,
@@ -33,15 +35,17 @@ from conftest import (
     rank_pids,
     resumable_copy,
     run,
+    running,
     torchrun,
 )
 from distributed import run_ranks
 
-from alignvl_scale.checkpoint import weights_only_loads
-from alignvl_scale.engine import _default_group_timeout, free_port
-from alignvl_scale.launch import LaunchEnv, LaunchError, check_declared_world, export_torch_env, launch_env
-from alignvl_scale.synthetic import write_feature_shards
-from alignvl_scale.universal import convert
+from alignvl_scale.checkpoint.manager import weights_only_loads
+from alignvl_scale.checkpoint.universal import convert
+from alignvl_scale.data.synthetic import write_feature_shards
+from alignvl_scale.runtime.compat import set_default_group_timeout
+from alignvl_scale.runtime.distributed import free_port
+from alignvl_scale.training.launch import LaunchEnv, LaunchError, check_declared_world, export_torch_env, launch_env
 
 GLOBAL_BATCH = 12  # 2 ranks x 6, 3 x 4, 1 x 12
 
@@ -188,6 +192,59 @@ def test_a_stage_change_deepspeed_cannot_convert_is_one_line(tmp_path, features)
     assert "]: Traceback" not in proc.stderr and "AssertionError" not in proc.stderr
 
 
+def test_a_damaged_universal_conversion_is_converted_again(tmp_path, features, saved_on_two):
+    """A conversion counted as complete when its folder existed: with half its parameter folders
+    gone, every rank died in FileNotFoundError. Now its COMPLETE marker lists what it wrote, and
+    a folder that no longer holds it is converted again, with a line saying so."""
+    from alignvl_scale.checkpoint.universal import ensure_universal
+
+    run_dir = tmp_path / "run"
+    checkpoint = resumable_copy(saved_on_two[2], 7, run_dir)
+    assert ensure_universal(checkpoint) is None
+    params = sorted(p for p in (run_dir / "checkpoints" / "step_00000007.universal" / "state" / "zero").iterdir()
+                    if p.is_dir())
+    for folder in params[: len(params) // 2]:
+        shutil.rmtree(folder)
+    config, _ = cluster_config(tmp_path, features)
+    out = run(torchrun(config, 3, 3, "--resume", "latest", "train.steps=9"), run_dir)
+    assert "is not a whole conversion" in out.stdout and "converting again" in out.stdout, out.stdout[-3000:]
+    assert logged(run_dir, "train/loss").keys() >= {8, 9}
+
+
+@pytest.mark.parametrize("override,named", [
+    ("model.embed_dim=32", "embed_dim 16 -> 32"),
+    ("loss.objective=siglip", "objective infonce -> siglip"),
+    ("model.adapter=linear", "adapter mlp x 1 -> linear"),
+])
+def test_a_checkpoint_of_another_model_is_refused_before_launch_naming_the_key(tmp_path, features, saved_on_two,
+                                                                               override, named):
+    """Another embed_dim, adapter or objective gave `RuntimeError: Error(s) in loading state_dict`
+    with a traceback on every rank, after the process group and the engines were up. Now one line
+    before any process group (a rendezvous nobody answers would hang otherwise)."""
+    run_dir = tmp_path / "run"
+    resumable_copy(saved_on_two[2], 7, run_dir)
+    config, _ = cluster_config(tmp_path, features)
+    environ = {**env(), "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "9"}
+    proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config), "--resume",
+                           "latest", override], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if "[alignvl-scale] error:" in x)
+    assert named in line and "the ZeRO stage" in line, line
+
+
+def test_another_feature_set_is_another_model(tmp_path, saved_on_two):
+    """Features of another size (another text tower) are refused the same way: the dims."""
+    other = tmp_path / "other"
+    write_feature_shards(other, 12 * 4, dim=32, shards=4)
+    run_dir = tmp_path / "run"
+    resumable_copy(saved_on_two[2], 7, run_dir)
+    config, _ = cluster_config(tmp_path, other)
+    proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config), "--resume",
+                           "latest"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "image_dim 24 -> 32" in proc.stderr and "text_dim 24 -> 32" in proc.stderr
+
+
 LONG = {"train": {"steps": 100}, "checkpoint": {"every": 10, "keep": 2}}  # long enough to be stopped mid-run
 
 
@@ -201,7 +258,8 @@ def uninterrupted(tmp_path_factory, features):
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, features, uninterrupted):
     """SIGKILL a 2-process run mid-training, resume from `latest`: the following steps'
-    losses equal those of a run that never stopped (data order, dropout, noise, optimizer)."""
+    losses equal those of a run that never stopped (data order, dropout, noise, optimizer),
+    and the logs hold each step once (TensorBoard read by its own EventAccumulator)."""
     config, run_dir = cluster_config(tmp_path, features, **LONG)
     launch = Started(torchrun(config, 2, 2), tmp_path / "logs")
     deadline = time.time() + 240
@@ -222,6 +280,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, features, uninte
     for s in range(resumed_from + 1, 101):
         assert resumed[s] == pytest.approx(uninterrupted[s], rel=1e-5, abs=1e-6), s
     assert_lr_follows_the_schedule(run_dir)  # through the resume
+    each_step_once(run_dir, 100)  # steps after the checkpoint were logged twice, TensorBoard zig-zagged
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert len(kept) == 2 and kept[-1] == "step_00000100"
 
@@ -290,7 +349,7 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_latest(tmp_path, fea
 def _wait_in_a_new_group(rank: int, world: int) -> dict:
     """Rank 0 all-reduces in a group made after the timeout was set, as DeepSpeed makes its
     own; rank 1 never joins that call."""
-    _default_group_timeout(timedelta(seconds=2))
+    set_default_group_timeout(timedelta(seconds=2))
     group = dist.new_group(list(range(world)))  # collective: both ranks make it
     if rank == 1:
         time.sleep(6)
@@ -330,13 +389,6 @@ def test_a_hung_peer_ends_the_run_within_the_collective_timeout(tmp_path, featur
         _, _, err = launch.wait(timeout=60)
     assert waited < 10 + 30, waited
     assert "lost contact with another rank" in err, err[-3000:]
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def two_node_cmds(launcher: str, config: Path, tmp_path: Path) -> list[list[str]]:
@@ -394,7 +446,7 @@ def test_accelerate_machines_that_would_train_alone_are_refused(tmp_path, featur
 def test_a_second_stop_signal_exits_at_once(tmp_path):
     """The first signal only asks for a stop after the step; the second ends the process."""
     script = tmp_path / "stop.py"
-    script.write_text("import os, signal, time\nfrom alignvl_scale.train import StopRequested\n"
+    script.write_text("import os, signal, time\nfrom alignvl_scale.training.signals import StopRequested\n"
                       "stop = StopRequested(['SIGUSR1'])\nos.kill(os.getpid(), signal.SIGUSR1)\n"
                       "print('first:', stop.signal, flush=True)\nos.kill(os.getpid(), signal.SIGUSR1)\n"
                       "time.sleep(30)\nprint('still here', flush=True)\n")

@@ -2,7 +2,8 @@ import pytest
 import yaml
 
 from alignvl_scale.config import ConfigError, load_config
-from alignvl_scale.engine import fill_ds_config
+from alignvl_scale.training.engine import fill_ds_config
+from alignvl_scale.training.preflight import check_components
 
 
 def write(tmp_path, tree):
@@ -36,7 +37,7 @@ def test_yaml_plus_overrides(tmp_path):
     ("train.trainable=true", "train.trainable: unknown key"),
     ("loss.matmul_precision=fp16", "loss.matmul_precision: must be one of fp32, tf32, bf16"),
     ("loss.matmul_precision=bf16", "loss.matmul_precision: must be fp32 unless loss.chunk_size is set"),
-    ("loss.objective=sigmoid", "loss.objective: must be one of infonce, siglip, got 'sigmoid'"),
+    ("loss.objective=sigmoid", "loss.objective: must be infonce or siglip, got 'sigmoid'"),
     ("loss.logit_bias_init=-5", "loss.logit_bias_init: must be null for loss.objective infonce"),
     ("loss.logit_scale_init=200", "loss.logit_scale_init: must be null or in (0, 100]"),
     ("train.profile_steps=-1", "train.profile_steps: must be >= 0"),
@@ -51,9 +52,11 @@ def test_yaml_plus_overrides(tmp_path):
     ("data.global_batch_size=0", "data.global_batch_size: must be null or >= 1"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
+    """What the config checks itself, and what its components check (the objective's bias) in
+    preflight: both before any process group, naming the key."""
     path = write(tmp_path, {"data": {"train": ["a", "b"]}, "train": {"steps": 10}})
     with pytest.raises(ConfigError) as err:
-        load_config(path, [override])
+        check_components(load_config(path, [override]))
     assert message in str(err.value)
 
 
@@ -98,7 +101,8 @@ def test_accelerate_config_file_picks_the_ds_config(tmp_path, monkeypatch):
     cfg = load_config(write(tmp_path, {"train": {"steps": 1}}))
     assert fill_ds_config(cfg, 2)["zero_optimization"]["stage"] == 1
     with pytest.raises(ConfigError, match="differs from the accelerate config"):
-        load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": "ds_configs/zero3.json"}}))
+        check_components(load_config(write(tmp_path, {"train": {"steps": 1},
+                                                      "engine": {"ds_config": "ds_configs/zero3.json"}})))
 
 
 def test_exponent_floats_without_a_dot(tmp_path):
@@ -115,7 +119,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 def test_public_api():
     import alignvl_scale
 
-    assert alignvl_scale.align_vl_loss.__module__ == "alignvl_scale.loss"
+    assert alignvl_scale.align_vl_loss.__module__ == "alignvl_scale.losses.infonce"
     assert {"retrieval_metrics", "load_encoder", "load_config", "RunConfig"} <= set(alignvl_scale.__all__)
     assert alignvl_scale.load_config is load_config
 
@@ -128,12 +132,14 @@ def test_no_clipping_skips_zeros_gradient_norm_pass(tmp_path):
 
 
 def test_shipped_ds_configs_resolve_by_name(tmp_path, monkeypatch):
-    from alignvl_scale.config import DS_CONFIGS, resolve_ds_config
+    from alignvl_scale.config import DS_CONFIGS, EngineConfig
+    from alignvl_scale.training.engine import resolve_ds_config
     monkeypatch.chdir(tmp_path)  # not the source tree
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     for spec in ("zero3", "zero3.json", "ds_configs/zero3.json"):
-        assert resolve_ds_config(spec) == DS_CONFIGS / "zero3.json", spec
+        assert resolve_ds_config(EngineConfig(ds_config=spec)) == DS_CONFIGS / "zero3.json", spec
     with pytest.raises(ConfigError, match="or one of zero1, zero2, zero3, zero3_offload, got 'zero4'"):
-        resolve_ds_config("zero4")
+        resolve_ds_config(EngineConfig(ds_config="zero4"))
 
 
 def _config_classes(cls=None):
@@ -203,7 +209,7 @@ def test_every_cli_flag_has_help():
 
 
 def test_train_overrides_may_come_before_and_after_the_options():
-    from alignvl_scale.train import parse_args
+    from alignvl_scale.training.main import parse_args
 
     args = parse_args(["--config", "run.yaml", "loss.smoothing=0.1", "--resume", "latest", "loss.objective=siglip",
                        "--local_rank=0"])

@@ -28,9 +28,9 @@ from alignvl_scale.data.reader import (
 )
 from alignvl_scale.data.samples import DecodeLimits, decode_features
 from alignvl_scale.data.shards import DataSourceError, folder_samples, hf_samples, resolve_spec, write_shards
+from alignvl_scale.data.synthetic import write_feature_shards
 from alignvl_scale.data.transforms import ImageTransform
-from alignvl_scale.evaluate import encode_sharded
-from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.evaluation.evaluate import encode_sharded
 
 
 def make_stream(cfg: DataConfig, rank=0, world=1, seed=0, limits=None) -> TrainStream:

@@ -12,7 +12,11 @@ import yaml
 from conftest import BIN, ROOT, env, logged, run
 from test_train import export_and_eval
 
-from alignvl_scale.ablate import (
+from alignvl_scale.config import ConfigError
+from alignvl_scale.data.evalsets import load_retrieval_set
+from alignvl_scale.data.synthetic import make_tiny_towers, write_feature_shards, write_image_shards
+from alignvl_scale.runtime.distributed import free_port
+from alignvl_scale.studies.ablate import (
     METRICS,
     Study,
     check_runs,
@@ -24,11 +28,7 @@ from alignvl_scale.ablate import (
     summarize,
     t_quantile_975,
 )
-from alignvl_scale.config import ConfigError
-from alignvl_scale.data.evalsets import load_retrieval_set
-from alignvl_scale.demo import build_demo_data, emoji_entries, is_test
-from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import make_tiny_towers, write_feature_shards, write_image_shards
+from alignvl_scale.studies.emoji import build_demo_data, emoji_entries, is_test
 
 # Documented in docs/demo.md; they change only with the emoji package's data.
 DEMO_COUNTS = {"train": 1522, "test": 392, "not_in_font": 9, "zeroshot_group_classes": 9,
@@ -45,7 +45,7 @@ def test_demo_data_builder_yields_its_documented_counts(tmp_path):
     test_share = sum(map(is_test, entries)) / len(entries)
     assert 0.15 < test_share < 0.25  # split by emoji, about TEST_FRACTION held out
     assert build_demo_data(tmp_path) == {"train": 1522, "test": 392}  # present: not built again
-    from alignvl_scale.zeroshot import load_zero_shot_set
+    from alignvl_scale.evaluation.zeroshot import load_zero_shot_set
     group = load_zero_shot_set(tmp_path / "zeroshot_group")
     assert "smileys and emotion" in group.classes and len(group.images) == 390  # held-out emoji with a group
     assert group.templates == ["an emoji of {}.", "a {} emoji."]
@@ -90,7 +90,7 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    from alignvl_scale.config import STUDY_AXES as AXES
+    from alignvl_scale.studies.ablate import AXES
 
     run_dirs = sorted((tmp_path / "ablate" / "runs").iterdir())
     assert len(run_dirs) == 6
@@ -100,7 +100,7 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
         hparams = events.PluginTagToContent("hparams")
         assert "_hparams_/experiment" in hparams
         start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
-        assert set(AXES) <= set(start.hparams)  # every study axis, noise_mode included
+        assert set(AXES.values()) <= set(start.hparams)  # every study axis, noise_mode included
         assert {"eval/i2t_ece", "eval/t2i_nll", "eval/i2t_confidence"} <= set(events.Tags()["scalars"])
     before = (out / "results.csv").read_text()  # a rerun finds every summary: nothing runs again
     run_study(study, [], tmp_path / "ablate")
@@ -267,12 +267,12 @@ def test_extract_then_cached_training_then_eval(tmp_path):
 def test_demo_extracts_with_an_image_text_view_of_its_config(tmp_path, monkeypatch):
     """`alignvl-scale demo` on a fresh machine: extraction runs before any feature manifest
     exists, so it must not build the features config's preprocessing (which needs one)."""
-    import alignvl_scale.demo as demo
-    import alignvl_scale.extract as extract
-    from alignvl_scale.model import build_preprocessing
+    import alignvl_scale.studies.demo as demo
+    import alignvl_scale.studies.emoji as emoji
+    from alignvl_scale.model.head import build_preprocessing
 
     seen = []
-    monkeypatch.setattr(demo, "build_demo_data", lambda out: {"train": 1, "test": 1})
-    monkeypatch.setattr(extract, "extract", lambda cfg, specs, out: seen.append((cfg, build_preprocessing(cfg))))
+    monkeypatch.setattr(emoji, "build_demo_data", lambda out: {"train": 1, "test": 1})
+    monkeypatch.setattr(demo, "extract", lambda cfg, specs, out: seen.append((cfg, build_preprocessing(cfg))))
     demo.prepare_features(tmp_path)
     assert [cfg.data.kind for cfg, _ in seen] == ["image-text", "image-text"]

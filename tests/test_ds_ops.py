@@ -1,4 +1,4 @@
-"""A first launch that never waits silently on a DeepSpeed build lock (alignvl_scale/ds_ops.py):
+"""A first launch that never waits silently on a DeepSpeed build lock (alignvl_scale/runtime/ds_ops.py):
 a stale lock is removed with a line, a live builder is named while we wait, a lock on a
 shared file system is reported with the fix, and training on CPU builds no op at all."""
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, env, torchrun
 from test_cluster import cluster_config, features  # noqa: F401  (the fixture)
 
-from alignvl_scale import ds_ops
+from alignvl_scale.runtime import ds_ops
 
 
 def test_a_stale_build_lock_is_removed_with_a_line(tmp_path, capsys):
@@ -54,7 +54,7 @@ def test_a_lock_on_a_shared_file_system_is_reported_with_the_fix(tmp_path, capsy
 
 def op_dir_under(extensions) -> str:
     """Where torch would build DeepSpeed's shared-memory op with TORCH_EXTENSIONS_DIR=extensions."""
-    code = "from alignvl_scale.ds_ops import build_dir; print(build_dir('deepspeed_shm_comm'))"
+    code = "from alignvl_scale.runtime.ds_ops import build_dir; print(build_dir('deepspeed_shm_comm'))"
     return subprocess.run([sys.executable, "-c", code], env={**env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 
@@ -78,7 +78,7 @@ def test_training_on_cpu_builds_no_op_and_ignores_a_stale_lock(tmp_path, feature
 def test_a_real_op_build_behind_a_stale_lock_says_so_and_finishes(tmp_path):
     """DeepSpeed's shared-memory op built for real (what a GPU-less launch would build
     without ds_ops) into a fresh folder holding a stale lock: removed, announced, built."""
-    code = ("from deepspeed.accelerator import get_accelerator\nfrom alignvl_scale.ds_ops import "
+    code = ("from deepspeed.accelerator import get_accelerator\nfrom alignvl_scale.runtime.ds_ops import "
             "prepare_deepspeed_ops\nprepare_deepspeed_ops(on_gpu=False)\n"
             "print(get_accelerator().create_op_builder('ShareMemCommBuilder').load())\n")
     folder = tmp_path / "ext"

@@ -26,8 +26,8 @@ from alignvl_scale.data.check import check_shards
 from alignvl_scale.data.evalsets import load_retrieval_set
 from alignvl_scale.data.samples import DecodeLimits, SkipSample, decode_captions, decode_image
 from alignvl_scale.data.shards import MANIFEST, DataSourceError, folder_samples
-from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.data.synthetic import write_feature_shards
+from alignvl_scale.runtime.distributed import free_port
 
 
 # -- a tiny cached-feature run in one process: the fastest real trainer run ------------------
@@ -180,7 +180,7 @@ def test_all_bad_shards_end_the_run_within_seconds(tmp_path):
     config, _ = run_config(tmp_path, shards, data={"kind": "image-text", "train": [str(shards)], "batch_size": 4,
                                                    "workers": 1, "image_size": 16})
     towers = yaml.safe_load(config.read_text())
-    from alignvl_scale.synthetic import make_tiny_towers
+    from alignvl_scale.data.synthetic import make_tiny_towers
 
     paths = make_tiny_towers(tmp_path / "towers")
     towers["model"].update(image_tower={"name": paths["vit"], "pooling": "mean"},
@@ -417,7 +417,7 @@ def test_an_export_that_dies_half_way_leaves_the_earlier_export_whole(tmp_path, 
     """`export` wrote over an earlier export in place: killed half way, the good one was gone.
     Now it writes beside it and renames: a write that fails (as a kill or a full disk would
     leave it) changes nothing at OUT and leaves no partial folder."""
-    import alignvl_scale.export as export_module
+    import alignvl_scale.export.exporter as export_module
 
     out = tmp_path / "exported"
     export_module.export(base_run / "checkpoints/step_00000006", out)

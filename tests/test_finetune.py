@@ -1,4 +1,4 @@
-"""How towers train (alignvl_scale/finetune.py) and how decoder LLM text towers pool.
+"""How towers train (alignvl_scale/model/finetune.py) and how decoder LLM text towers pool.
 
 Unit level: LoRA starts at the pretrained tower, trains only its updates and merges back to
 the plain architecture with the same outputs; last_n trains the last blocks and the final
@@ -23,9 +23,9 @@ from distributed import run_ranks
 from PIL import Image
 
 from alignvl_scale.config import ConfigError, DataConfig, LoraSettings, TowerConfig, load_config
-from alignvl_scale.finetune import merge_lora, transformer_blocks
-from alignvl_scale.synthetic import make_tiny_towers, png_bytes, write_image_shards
-from alignvl_scale.towers import build_preprocessing, build_tower
+from alignvl_scale.data.synthetic import make_tiny_towers, png_bytes, write_image_shards
+from alignvl_scale.model.finetune import merge_lora, transformer_blocks
+from alignvl_scale.model.towers import build_preprocessing, build_tower
 
 DATA = DataConfig(image_size=16)
 CAPTIONS = ["a cat", "a small red bicycle leaning on a wall", "two dogs playing in the snow at dusk"]
@@ -94,8 +94,8 @@ def test_lora_starts_at_the_pretrained_tower_trains_only_its_updates_and_merges_
 def _lora_under_zero_init(rank: int, world: int, llama: str) -> dict:
     import deepspeed
 
-    from alignvl_scale.ds_ops import prepare_deepspeed_ops
-    from alignvl_scale.engine import zero3_init
+    from alignvl_scale.runtime.ds_ops import prepare_deepspeed_ops
+    from alignvl_scale.training.engine import zero3_init
 
     prepare_deepspeed_ops(on_gpu=False)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -185,7 +185,7 @@ def test_zero3_leaf_blocks_are_the_towers_blocks_and_a_tower_without_any_keeps_i
 
     from deepspeed.utils import z3_leaf_module
 
-    from alignvl_scale.engine import zero3_leaf_blocks
+    from alignvl_scale.training.engine import zero3_leaf_blocks
 
     llama = build_tower(TowerConfig(name=towers["llama"], trainable=True, finetune="last_n", last_n=1), "text", DATA)
     other = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -219,7 +219,7 @@ def _train(tmp_path, towers, name: str, stage: int, checkpointing: bool, *overri
 def assert_same_weights(run_a: Path, run_b: Path, rtol: float = 1e-4, atol: float = 1e-6) -> None:
     """The two runs' step-4 checkpoints hold the same weights, key for key; by default up to
     fp32 rounding (which Adam's normalized update can lift to ~1e-6 where a gradient is near 0)."""
-    from alignvl_scale.export import consolidated_state_dict
+    from alignvl_scale.export.exporter import consolidated_state_dict
 
     a, b = (consolidated_state_dict(run / "checkpoints" / "step_00000004") for run in (run_a, run_b))
     assert a.keys() == b.keys()
@@ -233,7 +233,7 @@ def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path
     GradCache over 2 micro-batches: the run with gradient checkpointing logs the same losses
     and learning rates as the one without, the towers' own learning rates are followed, and
     the export (LoRA merged) encodes images and captions as the checkpoint does."""
-    from alignvl_scale.export import export, load_encoder
+    from alignvl_scale.export.exporter import export, load_encoder
 
     write_image_shards(tmp_path / "shards", [16] * 4)
     plain = _train(tmp_path, towers, "plain", stage, checkpointing=False)
@@ -269,8 +269,8 @@ def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path
     # tokens the run's preprocessing makes (the prefix is the run config's, shown in the model card).
     from transformers import AutoModel
 
-    import alignvl_scale.hf  # noqa: F401  (registers the alignvl model type)
-    from alignvl_scale.export import export_hf
+    import alignvl_scale.export.hf  # noqa: F401  (registers the alignvl model type)
+    from alignvl_scale.export.exporter import export_hf
 
     hf_model = AutoModel.from_pretrained(export_hf(checkpoint, tmp_path / "hf")).eval()
     tokens = trained.preprocessing.tokenize(CAPTIONS)

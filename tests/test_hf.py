@@ -2,7 +2,7 @@
 
 
 def test_push_to_hub_uploads_the_folder_it_was_given(tmp_path):
-    from alignvl_scale.hf import push_to_hub
+    from alignvl_scale.export.hf import push_to_hub
     calls = []
 
     class FakeApi:  # no network here: the calls huggingface_hub.HfApi would get
@@ -21,7 +21,7 @@ def test_the_model_card_escapes_names_and_carries_no_local_path(tmp_path):
     and local tower folders leave the card and the config as their last part; no placeholder
     link; the card says what to install."""
     from alignvl_scale.config import RunConfig, TowerConfig
-    from alignvl_scale.hf import INSTALL, model_card, public_run_config
+    from alignvl_scale.export.hf import INSTALL, model_card, public_run_config
 
     towers = tmp_path / "towers" / "vit-tiny"
     towers.mkdir(parents=True)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from distributed import run_ranks
 
-from alignvl_scale.loss import align_vl_loss, align_vl_loss_with_stats
+from alignvl_scale.losses.infonce import align_vl_loss, align_vl_loss_with_stats
 
 N, DIM = 12, 8
 CONFIGS = [(smoothing, chunk) for smoothing in (0.0, 0.3) for chunk in (None, 5, 3)]
@@ -123,7 +123,8 @@ def test_low_precision_tiles_stay_within_1e_3_of_the_fp32_reference(scale, monke
     """Values and gradients of the fused path in bf16 (and tf32, fp32 on CPU) against the
     fp32 plain reference, at the initial and at the capped temperature. Plain bf16 products
     (one rounding of each operand) miss the bound; the split products meet it."""
-    import alignvl_scale.loss as loss_module
+    import alignvl_scale.losses.infonce as loss_module
+    import alignvl_scale.losses.tiles as tiles_module
     u, v, _ = make_batch(n=256, dim=64, seed=2)
     v = F.normalize(u + 0.5 * v, dim=1)  # aligned pairs: a confident softmax, as late in training
     want = reference(u, v, torch.tensor([scale]), 0.2)
@@ -136,17 +137,20 @@ def test_low_precision_tiles_stay_within_1e_3_of_the_fp32_reference(scale, monke
 
     for precision in ("bf16", "tf32"):
         assert max(_relative_errors(fused(precision), want)) < 1e-3, precision
-    monkeypatch.setattr(loss_module, "tile_matmul", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
+    for module in (loss_module, tiles_module):  # forward's tiles and backward's (tiles.tiled_backward)
+        monkeypatch.setattr(module, "tile_matmul", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
     assert max(_relative_errors(fused("bf16"), want)) > 1e-3
 
 
 def test_fused_path_computes_each_tile_once_per_pass(monkeypatch):
     """Both directions from one pass: ceil(N / chunk) tile matmuls forward, and per tile one
     recomputation plus the two gradient matmuls in backward."""
-    import alignvl_scale.loss as loss_module
+    import alignvl_scale.losses.infonce as loss_module
+    import alignvl_scale.losses.tiles as tiles_module
     calls = []
-    real = loss_module.tile_matmul
-    monkeypatch.setattr(loss_module, "tile_matmul", lambda a, b, p: calls.append(1) or real(a, b, p))
+    real = tiles_module.tile_matmul
+    for module in (loss_module, tiles_module):  # forward's tiles and backward's (tiles.tiled_backward)
+        monkeypatch.setattr(module, "tile_matmul", lambda a, b, p: calls.append(1) or real(a, b, p))
     u, v, scale = (t.clone().requires_grad_(True) for t in make_batch())
     loss = align_vl_loss(u, v, scale, smoothing=0.3, chunk_size=5)
     assert len(calls) == 3  # N = 12 in tiles of 5, 5, 2

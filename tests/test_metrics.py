@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignvl_scale.metrics import Calibration, expected_calibration_error, retrieval_metrics
+from alignvl_scale.evaluation.metrics import Calibration, expected_calibration_error, retrieval_metrics
 
 
 def brute_force(image_emb, text_emb, caption_to_image):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from alignvl_scale.model import (
+from alignvl_scale.losses.registry import OBJECTIVES
+from alignvl_scale.model.head import (
     MAX_LOGIT_SCALE,
     AlignVLHead,
     LatentMixup,
@@ -145,14 +146,14 @@ def test_head_runs_in_fp32_on_bf16_tower_outputs_under_autocast(adapter):
 def test_the_objective_sets_the_heads_scalars(objective, scale, bias):
     """The registry's initial values (open_clip's SigLIP: scale 10, bias -10), overridable;
     only objectives with a bias have the parameter (an InfoNCE checkpoint's keys are unchanged)."""
-    head = AlignVLHead(4, 4, 4, objective=objective)
+    head = AlignVLHead(4, 4, 4, objective=OBJECTIVES[objective])
     out = head(torch.randn(2, 4), torch.randn(2, 4))
     assert out.logit_scale.item() == pytest.approx(scale, rel=1e-5)
     assert (out.logit_bias is None) == (bias is None)
     assert ("logit_bias.value" in head.state_dict()) == (bias is not None)
     if bias is not None:
         assert out.logit_bias.item() == bias and out.logit_bias.dtype == torch.float32
-        again = AlignVLHead(4, 4, 4, objective=objective, logit_scale_init=3.0, logit_bias_init=-2.0)
+        again = AlignVLHead(4, 4, 4, objective=OBJECTIVES[objective], logit_scale_init=3.0, logit_bias_init=-2.0)
         assert again.temperature().item() == pytest.approx(3.0) and again.logit_bias().item() == -2.0
 
 

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-import alignvl_scale.openclipart as oc
+import alignvl_scale.studies.openclipart as oc
 from alignvl_scale.data.evalsets import load_retrieval_set
-from alignvl_scale.openclipart import Clip, OpenclipartMissing, build_openclipart, normalize, split
-from alignvl_scale.zeroshot import load_zero_shot_set
+from alignvl_scale.evaluation.zeroshot import load_zero_shot_set
+from alignvl_scale.studies.openclipart import Clip, OpenclipartMissing, build_openclipart, normalize, split
 
 needs_rsvg = pytest.mark.skipif(shutil.which("rsvg-convert") is None,
                                 reason="rsvg-convert missing: apt-get install librsvg2-bin (.ci/run installs it)")

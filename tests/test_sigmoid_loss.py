@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from distributed import run_ranks
 
-import alignvl_scale.loss as loss_module
-import alignvl_scale.sigmoid_loss as sigmoid_module
-from alignvl_scale.sigmoid_loss import sigmoid_loss, sigmoid_loss_with_stats
+import alignvl_scale.losses.sigmoid as sigmoid_module
+import alignvl_scale.losses.tiles as tiles_module
+from alignvl_scale.losses.sigmoid import sigmoid_loss, sigmoid_loss_with_stats
 
 N, DIM = 12, 8
 # chunk 5 cuts 6 local columns into 5 + 1 and 4 into one tile; 3 cuts 4 into 3 + 1
@@ -110,8 +110,8 @@ def test_gathered_loss_equals_full_batch(distributed_results, smoothing, chunk):
 
 
 def _replace_tile_matmul(patch, fake) -> None:
-    """Forward's tiles (sigmoid_loss) and backward's (loss.tiled_backward)."""
-    for module in (sigmoid_module, loss_module):
+    """Forward's tiles (losses/sigmoid.py) and backward's (tiles.tiled_backward)."""
+    for module in (sigmoid_module, tiles_module):
         patch.setattr(module, "tile_matmul", fake)
 
 
@@ -136,7 +136,7 @@ def test_bf16_tiles_stay_within_1e_3_of_the_fp32_reference(monkeypatch):
 def test_fused_path_keeps_memory_linear_in_the_batch(monkeypatch):
     """No tile wider than the chunk: the fused path never holds B x N logits."""
     widths = []
-    real = loss_module.tile_matmul
+    real = tiles_module.tile_matmul
     _replace_tile_matmul(monkeypatch, lambda a, b, p: widths.append(b.shape[-1]) or real(a, b, p))
     u, v, scale, bias = make_batch(n=64)
     _with_grads(u, v, scale, bias, smoothing=0.1, chunk_size=16)

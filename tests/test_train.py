@@ -23,8 +23,8 @@ from conftest import (
     write_image_shards,
 )
 
-from alignvl_scale.engine import free_port
-from alignvl_scale.synthetic import write_feature_shards
+from alignvl_scale.data.synthetic import write_feature_shards
+from alignvl_scale.runtime.distributed import free_port
 
 REQUIRED_SCALARS = {
     "train/loss", "train/lr", "train/logit_scale", "train/i2t_accuracy", "train/t2i_accuracy", "train/grad_norm",
@@ -78,7 +78,7 @@ def tensorboard_tags(run_dir: Path) -> set[str]:
 
 def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder, image: Path) -> None:
     """`export --format hf`: transformers loads it (no remote code, after `import
-    alignvl_scale.hf`) and gives the same embeddings as `load_encoder`, from its own image
+    alignvl_scale.export.hf`) and gives the same embeddings as `load_encoder`, from its own image
     processor too (the towers have none: the trained transform is saved as one), on an
     image that is not square, and the same logits (with the bias of a sigmoid objective);
     the folder names no local path."""
@@ -87,7 +87,7 @@ def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder,
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    import alignvl_scale.hf  # noqa: F401  (registers the alignvl model type)
+    import alignvl_scale.export.hf  # noqa: F401  (registers the alignvl model type)
 
     assert "auto_map" not in json.loads((hf_dir / "config.json").read_text())
     model = AutoModel.from_pretrained(hf_dir).eval()
@@ -268,7 +268,7 @@ def test_bf16_logit_scale_and_loss_follow_the_fp32_run(assets, tmp_path):
 
 def test_post_ln_tower_from_random_weights_at_a_high_lr_is_warned_about(assets):
     from alignvl_scale.config import DataConfig, TowerConfig
-    from alignvl_scale.towers import build_tower, tower_warnings
+    from alignvl_scale.model.towers import build_tower, tower_warnings
 
     towers = assets[1]
     data = DataConfig(image_size=16)

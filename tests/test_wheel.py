@@ -58,7 +58,7 @@ def test_wheel_ships_its_configs_and_trains_outside_the_source_tree(tmp_path):
         "train": {"steps": 4, "log_every": 2}, "engine": {"ds_config": "zero1"}, "run_dir": str(foreign / "run")}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
-    where = subprocess.run([str(python), "-c", "import alignvl_scale, alignvl_scale.demo as d; "
+    where = subprocess.run([str(python), "-c", "import alignvl_scale, alignvl_scale.studies.demo as d; "
                             "print(alignvl_scale.__file__); print(d.DEMO_CONFIG.is_file())"],
                            cwd=foreign, env=env, capture_output=True, text=True, check=True)
     assert where.stdout.split() == [str(site / "alignvl_scale" / "__init__.py"), "True"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import png_bytes
 
 from alignvl_scale.data.shards import DataSourceError
-from alignvl_scale.zeroshot import class_embeddings, load_zero_shot_set, zero_shot_accuracy
+from alignvl_scale.evaluation.zeroshot import class_embeddings, load_zero_shot_set, zero_shot_accuracy
 
 
 def test_accuracy_on_a_hand_computed_case():

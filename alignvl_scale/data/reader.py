@@ -24,8 +24,12 @@ import functools
 import hashlib
 import heapq
 import itertools
+import os
 import random
+import select
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,10 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from alignvl_scale.config import DataConfig
+from alignvl_scale.config import DataConfig, DecodeLimits, UserError
 from alignvl_scale.data.samples import (
     CAPTION_MEMBERS,
-    DecodeLimits,
     RawSample,
     SkipCounts,
     SkipSample,
@@ -48,9 +51,10 @@ from alignvl_scale.data.samples import (
 )
 from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
 from alignvl_scale.data.transforms import random_resized_crop
+from alignvl_scale.data.worker_signals import IGNORED_SIGNALS
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """The data cannot be trained on (too many bad samples, too few shards)."""
 
 
@@ -393,14 +397,12 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
     cfg.workers workers, so that over the old and the new ranks every sample of the epoch
     is read once.
 
-    old: each old rank's saved stream (`TrainStream.state_dict()`). Each old worker's tasks
-    are recomputed (or read, for an epoch already re-dealt) and cut at its saved position:
-    the shard it was reading goes on from the raw sample after its last batch (with the same
-    window shuffle, so exactly the samples it had not batched), the shards after it whole.
-    Those are dealt largest first to the least loaded new (rank, worker); every rank then
-    makes the least number of batches over ranks. Left out by design, as in any epoch: each
-    worker's last partial batch and a rank's batches beyond that least (`dropped`). Skip
-    counts carry over to new rank 0. Resampled streams restart with fresh draws.
+    old: each old rank's saved stream (`TrainStream.state_dict()`). What each old worker had
+    left (`_unread_tasks`) is dealt largest first to the least loaded new (rank, worker);
+    every rank then makes the least number of batches over ranks. Left out by design, as in
+    any epoch: each worker's last partial batch and a rank's batches beyond that least
+    (`dropped`). Skip counts carry over to new rank 0. Resampled streams restart with fresh
+    draws.
     """
     states = [StreamState.from_dict(d["stream"]) for d in old]
     counts = SkipCounts()
@@ -418,24 +420,7 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
     next_epoch = streams([StreamState(epoch=epoch + 1, workers=cfg.workers) for _ in range(world)])
     if cfg.mode == "resampled":
         return Redeal(next_epoch, 0, 0)
-    order = epoch_order(sources, seed, epoch)
     kept = SampleSelection(cfg.train_fraction).kept_samples
-    full_epoch = {}  # old workers -> batches each old rank made in a whole epoch
-    rest: list[ShardTask] = []
-    for rank, st in enumerate(states):
-        old_workers = max(st.workers or cfg.workers, 1)
-        if st.tasks is None and old_workers not in full_epoch:
-            full_epoch[old_workers] = batches_per_epoch(sources, len(states), old_workers, cfg.batch_size, seed, epoch,
-                                                        cfg.train_fraction)
-        if st.batches >= (st.limit if st.tasks is not None else full_epoch[old_workers]):
-            continue  # this rank had finished the epoch: what it did not read is its drop
-        for worker in range(old_workers):
-            tasks = (st.tasks.get(worker, []) if st.tasks is not None
-                     else epoch_tasks(order, seed, epoch, rank, len(states), worker, old_workers))
-            place, consumed = st.positions.get(worker, (0, None))
-            if place < len(tasks):
-                start = tasks[place].start if consumed is None else consumed
-                rest += [dataclasses.replace(tasks[place], start=start), *tasks[place + 1:]]
 
     def left(task: ShardTask) -> int:  # samples of the task still to train (kept ones, pro rata)
         n = task.samples or 0
@@ -443,7 +428,7 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
 
     load, dealt = [0] * (world * workers), [[] for _ in range(world * workers)]
     least = [(0, slot) for slot in range(len(load))]  # a heap of (load, slot): the least loaded first
-    for task in sorted(rest, key=lambda t: (-left(t), t.url, t.start)):
+    for task in sorted(_unread_tasks(states, sources, seed, cfg), key=lambda t: (-left(t), t.url, t.start)):
         _, slot = heapq.heappop(least)
         dealt[slot].append(task)
         load[slot] += left(task)
@@ -458,18 +443,67 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
     return Redeal(streams(new_states), total, total - limit * cfg.batch_size * world)
 
 
-def _ignore_signals(names: tuple[str, ...], _worker_id: int) -> None:
-    for name in names:
+def _unread_tasks(states: list[StreamState], sources: list[list[Shard]], seed: int, cfg: DataConfig
+                  ) -> list[ShardTask]:
+    """What the old ranks' workers had not read of their epoch: each old worker's tasks
+    recomputed (or read, for an epoch already re-dealt) and cut at its saved position; the shard
+    it was reading goes on from the raw sample after its last batch (with the same window
+    shuffle, so exactly the samples it had not batched), the shards after it whole. A rank that
+    had finished the epoch contributes nothing: what it did not read is its drop."""
+    epoch, world = states[0].epoch, len(states)
+    order = epoch_order(sources, seed, epoch)
+    full_epoch = {}  # old workers -> batches each old rank made in a whole epoch
+    rest: list[ShardTask] = []
+    for rank, st in enumerate(states):
+        old_workers = max(st.workers or cfg.workers, 1)
+        if st.tasks is None and old_workers not in full_epoch:
+            full_epoch[old_workers] = batches_per_epoch(sources, world, old_workers, cfg.batch_size, seed, epoch,
+                                                        cfg.train_fraction)
+        if st.batches >= (st.limit if st.tasks is not None else full_epoch[old_workers]):
+            continue
+        for worker in range(old_workers):
+            tasks = (st.tasks.get(worker, []) if st.tasks is not None
+                     else epoch_tasks(order, seed, epoch, rank, world, worker, old_workers))
+            place, consumed = st.positions.get(worker, (0, None))
+            if place < len(tasks):
+                start = tasks[place].start if consumed is None else consumed
+                rest += [dataclasses.replace(tasks[place], start=start), *tasks[place + 1:]]
+    return rest
+
+
+def _worker_init(ignore_signals: tuple[str, ...], rank_pid: int, _worker_id: int) -> None:
+    """A DataLoader worker ignores the rank's stop signals (data/worker_signals.py does the same
+    for the fork server, and for workers from its start), and ends when the rank does: torch's
+    own watchdog watches the worker's parent, which is the fork server, and the fork server
+    lives on while any worker holds its pipe, so a rank killed with SIGKILL left both behind."""
+    for name in ignore_signals:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(rank_pid,), name="exit-with-rank", daemon=True).start()
 
 
-def worker_context():
+def _exit_with(pid: int) -> None:
+    """Return never: exit this process once process `pid` has ended."""
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # readable when the process ends (Linux >= 5.3)
+    except (AttributeError, OSError):  # no pidfd here: look every second
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+    os._exit(0)
+
+
+def worker_context(ignore_signals: tuple[str, ...]):
     """The fork server that DataLoader workers start from: a fresh, single-threaded process
-    with the reader's modules imported once (so a worker starts in milliseconds)."""
+    with the reader's modules imported once (so a worker starts in milliseconds), which ignores
+    `ignore_signals` from its start, and so do the workers it forks (data/worker_signals.py)."""
     import multiprocessing
 
+    os.environ[IGNORED_SIGNALS] = f"{os.getpid()}:{','.join(ignore_signals)}"
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["alignvl_scale.data.reader"])
+    context.set_forkserver_preload(["alignvl_scale.data.worker_signals", "alignvl_scale.data.reader"])
     return context
 
 
@@ -495,6 +529,18 @@ class TrainStream:
     def load_state_dict(self, d: dict) -> None:
         self.state = StreamState.from_dict(d["stream"])
         self.counts = SkipCounts.from_dict(d["counts"])
+
+    def load_resharded(self, old: list[dict], _step: int) -> str:
+        """The saved streams of another number of ranks: the rest of their epoch re-dealt to
+        this world (`redeal`). Returns the line for the resume note."""
+        dealt = redeal(old, self.sources, self.seed, self.cfg, self.world)
+        self.load_state_dict(dealt.streams[self.rank])
+        epoch = self.state.epoch
+        if self.state.tasks is None:
+            return (f"{dealt.samples} samples were left in the epoch, too few for a batch on every rank: epoch {epoch} "
+                    "starts")
+        return (f"the rest of the epoch ({dealt.samples} samples) re-dealt to {self.world} ranks: "
+                f"{self.epoch_batches()} batches each in epoch {epoch}, {dealt.dropped} left out")
 
     def mark(self) -> tuple[StreamState, SkipCounts]:
         """Where the stream stands now, to `rewind` to; cheap enough for every step (the
@@ -536,8 +582,8 @@ class TrainStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None,
                             pin_memory=torch.cuda.is_available(),
-                            multiprocessing_context=worker_context() if self.cfg.workers else None,
-                            worker_init_fn=functools.partial(_ignore_signals, self.ignore_signals))
+                            multiprocessing_context=worker_context(self.ignore_signals) if self.cfg.workers else None,
+                            worker_init_fn=functools.partial(_worker_init, self.ignore_signals, os.getpid()))
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])
             self.state.items += 1

@@ -24,6 +24,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from alignvl_scale.config import DecodeLimits
+
 # The only image formats decoded, and the Pillow plugin each extension may use: EPS
 # content named `.png` must not reach Pillow's Ghostscript plugin.
 IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -57,16 +59,6 @@ class SkipSample(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.key = ""  # the sample's key, where the reader knows it
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """The bounds on what one sample may cost; the defaults of the `data.max_*` keys."""
-
-    max_image_bytes: int = 50 * 2**20
-    max_image_pixels: int = 64 * 2**20
-    max_caption_chars: int = 4096
-    max_member_bytes: int = 64 * 2**20  # any tar member, checked on its header before it is read
 
 
 @dataclass

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from alignvl_scale.config import UserError
 from alignvl_scale.data.samples import (
     DecodeLimits,
     SkipSample,
@@ -33,6 +33,7 @@ from alignvl_scale.data.samples import (
     open_image,
     read_image_file,
 )
+from alignvl_scale.runtime.files import write_json_atomic
 
 MAX_CSV_FIELD = 64 * 2**20  # characters in one caption-file field
 MANIFEST = "manifest.json"
@@ -40,7 +41,7 @@ MANIFEST_FORMAT = "alignvl-shards/1"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason  # the SKIP_REASONS entry, where one row was the problem
@@ -50,12 +51,6 @@ class DataSourceError(ValueError):
 class Shard:
     url: str
     samples: int | None  # None when no manifest or declared count is known
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def sample_members(key: str, image: bytes | None = None, image_ext: str = "png", captions: list[str] = (),

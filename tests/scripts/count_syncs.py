@@ -16,7 +16,8 @@ import traceback
 import torch
 from deepspeed.accelerator import get_accelerator
 
-import alignvl_scale.train as train
+import alignvl_scale.training.main as main
+import alignvl_scale.training.trainer as train
 
 counts: collections.Counter = collections.Counter()
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
@@ -65,5 +66,5 @@ def counted_train_step(self, micro):
 
 if __name__ == "__main__":
     train.Trainer.train_step = counted_train_step
-    train.main(sys.argv[1:])
+    main.main(sys.argv[1:])
     print("SYNCS " + json.dumps(per_step), flush=True)

@@ -25,7 +25,7 @@ import torch._dynamo  # noqa: F401  (imported before zero.Init patches tensor co
 from deepspeed.utils import set_z3_leaf_module
 from torch import nn
 
-from alignvl_scale.ds_ops import prepare_deepspeed_ops
+from alignvl_scale.runtime.ds_ops import prepare_deepspeed_ops
 
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=os.environ.get("MASTER_PORT", "29561"))

@@ -19,8 +19,10 @@ import weakref
 import torch
 from torch.overrides import TorchFunctionMode
 
-import alignvl_scale.train as train
-from alignvl_scale.engine import zero_stage
+import alignvl_scale.training.build as build
+import alignvl_scale.training.main as main
+import alignvl_scale.training.trainer as train
+from alignvl_scale.training.engine import zero_stage
 
 created: dict[int, weakref.ref] = {}  # id -> weak reference (tensors define ==, so no WeakSet)
 
@@ -39,7 +41,7 @@ class RecordCreated(TorchFunctionMode):
         return out
 
 
-real_zero3_init = train.zero3_init
+real_zero3_init = build.zero3_init
 
 
 @contextlib.contextmanager
@@ -82,6 +84,6 @@ def checked_run(self):
 
 
 if __name__ == "__main__":
-    train.zero3_init = recording_zero3_init
+    build.zero3_init = recording_zero3_init
     train.Trainer.run = checked_run
-    train.main(sys.argv[1:])
+    main.main(sys.argv[1:])

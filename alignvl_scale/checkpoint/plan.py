@@ -1,0 +1,125 @@
+"""How a run continues from a checkpoint, decided once before any process group from what the
+checkpoint recorded (its world, ZeRO stage and model fingerprint), and handed on: no part of
+the run reads the world or the stage again to decide how to load.
+
+What a resume may change: the number of ranks (the epoch's data is re-dealt, the random streams
+re-seeded), the ZeRO stage (1-3 convert into one another through DeepSpeed's universal
+checkpoint; ZeRO-0 resumes under ZeRO-0 only), the batch, the schedule. What it may not: the
+model (`config.model_fingerprint`: towers, their training, dims, adapter, objective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from alignvl_scale.checkpoint.rundir import CONFIG, LATEST, STEP_DIR, checkpoints_dir, universal_dir
+from alignvl_scale.checkpoint.store import TAG, CheckpointError, complete_checkpoints, problems, read_meta
+from alignvl_scale.config import config_from_dict, model_fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    path: Path  # the checkpoint folder, step_N
+    step: int
+    saved_world: int  # the ranks that wrote it
+    saved_stage: int | None  # the ZeRO stage that wrote it (None: 1 or 2, from a checkpoint that did not say)
+    world: int  # the ranks that resume it
+    stage: int
+    universal: bool  # load its universal conversion (another world, or a stage change with ZeRO-3 in it)
+
+    @property
+    def resized(self) -> bool:
+        return self.saved_world != self.world
+
+    def load_dir(self) -> Path:
+        return universal_dir(self.path) if self.universal else self.path
+
+    def describe(self) -> str:
+        written = f"ZeRO-{self.saved_stage if self.saved_stage is not None else '1/2'} on {self.saved_world} ranks"
+        if not self.universal and not self.resized:
+            return f"written by {written}"
+        return f"written by {written}, now ZeRO-{self.stage} on {self.world} ranks"
+
+
+def _choose(run_dir: Path, resume: str, deep: bool) -> Path | None:
+    """The checkpoint --resume names (raises CheckpointError with what to do instead).
+    deep: also check every torch file's zip records (the launch's rank 0; it reads every file)."""
+    root = checkpoints_dir(run_dir)
+
+    def offer() -> str:
+        """The complete checkpoints, for an error message only: checking them reads every file."""
+        complete = complete_checkpoints(run_dir)
+        return (f"; complete checkpoints: {', '.join(p.name for p in complete)} (resume one with --resume "
+                f"{complete[-1]})" if complete else "; there is no complete checkpoint to offer")
+
+    if resume != "latest":
+        path = Path(resume)
+    else:
+        pointer = root / LATEST
+        if not pointer.exists():
+            if complete_checkpoints(run_dir):
+                raise CheckpointError(f"--resume latest: {pointer} is missing" + offer())
+            return None
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        if STEP_DIR.fullmatch(name) is None:
+            raise CheckpointError(f"--resume latest: {pointer} does not name a checkpoint ({name[:40]!r})" + offer())
+        path = root / name
+    found = problems(path, deep)
+    if found:
+        raise CheckpointError(f"--resume {resume}: {found[0]}" + offer())
+    return path
+
+
+def _saved_stage(path: Path, meta: dict) -> int | None:
+    """The ZeRO stage that wrote a checkpoint: recorded since this project saves it; for older
+    ones read off DeepSpeed's file names (3; 0; None for 1 or 2, which load into each other)."""
+    if "zero_stage" in meta:
+        return meta["zero_stage"]
+    if list((path / TAG).glob("zero_pp_rank_*_model_states.pt")):
+        return 3
+    return 0 if not list((path / TAG).glob("*optim_states.pt")) else None
+
+
+def saved_fingerprint(path: Path, meta: dict) -> dict:
+    """The model a checkpoint holds: recorded in its meta, or (older checkpoints) read off the
+    run config saved with it."""
+    if "fingerprint" in meta:
+        return meta["fingerprint"]
+    return model_fingerprint(config_from_dict(yaml.safe_load((path / CONFIG).read_text()), validate=False))
+
+
+def check_same_model(path: Path, saved: dict, fingerprint: dict) -> None:
+    """Every difference of the model in one line, with its key."""
+    changed = [f"{key} {saved.get(key)} -> {fingerprint.get(key)}" for key in fingerprint
+               if saved.get(key) != fingerprint.get(key)]
+    if changed:
+        raise CheckpointError(f"--resume {path}: the checkpoint holds another model than this run's config builds "
+                              f"({'; '.join(changed)}); a resume may change the number of ranks, the ZeRO stage, the "
+                              "batch and the schedule, not the model: set those keys back, or start a new run_dir")
+
+
+def plan_resume(run_dir: str | Path, resume: str, world: int, stage: int, fingerprint: dict,
+                deep: bool) -> ResumePlan | None:
+    """Before any process group, on every rank: which checkpoint --resume names (checked in
+    full where `deep`, the launch's rank 0), that it holds this run's model, and whether it
+    loads as saved or through a universal conversion (another number of ranks, or a move into
+    or out of ZeRO-3). None: `latest` with no checkpoint yet. A change that cannot be resumed
+    is one CheckpointError."""
+    path = _choose(Path(run_dir), resume, deep)
+    if path is None:
+        return None
+    meta = read_meta(path)
+    check_same_model(path, saved_fingerprint(path, meta), fingerprint)
+    saved_world, saved_stage = meta["world"], _saved_stage(path, meta)
+    stages = {saved_stage if saved_stage is not None else 2, stage}
+    same_partitioning = saved_world == world and (saved_stage == stage or stages <= {1, 2})
+    universal = not (same_partitioning or stages == {0})
+    if universal and 0 in stages:
+        raise CheckpointError(f"--resume {resume}: {path} was written under ZeRO-{saved_stage} on {saved_world} "
+                              f"ranks; this run is ZeRO-{stage} on {world} ranks, and DeepSpeed converts checkpoints "
+                              "between ZeRO stages 1-3 only. Resume under the stage that wrote it (engine.ds_config): "
+                              "ZeRO-0 on any number of ranks, ZeRO 1-3 into one another")
+    return ResumePlan(path, meta["step"], saved_world, saved_stage, world, stage, universal)

@@ -1,0 +1,1 @@
+"""Retrieval and zero-shot evaluation, and the metrics they report."""

@@ -1,0 +1,1 @@
+"""The benchmarks' pipelines: the demo (emoji, Openclipart) and the ablation studies."""
