@@ -199,14 +199,8 @@ class LossConfig:
     """The fused path's tile matmuls: fp32, tf32 or bf16 (split bf16 with fp32 accumulation)."""
 
     def validate(self, key: str) -> None:
-        _require(0 <= self.smoothing < 1, f"{key}.smoothing", "in [0, 1)", self.smoothing)
         _require(self.logit_scale_init is None or 0 < self.logit_scale_init <= MAX_LOGIT_SCALE,
                  f"{key}.logit_scale_init", f"null or in (0, {MAX_LOGIT_SCALE:g}] (the clamp)", self.logit_scale_init)
-        _require(self.chunk_size is None or self.chunk_size >= 1, f"{key}.chunk_size", "null or >= 1",
-                 self.chunk_size)
-        _require(self.matmul_precision == "fp32" or self.chunk_size is not None, f"{key}.matmul_precision",
-                 "fp32 unless loss.chunk_size is set (only the fused path has low-precision tiles)",
-                 self.matmul_precision)
 
 
 @dataclass
@@ -480,6 +474,22 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def contrastive_batch(cfg: RunConfig, world: int) -> int:
+    """Pairs in one step's loss: the samples all ranks read per step, halved by fusemix mixup
+    (it mixes each rank's batch halves into pairs)."""
+    samples = cfg.data.batch_size * cfg.train.accumulation * world
+    return samples // 2 if cfg.model.mixup == "fusemix" else samples
+
+
+def describe_batch(cfg: RunConfig, world: int) -> str:
+    """`2 ranks x 6 x 2 accumulated = 24 samples mixed in pairs (fusemix) = contrastive batch 12`."""
+    samples = cfg.data.batch_size * cfg.train.accumulation * world
+    accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
+    mixed = f"{samples} samples mixed in pairs (fusemix) = " if cfg.model.mixup == "fusemix" else ""
+    pairs = contrastive_batch(cfg, world)
+    return f"{world} ranks x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch {pairs}"
 
 
 def model_fingerprint(cfg: RunConfig) -> dict[str, object]:

@@ -241,7 +241,7 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="vit-b-16",
                         help="shapes, batch, workers and data size (each can be set below)")
@@ -270,6 +270,29 @@ def main() -> None:
     for name, value in zip(SHAPE_KEYS, PRESETS[a.preset], strict=True):
         if getattr(a, name) is None:
             setattr(a, name, value)
+    return a
+
+
+def print_table(runs: dict) -> None:
+    """Each run's row, against open_clip's samples/s where it ran (the ratio is stored in the run)."""
+    base = runs.get("open_clip", {}).get("samples_per_s") if runs.get("open_clip", {}).get("ok") else None
+    header = (f"{'run':<16} {'samples/s':>10} {'data wait':>10} {'TFLOP/s/GPU':>12} {'MFU':>6} "
+              f"{'GFLOP/sample':>13} {'peak GiB':>9} {'x open_clip':>12}")
+    print(header)
+    print("-" * len(header))
+    for name, r in runs.items():
+        if not r["ok"]:
+            print(f"{name:<16} FAILED (rc {r['rc']}): {r['error']}")
+            continue
+        r["ratio_to_open_clip"] = r["samples_per_s"] / base if base else None
+        print(f"{name:<16} {_fmt(r['samples_per_s'], '10.1f')} {_fmt(r['data_wait_fraction'], '10.2f')} "
+              f"{_fmt(r['tflops_per_gpu'], '12.3f')} {_fmt(r['mfu'], '6.1%')} "
+              f"{_fmt(r['gflop_per_sample'], '13.3f')} {_fmt(r['peak_memory_gib'], '9.2f')} "
+              f"{_fmt(r['ratio_to_open_clip'], '12.2f')}")
+
+
+def main() -> None:
+    a = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     a.peak_tflops = a.peak_tflops or peak_tflops(device) or (cpu_matmul_tflops() if device.type == "cpu" else None)
     peak = a.peak_tflops
@@ -294,20 +317,7 @@ def main() -> None:
         if run_open_clip:
             runs["open_clip"] = open_clip(a, work / "shards", shard_count, work, env, peak)
             print(f"  open_clip: {'ok' if runs['open_clip']['ok'] else 'FAILED'}", flush=True)
-        base = runs.get("open_clip", {}).get("samples_per_s") if runs.get("open_clip", {}).get("ok") else None
-        header = (f"{'run':<16} {'samples/s':>10} {'data wait':>10} {'TFLOP/s/GPU':>12} {'MFU':>6} "
-                  f"{'GFLOP/sample':>13} {'peak GiB':>9} {'x open_clip':>12}")
-        print(header)
-        print("-" * len(header))
-        for name, r in runs.items():
-            if not r["ok"]:
-                print(f"{name:<16} FAILED (rc {r['rc']}): {r['error']}")
-                continue
-            r["ratio_to_open_clip"] = r["samples_per_s"] / base if base else None
-            print(f"{name:<16} {_fmt(r['samples_per_s'], '10.1f')} {_fmt(r['data_wait_fraction'], '10.2f')} "
-                  f"{_fmt(r['tflops_per_gpu'], '12.3f')} {_fmt(r['mfu'], '6.1%')} "
-                  f"{_fmt(r['gflop_per_sample'], '13.3f')} {_fmt(r['peak_memory_gib'], '9.2f')} "
-                  f"{_fmt(r['ratio_to_open_clip'], '12.2f')}")
+        print_table(runs)
         result = {"device": device_name(device), "ranks": a.ranks, "peak_tflops": peak,
                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "runs": runs}
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -161,7 +161,7 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -179,7 +179,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON (default benchmarks/results/loss_bench[_cuda].json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser, parser.parse_args()
+
+
+def main() -> None:
+    parser, args = parse_args()
     cuda = args.device == "cuda"
     args.chunk = args.chunk or (4096 if cuda else 1024)
     if args.worker:

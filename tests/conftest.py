@@ -31,6 +31,24 @@ BIN = Path(sys.executable).parent
 EXIT_ABORT = "terminate called without an active exception"
 
 
+GLOBAL_BATCH = 12  # 2 ranks x 6, 3 x 4, 1 x 12
+
+
+def cluster_config(tmp_path: Path, features: Path, name: str = "run", **sections) -> tuple[Path, Path]:
+    """A cached-feature run of two towers' worth of features for 1-3 ranks, with noise, dropout
+    and a decaying learning rate, every step logged; `sections` update it key by key."""
+    run_dir = tmp_path / name
+    cfg = {"model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.05, "dropout": 0.1},
+           "data": {"kind": "features", "train": [str(features)], "global_batch_size": GLOBAL_BATCH, "workers": 1},
+           "train": {"steps": 24, "lr": 0.01, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 1},
+           "checkpoint": {"every": 5, "keep": 3}, "run_dir": str(run_dir)}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
+
+
 def launch_cmd(launcher: str, stage: int, config: Path, *args: str, ranks: int = 2) -> list[str]:
     port = str(free_port())
     train = [str(ROOT / "launchers" / "train.py"), "--config", str(config), *args]

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
 from conftest import (
     BIN,
+    GLOBAL_BATCH,
     ROOT,
     Started,
     assert_lr_follows_the_schedule,
+    cluster_config,
     each_step_once,
     env,
     kill_tree,
@@ -47,27 +48,12 @@ from alignvl_scale.runtime.compat import set_default_group_timeout
 from alignvl_scale.runtime.distributed import free_port
 from alignvl_scale.training.launch import LaunchEnv, LaunchError, check_declared_world, export_torch_env, launch_env
 
-GLOBAL_BATCH = 12  # 2 ranks x 6, 3 x 4, 1 x 12
-
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
     write_feature_shards(root / "train", 12 * 16, shards=12)  # an epoch: 16 steps of 12
     return root / "train"
-
-
-def cluster_config(tmp_path: Path, features: Path, name: str = "run", **sections) -> tuple[Path, Path]:
-    run_dir = tmp_path / name
-    cfg = {"model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.05, "dropout": 0.1},
-           "data": {"kind": "features", "train": [str(features)], "global_batch_size": GLOBAL_BATCH, "workers": 1},
-           "train": {"steps": 24, "lr": 0.01, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 1},
-           "checkpoint": {"every": 5, "keep": 3}, "run_dir": str(run_dir)}
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, run_dir
 
 
 def optimizer_view(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -163,7 +163,7 @@ def test_fused_path_computes_each_tile_once_per_pass(monkeypatch):
     ({"smoothing": -0.1}, "smoothing"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"chunk_size": 4, "matmul_precision": "fp16"}, "matmul_precision"),
-    ({"matmul_precision": "bf16"}, "needs chunk_size"),
+    ({"matmul_precision": "bf16"}, "fp32 unless chunk_size is set"),
 ])
 def test_bad_arguments(kwargs, match):
     u, v, scale = make_batch()

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import (
     BIN,
     ROOT,
     Started,
+    cluster_config,
     descendants,
     each_step_once,
     env,
@@ -34,8 +34,6 @@ from conftest import (
 )
 
 from alignvl_scale.data.synthetic import write_feature_shards
-
-GLOBAL_BATCH = 12
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +53,8 @@ def one_step_epochs(tmp_path_factory):
 
 
 def config_for(tmp_path: Path, features: Path, name: str = "run", **sections) -> tuple[Path, Path]:
-    run_dir = tmp_path / name
-    cfg = {"model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.05, "dropout": 0.1},
-           "data": {"kind": "features", "train": [str(features)], "global_batch_size": GLOBAL_BATCH, "workers": 1},
-           "train": {"steps": 400, "lr": 0.01, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 1},
-           "checkpoint": {"every": 5, "keep": 2}, "run_dir": str(run_dir)}
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, run_dir
+    """A run long enough to be stopped mid-way (400 steps), checkpoints every 5 steps."""
+    return cluster_config(tmp_path, features, name, **{"train": {"steps": 400}, "checkpoint": {"keep": 2}, **sections})
 
 
 def train_cmd(config: Path, *args: str) -> list[str]:

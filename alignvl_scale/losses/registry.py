@@ -19,7 +19,7 @@ from torch import Tensor
 from alignvl_scale.config import ConfigError, LossConfig, Objective, choices
 from alignvl_scale.losses.infonce import align_vl_loss_with_stats
 from alignvl_scale.losses.sigmoid import sigmoid_loss_with_stats
-from alignvl_scale.losses.tiles import LossOutput
+from alignvl_scale.losses.tiles import LossOutput, argument_problems
 from alignvl_scale.runtime.perf import exact_fp32_matmuls
 
 
@@ -82,7 +82,11 @@ def objective(name: str) -> ObjectiveSpec:
 
 
 def check_loss_config(cfg: LossConfig, key: str = "loss") -> None:
-    """What only the objective knows (before any process group): whether it has a bias to initialize."""
+    """What only the losses know (before any process group): their arguments' rules, and whether
+    the objective has a bias to initialize."""
+    problems = argument_problems(cfg.smoothing, cfg.chunk_size, cfg.matmul_precision, prefix=f"{key}.")
+    if problems:
+        raise ConfigError(problems[0])
     if cfg.logit_bias_init is not None and objective(cfg.objective).logit_bias_init is None:
         raise ConfigError(f"{key}.logit_bias_init: must be null for loss.objective {cfg.objective} (it has no bias), "
                           f"got {cfg.logit_bias_init!r}")

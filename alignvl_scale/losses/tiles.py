@@ -169,20 +169,33 @@ def tiled_backward(u: Tensor, v_all: Tensor, scale: Tensor, chunk: int, precisio
     return grad_u, grad_blocks[rank], grad_scale, grad_sum
 
 
-def validate_inputs(image_emb: Tensor, text_emb: Tensor, smoothing: float, chunk_size: int | None,
-              matmul_precision: str) -> None:
+def argument_problems(smoothing: float, chunk_size: int | None, matmul_precision: str,
+                      prefix: str = "") -> list[str]:
+    """What is wrong with the losses' arguments, one sentence each ([] when nothing): the one
+    statement of these rules. The losses raise ValueError with it; preflight a ConfigError
+    (prefix "loss.": the config keys of the same names)."""
+    found = []
     if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        found.append(f"{prefix}smoothing: must be in [0, 1), got {smoothing!r}")
+    if chunk_size is not None and chunk_size < 1:
+        found.append(f"{prefix}chunk_size: must be null (None) or >= 1, got {chunk_size!r}")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        found.append(f"{prefix}matmul_precision: must be one of {', '.join(MATMUL_PRECISIONS)}, got "
+                     f"{matmul_precision!r}")
+    elif matmul_precision != "fp32" and chunk_size is None:
+        found.append(f"{prefix}matmul_precision: must be fp32 unless {prefix}chunk_size is set (only the fused path "
+                     f"has low-precision tiles; the plain path is the fp32 reference), got {matmul_precision!r}")
+    return found
+
+
+def validate_inputs(image_emb: Tensor, text_emb: Tensor, smoothing: float, chunk_size: int | None,
+                    matmul_precision: str) -> None:
+    problems = argument_problems(smoothing, chunk_size, matmul_precision)
+    if problems:
+        raise ValueError(problems[0])
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
         raise ValueError("image_emb and text_emb must both be (local_batch, dim) with equal shapes, got "
                          f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    if matmul_precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {matmul_precision!r}")
-    if matmul_precision != "fp32" and chunk_size is None:
-        raise ValueError(f"matmul_precision {matmul_precision} needs chunk_size (the fused path); the plain path "
-                         "is the fp32 reference")
 
 
 def check_equal_local_batches(x: Tensor) -> None:

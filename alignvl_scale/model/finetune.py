@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from alignvl_scale.config import ConfigError, LoraSettings, TowerConfig
+from alignvl_scale.runtime.compat import full_shape
 
 
 def apply_finetune(tower: nn.Module, cfg: TowerConfig, key: str) -> None:
@@ -122,8 +123,7 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
     groups = []
     for part, module, lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
-        # Parameters built under zero.Init are empty partitions; ds_shape is their real shape.
-        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+        matrix = [len(full_shape(p)) >= 2 for p in params]  # under zero.Init: the partition's whole shape
         groups += [{"params": [p for p, m in zip(params, matrix, strict=True) if m],
                     "weight_decay": cfg.train.weight_decay, "lr": lr, "base_lr": lr, "part": part},
                    {"params": [p for p, m in zip(params, matrix, strict=True) if not m],

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from alignvl_scale.config import ConfigError, DataConfig, TowerConfig
 from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.model.finetune import apply_finetune
+from alignvl_scale.runtime.compat import enable_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class HFTower(nn.Module):
         if cfg.gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (LoRA, last_n: no input needs a gradient)
             # and under ZeRO-3, whose hooks gather the parameters again for the recomputation.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model, use_reentrant=False)
 
     def forward(self, **inputs: Tensor) -> Tensor:
         out = self.model(**inputs)

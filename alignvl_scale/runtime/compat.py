@@ -95,7 +95,26 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+# -- transformers ---------------------------------------------------------------------------
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Recompute a transformers model's activations in backward. transformers 5.x names it
+    `activation_checkpointing_enable` (and warns at the old `gradient_checkpointing_enable`,
+    which 4.45-4.x have alone)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
 # -- deepspeed ------------------------------------------------------------------------------
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's real shape, also when zero.Init made it an empty partition (DeepSpeed keeps
+    it in the `ds_shape` attribute it sets, 0.19.8)."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def deepspeed_checkpoint_types() -> list:

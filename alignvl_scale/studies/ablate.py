@@ -61,6 +61,7 @@ from alignvl_scale.evaluation.metrics import CALIBRATION_KEYS, DIRECTIONS, PAIRE
 from alignvl_scale.studies.benchmarks import BENCHMARKS, DEMO_CONFIG, STUDIES
 from alignvl_scale.training import main as train
 from alignvl_scale.training.logger import config_value
+from alignvl_scale.training.preflight import check_components
 
 # The axes a study varies: each the run config key it sets. An axis neither the baseline nor the
 # grid names takes the config's default (`RunConfig`); log.hparams lists these keys by default, so
@@ -183,7 +184,7 @@ def load_study(path: str | Path, seeds: int | None = None) -> Study:
 def check_runs(study: Study, overrides: list[str]) -> None:
     """Every setting's run config loads and validates, before the first run starts."""
     for setting in study.settings():
-        load_config(study.config, [*study.run_overrides(), *overrides, *setting.overrides()])
+        check_components(load_config(study.config, [*study.run_overrides(), *overrides, *setting.overrides()]))
 
 
 def run_dir_of(out: Path, study: Study, overrides: list[str], setting: Setting, seed: int) -> Path:

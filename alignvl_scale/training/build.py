@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from alignvl_scale.runtime.log import say
 from alignvl_scale.runtime.perf import set_cuda_math
 from alignvl_scale.runtime.seeding import seed_everything, stream_seed
 from alignvl_scale.training.engine import make_accelerator, zero3_init, zero3_leaf_blocks, zero_stage
+from alignvl_scale.training.logger import RunLogger, flat_config
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,15 @@ def start_accelerator(cfg: RunConfig, ds_config: dict):
         set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     return accelerator, Device(accelerator.process_index, accelerator.device, dtype)
+
+
+def start_logging(cfg: RunConfig, accelerator, rank: int) -> RunLogger:
+    """The run's logger (metrics.jsonl and TensorBoard on rank 0), and the trackers besides
+    TensorBoard that log.report_to names, started through Accelerate with the run config."""
+    others = [name for name in cfg.log.report_to if name != "tensorboard"]
+    if others:
+        accelerator.init_trackers(cfg.log.project or Path(cfg.run_dir).name, config=flat_config(cfg.to_dict()))
+    return RunLogger(cfg.run_dir, rank == 0, "tensorboard" in cfg.log.report_to, accelerator if others else None)
 
 
 def build_run_model(cfg: RunConfig, ds_config: dict, rank: int) -> tuple[AlignVLModel, Preprocessing | None]:

@@ -19,7 +19,7 @@ import yaml
 from alignvl_scale.checkpoint.manager import CheckpointManager, prepare_resume
 from alignvl_scale.checkpoint.rundir import CONFIG, PROFILE, SUMMARY, release_run_dir
 from alignvl_scale.checkpoint.store import demote_checkpoint
-from alignvl_scale.config import model_fingerprint
+from alignvl_scale.config import contrastive_batch, describe_batch, model_fingerprint
 from alignvl_scale.data.reader import TrainStream
 from alignvl_scale.data.samples import SKIP_REASONS
 from alignvl_scale.evaluation.evaluate import Encoder, Evaluator
@@ -30,9 +30,15 @@ from alignvl_scale.runtime.distributed import all_reduce_floats
 from alignvl_scale.runtime.log import say
 from alignvl_scale.runtime.perf import MetricsWindow, StepProfiler, counted_flops, peak_memory_gib, peak_tflops
 from alignvl_scale.training.batches import AgreedBatches
-from alignvl_scale.training.build import build_run_model, make_decoder, make_optimizer, start_accelerator
+from alignvl_scale.training.build import (
+    build_run_model,
+    make_decoder,
+    make_optimizer,
+    start_accelerator,
+    start_logging,
+)
 from alignvl_scale.training.engine import deepspeed_skips_nonfinite_steps, fill_ds_config, zero_stage
-from alignvl_scale.training.logger import RunLogger, config_value, flat_config
+from alignvl_scale.training.logger import config_value
 from alignvl_scale.training.preflight import Prepared
 from alignvl_scale.training.schedule import due, learning_rate
 from alignvl_scale.training.signals import StopRequested
@@ -63,17 +69,13 @@ class Trainer:
         self.loss_checked_on_host = not deepspeed_skips_nonfinite_steps(self.ds_config)
         self.forward_backward = ForwardBackward(self.engine, cfg.loss, self.device.device, self.device.dtype,
                                                 self.loss_checked_on_host)
-        others = [name for name in cfg.log.report_to if name != "tensorboard"]
-        if others:
-            self.accelerator.init_trackers(cfg.log.project or self.run_dir.name, config=flat_config(cfg.to_dict()))
-        self.logger = RunLogger(self.run_dir, self.rank == 0, "tensorboard" in cfg.log.report_to,
-                                self.accelerator if others else None)
+        self.logger = start_logging(cfg, self.accelerator, self.rank)
         self.profiler = StepProfiler(self.run_dir / PROFILE, cfg.train.profile_start, cfg.train.profile_steps,
                                      self.rank, self.device.device)
         self.evaluator = Evaluator(Encoder(self.model, preprocessing, self.device.device, self.device.dtype), cfg.eval)
         steps_per_epoch = (self.stream.batches_per_epoch or 0) // cfg.train.accumulation  # None: resampled
-        self.progress = Progress(cfg.train.steps or cfg.train.epochs * steps_per_epoch, self.contrastive_batch(),
-                                 [cfg.train.steps, cfg.train.epochs])
+        self.progress = Progress(cfg.train.steps or cfg.train.epochs * steps_per_epoch,
+                                 contrastive_batch(cfg, self.world), [cfg.train.steps, cfg.train.epochs])
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.checkpoints = CheckpointManager(
             self.run_dir, self.engine, self.base_optimizer,
@@ -88,11 +90,6 @@ class Trainer:
             notes = self.checkpoints.load(plan)
             say(f"resumed from {plan.path} at step {self.progress.step} ({'; '.join(notes)})")
 
-    def contrastive_batch(self) -> int:
-        """Pairs in one step's loss: samples read per step (halved by fusemix mixup)."""
-        samples = self.cfg.data.batch_size * self.cfg.train.accumulation * self.world
-        return samples // 2 if self.cfg.model.mixup == "fusemix" else samples
-
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to train.steps (or train.epochs), then save, evaluate and summarize; or stop
@@ -102,11 +99,7 @@ class Trainer:
             (self.run_dir / CONFIG).write_text(self.config_yaml)
         if progress.step == 0:
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
-        samples = cfg.data.batch_size * cfg.train.accumulation * self.world
-        accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
-        mixed = f"{samples} samples mixed in pairs (fusemix) = " if cfg.model.mixup == "fusemix" else ""
-        say(f"{self.world} ranks x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch "
-            f"{self.contrastive_batch()}; {progress.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
+        say(f"{describe_batch(cfg, self.world)}; {progress.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
         if cfg.eval.at_start and progress.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)
@@ -204,7 +197,7 @@ class Trainer:
                 **window.close(samples, self.world, self.flops_per_step, self.peak_tflops),
                 "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device.device)], "max")[0],
                 **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                "train/contrastive_batch": self.contrastive_batch(),
+                "train/contrastive_batch": self.progress.contrastive_batch,
                 "train/skipped_steps": self.progress.skipped_steps, "train/epoch": self.stream.state.epoch,
                 "data/good_samples": totals[0], "data/unsafe_members": totals[1], "data/noisy_captions": totals[2],
                 **{f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[3:], strict=True)}}
@@ -234,7 +227,7 @@ class Trainer:
         summary = {"step": self.progress.step, "skipped_steps": self.progress.skipped_steps, "last": last,
                    "eval": final, "eval_images": self.evaluator.images(), "data": self.stream.counts.as_dict()}
         self.logger.hparams({**{key: config_value(self.cfg, key) for key in self.cfg.log.hparams},
-                             "contrastive_batch": self.contrastive_batch()},
+                             "contrastive_batch": self.progress.contrastive_batch},
                             {f"hparams/{k}": v for k, v in final.items()})
         if self.rank == 0:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
