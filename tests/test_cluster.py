@@ -272,9 +272,10 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, features, uninte
 
 
 def test_sigterm_to_one_rank_checkpoints_the_step_and_exits_0(tmp_path, features, uninterrupted):
-    """SIGTERM reaches rank 1 only (as when a scheduler signals one node): both ranks agree
-    to stop after the step, save it, and exit 0; the resumed run's losses equal those of a
-    run that never stopped."""
+    """SIGTERM reaches rank 1's process group only (as when a scheduler signals one node, or
+    torchrun one rank): both ranks agree to stop after the step, save it, and exit 0; the resumed
+    run's losses equal those of a run that never stopped (the batch fetched for the next step was
+    given back)."""
     config, run_dir = cluster_config(tmp_path, features, **LONG)
     proc = subprocess.Popen(torchrun(config, 2, 2), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -284,7 +285,7 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_exits_0(tmp_path, features
                                              else [0], default=0) < 5:
             time.sleep(0.05)
         pids = rank_pids(proc.pid)
-        os.kill(pids[1], signal.SIGTERM)
+        os.killpg(os.getpgid(pids[1]), signal.SIGTERM)  # its process group: its DataLoader's processes too
         out, err = proc.communicate(timeout=120)
     finally:
         kill_tree(proc.pid)

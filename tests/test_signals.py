@@ -109,8 +109,7 @@ def test_sigterm_to_a_ranks_process_group_stops_at_a_step_with_a_checkpoint(tmp_
     assert code == 0, err[-3000:]
     assert "BrokenPipeError" not in err and "Traceback" not in err
     step = stopped_step(out, "")  # rank 0 names "a stop signal to another rank"
-    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
-    run(torchrun(config, 2, 2, "--resume", "latest", f"train.steps={step + 1}"), run_dir)  # it resumes
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"  # resumed exactly: test_cluster.py
 
 
 def test_a_rank_killed_with_sigkill_takes_its_fork_server_and_workers_along(tmp_path, features):

@@ -227,7 +227,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path, stage
     assert "3 non-finite steps in a row" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
+# All slow: the schedule through 3 ranks is also held by the resize test (tests/test_cluster.py) and on 2
+# ranks by every launcher cell and the kill test (assert_lr_follows_the_schedule).
+@pytest.mark.parametrize("ranks", [pytest.param(n, marks=pytest.mark.slow) for n in (1, 2, 3)])
 def test_learning_rate_schedule_is_one_step_per_optimizer_step_on_any_number_of_ranks(tmp_path, ranks):
     """Warmup + cosine on 1, 2 and 3 ranks (cached features: no towers, fast). Through
     `accelerate prepare`, a scheduler stepped world_size times per step reached its floor
