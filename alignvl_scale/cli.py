@@ -237,15 +237,17 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
-                        help="safetensors: for load_encoder and eval; hf: a transformers folder for "
-                        "AutoModel.from_pretrained (after `import alignvl_scale.export.hf`), with a model card")
+                        help="safetensors: for load_encoder and eval; hf: a transformers folder that transformers "
+                        "alone loads (AutoModel / AutoProcessor / pipeline with trust_remote_code=True), with a model "
+                        "card; eval takes both")
     export.add_argument("--push-to-hub", metavar="REPO", help="with --format hf: upload the folder to this Hub "
                         "repository (huggingface_hub; needs a token)")
     export.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository")
     export.set_defaults(func=_export)
     evaluate = sub.add_parser("eval", help="retrieval R@1/5/10 and zero-shot accuracy of an exported model or a "
                               "checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="an export folder or RUN_DIR/checkpoints/step_N")
+    evaluate.add_argument("--checkpoint", required=True, help="an export folder (either format) or "
+                          "RUN_DIR/checkpoints/step_N")
     evaluate.add_argument("--data", nargs="*", default=[], help="retrieval sets: shard specs or .jsonl files")
     evaluate.add_argument("--zero-shot", nargs="*", default=[], metavar="FOLDER",
                           help="zero-shot classification: image folders with one subfolder per class")

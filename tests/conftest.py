@@ -110,6 +110,19 @@ def assert_lr_follows_the_schedule(run_dir: Path) -> None:
 
 
 
+def borrowing_venv(folder: Path) -> tuple[Path, Path]:
+    """A fresh venv whose dependencies (torch, transformers, ...) are this environment's,
+    borrowed through a .pth path entry, where the editable install's own .pth files are not
+    read: alignvl_scale cannot be imported there (a stranger's machine, or the wheel's). Returns
+    its python and its site-packages."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "borrowed_dependencies.pth").write_text(str(Path(yaml.__file__).parents[1]) + "\n")
+    return python, site
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (children, theirs, ...), from /proc."""
     found, frontier = [], [pid]

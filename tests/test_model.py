@@ -3,15 +3,10 @@ import math
 import pytest
 import torch
 
+from alignvl_scale.config import MAX_LOGIT_SCALE
 from alignvl_scale.losses.registry import OBJECTIVES
-from alignvl_scale.model.head import (
-    MAX_LOGIT_SCALE,
-    AlignVLHead,
-    LatentMixup,
-    RandomPerturbation,
-    Temperature,
-    build_adapter,
-)
+from alignvl_scale.model.head import AlignVLHead, LatentMixup, RandomPerturbation
+from alignvl_scale.model.portable import Temperature, build_adapter
 
 
 def test_zero_sigma_and_no_mixup_are_identities():
@@ -123,7 +118,7 @@ def test_bad_model_arguments():
 
 
 def test_temperature_is_1d_and_clamped_in_forward():
-    t = Temperature(1 / 0.07)
+    t = Temperature(1 / 0.07, MAX_LOGIT_SCALE)
     assert t.log_scale.shape == (1,)
     assert t().item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
@@ -170,7 +165,7 @@ def test_noise_on_low_precision_features_keeps_its_level(dtype):
 
 def test_temperature_above_the_maximum_comes_back_when_the_loss_asks():
     """A plain clamp has zero gradient above the limit: an overshooting scale stays there."""
-    t = Temperature(1 / 0.07)
+    t = Temperature(1 / 0.07, MAX_LOGIT_SCALE)
     with torch.no_grad():
         t.log_scale.fill_(math.log(120.0))
     optimizer = torch.optim.AdamW(t.parameters(), lr=0.05, weight_decay=0.0)

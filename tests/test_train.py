@@ -77,11 +77,11 @@ def tensorboard_tags(run_dir: Path) -> set[str]:
 
 
 def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder, image: Path) -> None:
-    """`export --format hf`: transformers loads it (no remote code, after `import
-    alignvl_scale.export.hf`) and gives the same embeddings as `load_encoder`, from its own image
-    processor too (the towers have none: the trained transform is saved as one), on an
-    image that is not square, and the same logits (with the bias of a sigmoid objective);
-    the folder names no local path."""
+    """`export --format hf` of a trained checkpoint: transformers loads it (here with this package
+    imported, which registers the same classes; without it, tests/test_hf.py) and gives the same
+    embeddings as `load_encoder`, from its own image processor too (the towers have none: the
+    trained transform is saved as one), on an image that is not square, and the same logits
+    (with the bias of a sigmoid objective); the folder carries its code and names no local path."""
     subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "export", "--checkpoint", str(checkpoint), "--out",
                     str(hf_dir), "--format", "hf"], check=True, cwd=ROOT, env=env(), capture_output=True)
     from PIL import Image
@@ -89,13 +89,14 @@ def assert_hf_export_equals_the_encoder(checkpoint: Path, hf_dir: Path, encoder,
 
     import alignvl_scale.export.hf  # noqa: F401  (registers the alignvl model type)
 
-    assert "auto_map" not in json.loads((hf_dir / "config.json").read_text())
+    assert "AutoModel" in json.loads((hf_dir / "config.json").read_text())["auto_map"]
+    assert (hf_dir / "modeling_alignvl.py").is_file()
     model = AutoModel.from_pretrained(hf_dir).eval()
     tokens = AutoTokenizer.from_pretrained(hf_dir)(["caption 3", "a cat"], padding="max_length", max_length=16,
                                                    truncation=True, return_tensors="pt")
     wide = image.with_name("wide.png")
     Image.open(image).convert("RGB").resize((37, 23)).save(wide)
-    processor = AutoImageProcessor.from_pretrained(hf_dir, backend="pil")
+    processor = AutoImageProcessor.from_pretrained(hf_dir)
     with torch.no_grad():
         text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         pixels = processor(images=Image.open(wide).convert("RGB"), return_tensors="pt")["pixel_values"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import make_tiny_towers, write_image_shards
+from conftest import borrowing_venv, make_tiny_towers, write_image_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,15 +30,9 @@ def test_wheel_ships_its_configs_and_trains_outside_the_source_tree(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
                     str(source)], check=True, capture_output=True, timeout=300)
     wheel = next(dist.glob("alignvl_scale-*.whl"))
-    # A fresh venv holding the wheel; its dependencies (torch, deepspeed, ...) are borrowed
-    # from this environment's site-packages through a .pth path entry, where the editable
-    # install's own .pth files are not read: alignvl_scale can only come from the wheel.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
-    (site / "borrowed_dependencies.pth").write_text(str(Path(yaml.__file__).parents[1]) + "\n")
+    # A fresh venv holding the wheel: alignvl_scale can only come from the wheel.
+    python, site = borrowing_venv(tmp_path / "venv")
+    venv = python.parents[1]
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     shipped = {p.relative_to(site / "alignvl_scale").as_posix() for p in (site / "alignvl_scale").rglob("*")

@@ -25,18 +25,28 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoProcessor
 
 from alignvl_scale.checkpoint.rundir import CONFIG, SUMMARY, step_of
 from alignvl_scale.checkpoint.weights import consolidated_state_dict, is_training_checkpoint
 from alignvl_scale.config import RunConfig, config_from_dict
 from alignvl_scale.evaluation.evaluate import Encoder
 from alignvl_scale.export.hf import save_hf
+from alignvl_scale.losses.registry import OBJECTIVES
 from alignvl_scale.model.finetune import merge_lora
-from alignvl_scale.model.head import AlignVLModel, build_model, build_preprocessing, build_towers
-from alignvl_scale.model.towers import HFTower, save_tower_files
+from alignvl_scale.model.head import (
+    AlignVLHead,
+    AlignVLModel,
+    Preprocessing,
+    build_model,
+    build_preprocessing,
+    build_towers,
+)
+from alignvl_scale.model.towers import HFTower, ProcessorTransform, Tokenize, save_tower_files
 from alignvl_scale.runtime.files import written_aside
 
 WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"  # what an `export --format hf` folder holds instead of config.yaml
 
 
 def read_run_config(folder: Path) -> RunConfig:
@@ -104,9 +114,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, trust: bool = False) -> P
 
 
 def load_encoder(path: str | Path, device: str = "cpu", trust_checkpoint: bool = False) -> Encoder:
-    """An exported model (or a training checkpoint, consolidated on the fly) ready to
-    `encode_images` / `encode_texts`. trust_checkpoint: see `weights_only_loads`."""
+    """An exported model (either format), or a training checkpoint (consolidated on the fly),
+    ready to `encode_images` / `encode_texts`. trust_checkpoint: see `weights_only_loads`."""
     path = Path(path)
+    if (path / HF_CONFIG).is_file() and not (path / CONFIG).is_file():
+        return _hf_encoder(path, torch.device(device))
     cfg = read_run_config(path)
     for tower in (cfg.model.image_tower, cfg.model.text_tower):  # names relative to the export
         if tower.name and not Path(tower.name).is_absolute() and (path / tower.name).is_dir():
@@ -127,3 +139,19 @@ def load_encoder(path: str | Path, device: str = "cpu", trust_checkpoint: bool =
         module.to(device).eval()
     return Encoder(model, build_preprocessing(cfg), torch.device(device), torch.float32,
                    image_tower, text_tower)
+
+
+def _hf_encoder(path: Path, device: torch.device) -> Encoder:
+    """An `export --format hf` folder as an Encoder: its towers and the package's head with its
+    weights, preprocessed by its own processor (what a transformers user gets, too)."""
+    hf = AutoModel.from_pretrained(path).to(device).eval()  # this package's classes (export/hf.py registers them)
+    processor = AutoProcessor.from_pretrained(path)
+    h = hf.config.head
+    head = AlignVLHead(h["image_dim"], h["text_dim"], h["embed_dim"], h["adapter"], h["adapter_depth"], h["dropout"],
+                       objective=OBJECTIVES[h["objective"]])
+    towers = ("image_tower.", "text_tower.")
+    head.load_state_dict({k: v for k, v in hf.state_dict().items() if not k.startswith(towers)})
+    model = AlignVLModel(head, hf.image_tower, hf.text_tower).to(device).eval()
+    preprocessing = Preprocessing(ProcessorTransform(processor.image_processor),
+                                  Tokenize(processor.tokenizer, processor.max_length, processor.prefix))
+    return Encoder(model, preprocessing, device, torch.float32)

@@ -1,108 +1,56 @@
-"""A trained model as a Hugging Face `transformers` model: `export --format hf` writes a
-folder that `AutoModel.from_pretrained` loads with no remote code, once this module is
-imported (it registers the `alignvl` model type with the Auto classes):
+"""A trained model as a Hugging Face folder that transformers alone loads: `export --format hf`
+writes the weights, the code that runs them (model/portable.py, as modeling_alignvl.py, named by
+`auto_map`), one processor for images and captions, and a model card.
 
-    import alignvl_scale.export.hf  # noqa: F401  (registers AlignVLConfig / AlignVLHFModel)
-    from transformers import AutoModel, AutoProcessor, AutoTokenizer
-    model = AutoModel.from_pretrained("exported_hf/")
-    image_emb = model.get_image_features(pixel_values=...)     # unit norm, (B, embed_dim)
-    text_emb = model.get_text_features(input_ids=..., attention_mask=...)
+    from transformers import AutoModel, AutoProcessor, pipeline
+    model = AutoModel.from_pretrained("exported_hf/", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained("exported_hf/", trust_remote_code=True)
+    out = model(**processor(text=["a dog", "a cat"], images=[image], return_tensors="pt"))
+    out.logits_per_image, out.image_embeds, out.text_embeds     # embeddings unit norm
+    pipeline("zero-shot-image-classification", model="exported_hf/", trust_remote_code=True)
 
-The folder: config.json (both towers' architectures inline, the Align-VL head's settings),
-model.safetensors (fp32), the text tower's tokenizer files, the image processor (the
-tower's own, or the trained transform as a CLIPImageProcessor: same pixels with
-backend="pil"), and README.md (a model card). The towers keep the pooling they were
-trained with, so the embeddings equal `load_encoder`'s. Nothing local leaves with it: the
-run config in config.json and the card has its paths (data, run folder, local tower
-folders) reduced to their last part.
+The folder: config.json (both towers' architectures inline, the head's settings; model type
+`alignvl`, or `alignvl_siglip` for the sigmoid objective, whose zero-shot scores the pipeline
+then reads as sigmoids), model.safetensors (fp32), modeling_alignvl.py, the text tower's
+tokenizer as trained (model_max_length the run's max_length, its padding side), the image
+processor (the tower's own, or the trained transform as a CLIPImageProcessor: the same pixels),
+processor_config.json (the caption prefix and length), README.md. Embeddings equal
+`load_encoder`'s. With this package imported, the same classes load without remote code.
+Nothing local leaves with it: paths (data, run folder, local tower folders) are reduced to
+their last part.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
-import torch
 import yaml
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
-from alignvl_scale.config import ConfigError, RunConfig, config_from_dict
-from alignvl_scale.data.transforms import ImageTransform
+from alignvl_scale.config import MAX_LOGIT_SCALE, RunConfig, TowerConfig
 from alignvl_scale.evaluation.metrics import headline
 from alignvl_scale.losses.registry import OBJECTIVES
-from alignvl_scale.model.head import AlignVLModel, build_model
-from alignvl_scale.model.towers import HFTower, ProcessorTransform, Tokenize
+from alignvl_scale.model import portable
+from alignvl_scale.model.head import AlignVLModel
+from alignvl_scale.model.portable import AlignVLConfig, AlignVLProcessor, AlignVLSiglipConfig
+from alignvl_scale.model.towers import ProcessorTransform
 
-INSTALL = "pip install alignvl-scale"  # the package that registers the model type
+MODELING = "modeling_alignvl.py"  # model/portable.py, as the export carries it
+PROCESSOR_CONFIG = "processor_config.json"
 
-
-class AlignVLConfig(PretrainedConfig):
-    model_type = "alignvl"
-
-    def __init__(self, image_tower: dict | None = None, text_tower: dict | None = None, run: dict | None = None,
-                 **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.image_tower = image_tower or {}  # the image tower's transformers config, as a dict
-        self.text_tower = text_tower or {}
-        self.run = run or {}  # the run config (RunConfig.to_dict()): head settings, tower pooling
-
-
-class AlignVLHFModel(PreTrainedModel):
-    config_class = AlignVLConfig
-    base_model_prefix = "alignvl"
-    main_input_name = "pixel_values"
-
-    def __init__(self, config: AlignVLConfig) -> None:
-        super().__init__(config)
-        run = config_from_dict(config.run, validate=False)
-        towers = [HFTower(getattr(run.model, f"{m}_tower"), m, run.data, load_weights=False,
-                          hf_config=AutoConfig.for_model(**getattr(config, f"{m}_tower"))) for m in ("image", "text")]
-        head = build_model(_feature_config(run, towers)).head
-        self.alignvl = AlignVLModel(head, *towers)
-        self.alignvl.eval()
-        self.post_init()
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        """The weights always come from the export."""
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.alignvl.head.encode_image(self.alignvl.image_tower(pixel_values=pixel_values))
-
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        features = self.alignvl.text_tower(input_ids=input_ids, attention_mask=attention_mask)
-        return self.alignvl.head.encode_text(features)
-
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **_) -> ModelOutput:
-        out = ModelOutput()
-        if pixel_values is not None:
-            out["image_embeds"] = self.get_image_features(pixel_values)
-        if input_ids is not None:
-            out["text_embeds"] = self.get_text_features(input_ids, attention_mask)
-        if pixel_values is not None and input_ids is not None:
-            head = self.alignvl.head
-            logits = head.temperature().reshape(()) * out["image_embeds"] @ out["text_embeds"].T
-            if head.logit_bias is not None:  # sigmoid objectives: sigmoid(logits) is a match probability
-                logits = logits + head.logit_bias().reshape(())
-            out["logits_per_image"] = logits
-            out["logits_per_text"] = out["logits_per_image"].T
-        return out
-
-
-def _feature_config(run: RunConfig, towers: list[HFTower]) -> RunConfig:
-    """The run config with the towers' output sizes filled, so `build_model` makes the head
-    alone (the towers are built here from the inline configs)."""
-    import dataclasses
-
-    model = dataclasses.replace(run.model, image_dim=towers[0].output_dim, text_dim=towers[1].output_dim)
-    return dataclasses.replace(run, model=model, data=dataclasses.replace(run.data, kind="features"))
-
-
-AutoConfig.register("alignvl", AlignVLConfig)
-AutoModel.register(AlignVLConfig, AlignVLHFModel)
+for _config, _model in portable.MODEL_CLASSES.items():  # the package's own classes, without remote code
+    AutoConfig.register(_config.model_type, _config)
+    AutoModel.register(_config, _model)
+    AutoModelForZeroShotImageClassification.register(_config, _model)
+    AutoProcessor.register(_config, AlignVLProcessor)
 
 
 def _local(value: str) -> bool:
@@ -133,18 +81,24 @@ def model_card(cfg: RunConfig, summary: dict | None) -> str:
     paths), final retrieval numbers."""
     run = public_run_config(cfg.to_dict())
     m, data = run["model"], run["data"]
-    lines = ["---", "library_name: transformers", "tags: [alignvl-scale, vision-language, contrastive]", "---", "",
-             "# Align-VL dual encoder", "",
+    lines = ["---", "library_name: transformers", "pipeline_tag: zero-shot-image-classification",
+             "tags: [alignvl-scale, vision-language, contrastive]", "---", "", "# Align-VL dual encoder", "",
              "Trained with alignvl-scale (Random Perturbation + Embedding Smoothing on FuseMix-style adapters). "
-             "The `alignvl` model type comes with that package, not with transformers: `" + INSTALL + "`, then "
-             "`import alignvl_scale.export.hf` before `AutoModel.from_pretrained(...)` (no remote code). For exactly "
-             "the "
-             "training pixels, `AutoImageProcessor.from_pretrained(..., backend=\"pil\")`.", "",
+             "transformers alone runs it; the model's code comes with it (`modeling_alignvl.py`):", "", "```python",
+             "from transformers import AutoModel, AutoProcessor",
+             "model = AutoModel.from_pretrained(MODEL, trust_remote_code=True)",
+             "processor = AutoProcessor.from_pretrained(MODEL, trust_remote_code=True)",
+             "out = model(**processor(text=[\"a dog\", \"a cat\"], images=[image], return_tensors=\"pt\"))"
+             "  # out.logits_per_image", "```", "",
+             "Or `pipeline(\"zero-shot-image-classification\", model=MODEL, trust_remote_code=True)`"
+             + (f" with `hypothesis_template=\"{cfg.model.text_tower.prefix}...{{}}\"`: the pipeline tokenizes labels "
+                "itself, without the prefix the text tower was trained with" if cfg.model.text_tower.prefix else "")
+             + ". The processor adds the text tower's prefix and pads and truncates captions as training did.", "",
              "| | |", "|---|---|"]
     for modality in ("image", "text"):
         tower = m[f"{modality}_tower"]
-        lines.append(f"| {modality} tower | {_cell(tower['name'])} ({_cell(tower['pooling'])} pooling, "
-                     f"{'trained' if tower['trainable'] else 'frozen'}) |")
+        lines.append(f"| {modality} tower | {_cell(tower['name'] or tower['kind'])} ({_cell(tower['pooling'])} "
+                     f"pooling, {'trained' if tower['trainable'] else 'frozen'}) |")
     mix = cfg.model
     lines += [f"| adapters | {_cell(mix.adapter)} (depth {mix.adapter_depth}) -> {mix.embed_dim}-d |",
               f"| latent mixup | {_cell(mix.mixup)}" + (f", Beta({mix.mixup_beta:g}, {mix.mixup_beta:g})"
@@ -162,27 +116,57 @@ def model_card(cfg: RunConfig, summary: dict | None) -> str:
     return "\n".join(lines)
 
 
+def hf_config(model: AlignVLModel, cfg: RunConfig) -> AlignVLConfig:
+    """The export's config.json: both towers (model/portable.py `Tower` specs, local paths
+    reduced), the text tower's tokenization as trained, the head, and the public run config."""
+    text = cfg.model.text_tower
+    towers = [_tower_spec(t) for t in (model.image_tower, model.text_tower)]
+    towers[1].update(max_length=text.max_length, prefix=text.prefix, padding_side=text.padding_side)
+    head = model.head
+    config_class = AlignVLSiglipConfig if head.objective.calibration == "sigmoid" else AlignVLConfig
+    config = config_class(image_tower=towers[0], text_tower=towers[1], run=public_run_config(cfg.to_dict()), head={
+        "adapter": cfg.model.adapter, "adapter_depth": cfg.model.adapter_depth, "dropout": cfg.model.dropout,
+        "image_dim": model.image_tower.output_dim, "text_dim": model.text_tower.output_dim,
+        "embed_dim": cfg.model.embed_dim, "max_logit_scale": MAX_LOGIT_SCALE, "logit_bias": head.logit_bias is not None,
+        "objective": head.objective.name})
+    module, model_class = Path(MODELING).stem, portable.MODEL_CLASSES[config_class].__name__
+    config.auto_map = {"AutoConfig": f"{module}.{config_class.__name__}", "AutoModel": f"{module}.{model_class}",
+                       "AutoModelForZeroShotImageClassification": f"{module}.{model_class}"}
+    config.architectures = [model_class]
+    return config
+
+
+def _tower_spec(tower) -> dict:
+    """How model/portable.py `Tower` rebuilds it, with no local path."""
+    spec = dict(tower.spec)
+    if "config" in spec:
+        spec["config"] = {k: v for k, v in spec["config"].items() if k not in ("_name_or_path", "name_or_path")}
+    return public_run_config(spec)
+
+
+def processor_of(preprocessing, text: TowerConfig) -> AlignVLProcessor:
+    """The run's image transform and tokenizer as one processor, the tokenizer saved as it was
+    used (model_max_length, padding side, truncation at the end, not the prefix's)."""
+    image = preprocessing.image_transform
+    image_processor = image.processor if isinstance(image, ProcessorTransform) else image.hf_processor()
+    tokenizer = preprocessing.tokenize.tokenizer
+    tokenizer.model_max_length, tokenizer.padding_side, tokenizer.truncation_side = (text.max_length,
+                                                                                     text.padding_side, "right")
+    return AlignVLProcessor(image_processor, tokenizer, prefix=text.prefix, max_length=text.max_length)
+
+
 def save_hf(model: AlignVLModel, cfg: RunConfig, preprocessing, out: Path, summary: dict | None = None) -> Path:
-    """`model` (loaded with the trained weights) as an HF folder at `out`."""
-    towers = (model.image_tower, model.text_tower)
-    if not all(isinstance(t, HFTower) for t in towers):
-        raise ConfigError("export --format hf: both towers must be transformers models (model.*_tower.kind: hf); "
-                          f"this run has {cfg.model.image_tower.kind} and {cfg.model.text_tower.kind}")
-    tower_configs = [public_run_config({k: v for k, v in t.model.config.to_dict().items() if k != "_name_or_path"})
-                     for t in towers]
-    config = AlignVLConfig(image_tower=tower_configs[0], text_tower=tower_configs[1],
-                           run=public_run_config(cfg.to_dict()),
-                           alignvl_install=f"{INSTALL}; import alignvl_scale.export.hf")
-    hf_model = AlignVLHFModel(config)
-    hf_model.alignvl.load_state_dict(model.state_dict(), strict=True)
+    """`model` (loaded with the trained weights) as a transformers folder at `out`."""
+    config = hf_config(model, cfg)
+    hf_model = portable.MODEL_CLASSES[type(config)](config)
+    hf_model.load_state_dict({k.removeprefix("head."): v for k, v in model.state_dict().items()}, strict=True)
     hf_model.save_pretrained(out)
-    for prep in (preprocessing.image_transform, preprocessing.tokenize):
-        if isinstance(prep, Tokenize):
-            prep.tokenizer.save_pretrained(out)
-        if isinstance(prep, ProcessorTransform):
-            prep.processor.save_pretrained(out)
-        if isinstance(prep, ImageTransform):  # no processor of its own: the trained transform as one
-            prep.hf_processor().save_pretrained(out)
+    shutil.copyfile(portable.__file__, out / MODELING)
+    processor_of(preprocessing, cfg.model.text_tower).save_pretrained(out)
+    processor_config = json.loads((out / PROCESSOR_CONFIG).read_text()) if (out / PROCESSOR_CONFIG).exists() else {}
+    processor_config.update(processor_class="AlignVLProcessor",
+                            auto_map={"AutoProcessor": f"{Path(MODELING).stem}.AlignVLProcessor"})
+    (out / PROCESSOR_CONFIG).write_text(json.dumps(processor_config, indent=2))
     (out / "README.md").write_text(model_card(cfg, summary))
     return out
 

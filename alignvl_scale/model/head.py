@@ -9,7 +9,6 @@ generator state can be checkpointed with `rng_state()` / `load_rng_state()`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from alignvl_scale.config import MAX_LOGIT_SCALE, Mixup, NoiseMode, RunConfig, choices, tower_config
 from alignvl_scale.data.shards import DataSourceError, manifest_of
 from alignvl_scale.losses.registry import OBJECTIVES, HeadOutput, ObjectiveSpec
+from alignvl_scale.model.portable import LearnedBias, Temperature, build_adapter
 from alignvl_scale.model.towers import build_preprocessing as tower_preprocessing
 from alignvl_scale.model.towers import build_tower
 from alignvl_scale.runtime.compat import beta_pair_weight
@@ -122,82 +122,6 @@ class LatentMixup(_Seeded):
         return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 
-class ResidualMLPBlock(nn.Module):
-    def __init__(self, dim: int, expansion: int, dropout: float) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, expansion * dim), nn.GELU(),
-                                  nn.Dropout(dropout), nn.Linear(expansion * dim, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
-
-
-def build_adapter(kind: str, in_dim: int, out_dim: int, depth: int = 2, expansion: int = 4,
-                  dropout: float = 0.1) -> nn.Module:
-    """`mlp`: the FuseMix residual MLP (depth blocks, then LayerNorm + Linear to out_dim);
-    `linear`: one Linear. Outputs are not normalized here (see AlignVLHead)."""
-    if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if kind == "mlp":
-        blocks = [ResidualMLPBlock(in_dim, expansion, dropout) for _ in range(depth)]
-        return nn.Sequential(*blocks, nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
-    raise ValueError(f"adapter kind must be 'mlp' or 'linear', got {kind!r}")
-
-
-class _ClampMaxComeBack(torch.autograd.Function):
-    """min(x, limit) whose gradient above the limit still lets x come down.
-
-    A plain clamp has zero gradient above the limit, so a parameter that overshoots stays
-    there for ever. Here, above the limit, a gradient that would lower x (positive, under
-    gradient descent) passes through and one that would raise x further is dropped.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, limit: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.limit = limit
-        return x.clamp(max=limit)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        above = x > ctx.limit
-        return torch.where(above & (grad < 0), torch.zeros_like(grad), grad), None
-
-
-class Temperature(nn.Module):
-    """Learnable log temperature t; forward gives exp(t), at most MAX_LOGIT_SCALE.
-
-    The parameter is 1-D (shape [1]): DeepSpeed 0.19 crashes on 0-dim parameters. The clamp
-    is in forward (under ZeRO the optimizer updates fp32 master copies, not the module's
-    parameter), with a gradient that lets an overshooting t come back down
-    (`_ClampMaxComeBack`). Under bf16 the parameter stays fp32 (autocast), so t moves with
-    fp32 resolution.
-    """
-
-    def __init__(self, init: float, max_scale: float = MAX_LOGIT_SCALE) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
-        self.max_scale = max_scale
-
-    def forward(self) -> Tensor:
-        return _ClampMaxComeBack.apply(self.log_scale.float().exp(), self.max_scale)
-
-
-class LearnedBias(nn.Module):
-    """The sigmoid objective's logit bias b; a module (ZeRO-3 gathers a parameter for its
-    module's forward) holding a 1-D fp32 parameter, like Temperature."""
-
-    def __init__(self, init: float) -> None:
-        super().__init__()
-        self.value = nn.Parameter(torch.full((1,), float(init)))
-
-    def forward(self) -> Tensor:
-        # A tensor of its own, not a view of the parameter: the optimizer steps the parameter
-        # in place (a cached or logged value would change with it), and ZeRO-3 may release it.
-        return self.value.float().clone()
-
-
 @contextmanager
 def _fp32(device: torch.device):
     """Autocast off and no TF32: the head's numbers at fp32 resolution whatever the towers run in."""
@@ -229,7 +153,8 @@ class AlignVLHead(nn.Module):
         self.image_adapter = build_adapter(adapter, image_dim, embed_dim, adapter_depth, dropout=dropout)
         self.text_adapter = build_adapter(adapter, text_dim, embed_dim, adapter_depth, dropout=dropout)
         self.objective = objective
-        self.temperature = Temperature(objective.logit_scale_init if logit_scale_init is None else logit_scale_init)
+        self.temperature = Temperature(objective.logit_scale_init if logit_scale_init is None else logit_scale_init,
+                                       MAX_LOGIT_SCALE)
         bias = objective.logit_bias_init if logit_bias_init is None else logit_bias_init
         self.logit_bias = LearnedBias(bias) if objective.logit_bias_init is not None else None
 

