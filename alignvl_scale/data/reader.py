@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from alignvl_scale.config import DataConfig, DecodeLimits, UserError
+from alignvl_scale.data.remote import prefetch, reader_modules
 from alignvl_scale.data.samples import (
     CAPTION_MEMBERS,
     RawSample,
@@ -79,6 +80,16 @@ def window_shuffle(items: Iterator[RawSample], window: int, rng: random.Random) 
         yield item
     rng.shuffle(buffer)
     yield from buffer
+
+
+def with_next(items: Iterator) -> Iterator[tuple]:
+    """(item, the item after it or None) for each item; `items` may be endless."""
+    items = iter(items)
+    current = next(items, None)
+    while current is not None:
+        upcoming = next(items, None)
+        yield current, upcoming
+        current = upcoming
 
 
 def _unit_hash(*parts: object) -> float:
@@ -156,12 +167,15 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
     """(raw items consumed so far, example or SkipSample, its raw sample) for one shard,
     skipping the first `start` raw items undecoded. With `expected` (the manifest's count),
     a shard that ends early yields one 'missing_samples' skip per missing sample: a tar cut
-    at a block boundary reads as a shorter, valid tar, and would otherwise lose them silently.
+    at a block boundary reads as a shorter, valid tar, and would otherwise lose them silently
+    (a remote shard that became unreachable: 'unreachable_shard' skips instead).
     `selection` leaves samples out and swaps captions (data.train_fraction, data.caption_noise)."""
     keep, swaps = (selection or SampleSelection()).plan(url, expected, decode.limits.max_member_bytes)
     samples = _selected(raw_samples(url, decode.limits.max_member_bytes), keep, swaps)
-    consumed = 0
+    consumed, lost = 0, ("missing_samples", f"{url}: manifest says {expected}, shard holds")
     for consumed, raw in enumerate(window_shuffle(samples, window, rng), start=1):
+        if raw is not None and raw.reason == "unreachable_shard":
+            lost = ("unreachable_shard", raw.detail)
         if consumed <= start or raw is None:
             continue
         try:
@@ -171,8 +185,8 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
             skip.key = raw.key
             yield consumed, skip, raw
     for missing in range(max(consumed, start) + 1, (expected or 0) + 1):
-        yield missing, SkipSample("missing_samples", f"{url}: manifest says {expected}, shard holds {consumed}"), \
-            RawSample("", {})
+        detail = f"{lost[1]} {consumed}" if lost[0] == "missing_samples" else lost[1]
+        yield missing, SkipSample(lost[0], detail), RawSample("", {})
 
 
 class ImageTextDecoder:
@@ -305,9 +319,11 @@ class ShardStream(IterableDataset):
         # Where a resume restarts this worker: just after its last batch. Count-only reports
         # carry it too, so that the samples pending in an unfinished batch are not skipped.
         committed = (place0, start0)
-        for place, task in enumerate(self.worker_tasks(worker, workers)):
+        for place, (task, upcoming) in enumerate(with_next(self.worker_tasks(worker, workers))):
             if place < place0:
                 continue
+            if upcoming is not None:  # a remote shard is fetched while this one decodes
+                prefetch(upcoming.url)
             start = start0 if place == place0 else task.start
             for consumed, example, raw in shard_examples(task.url, self.decode, self.cfg.shuffle_window,
                                                          seeded_rng(*task.rng), start, task.samples, self.selection):
@@ -495,15 +511,26 @@ def _exit_with(pid: int) -> None:
     os._exit(0)
 
 
-def worker_context(ignore_signals: tuple[str, ...]):
+def modules_of(obj: object, depth: int = 2) -> list[str]:
+    """The modules of `obj`'s class and of its attributes' classes, `depth` levels down: what a
+    worker imports to unpickle it (the decoder's tokenizer brings transformers, about a second)."""
+    found = [type(obj).__module__]
+    if depth and hasattr(obj, "__dict__"):
+        for value in vars(obj).values():
+            found += modules_of(value, depth - 1)
+    return list(dict.fromkeys(m for m in found if m not in ("builtins", "__main__")))
+
+
+def worker_context(ignore_signals: tuple[str, ...], preload: list[str]):
     """The fork server that DataLoader workers start from: a fresh, single-threaded process
-    with the reader's modules imported once (so a worker starts in milliseconds), which ignores
-    `ignore_signals` from its start, and so do the workers it forks (data/worker_signals.py)."""
+    with the reader's modules and `preload` imported once (so that a worker, started again each
+    epoch, starts in milliseconds), which ignores `ignore_signals` from its start, and so do
+    the workers it forks (data/worker_signals.py)."""
     import multiprocessing
 
     os.environ[IGNORED_SIGNALS] = f"{os.getpid()}:{','.join(ignore_signals)}"
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["alignvl_scale.data.worker_signals", "alignvl_scale.data.reader"])
+    context.set_forkserver_preload(["alignvl_scale.data.worker_signals", "alignvl_scale.data.reader", *preload])
     return context
 
 
@@ -582,7 +609,7 @@ class TrainStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None,
                             pin_memory=torch.cuda.is_available(),
-                            multiprocessing_context=worker_context(self.ignore_signals) if self.cfg.workers else None,
+                            multiprocessing_context=self._worker_context() if self.cfg.workers else None,
                             worker_init_fn=functools.partial(_worker_init, self.ignore_signals, os.getpid()))
         for item in loader:
             self.state.positions[item["worker"]] = tuple(item["position"])
@@ -595,6 +622,10 @@ class TrainStream:
             yield item["batch"]
             if self.epoch_done():
                 return
+
+    def _worker_context(self):
+        urls = [shard.url for source in self.sources for shard in source]
+        return worker_context(self.ignore_signals, modules_of(self.decode) + reader_modules(urls))
 
     def next_epoch(self) -> None:
         self.state = StreamState(epoch=self.state.epoch + 1, workers=self.cfg.workers)

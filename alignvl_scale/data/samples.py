@@ -25,6 +25,8 @@ import webdataset as wds
 from PIL import Image
 
 from alignvl_scale.config import DecodeLimits
+from alignvl_scale.data.remote import Unreachable, is_remote, open_remote
+from alignvl_scale.runtime.log import warn
 
 # The only image formats decoded, and the Pillow plugin each extension may use: EPS
 # content named `.png` must not reach Pillow's Ghostscript plugin.
@@ -37,6 +39,7 @@ UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "mp", "msgpack")
 
 SKIP_REASONS = (
     "truncated_tar",      # the tar stream ended or broke mid-member; the rest of the shard is lost
+    "unreachable_shard",  # a remote shard that could not be read (404, 403, retries spent): all its samples
     "undecodable_image",
     "missing_image",
     "missing_caption",
@@ -245,16 +248,24 @@ class RawSample:
         return self.members
 
 
+def open_shard(url: str):
+    """A shard's bytes as a stream: a remote URL through `data/remote.py` (reopened at the byte
+    reached when a transfer breaks), else a local path or `pipe:` command through webdataset."""
+    return open_remote(url) if is_remote(url) else wds.gopen(url, "rb")
+
+
 def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes) -> Iterator[RawSample]:
     """Group a tar stream's members by key. A broken stream ends the shard with one
-    'truncated_tar' item; a key seen twice yields a 'duplicate_key' item for the copy.
+    'truncated_tar' item (an empty shard, and a remote one that stays unreachable, with one
+    'unreachable_shard' item and a line on the console); a key seen twice yields a
+    'duplicate_key' item for the copy.
     A member is read only when its header declares at most `max_member_bytes` and it is
     not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
     'oversized_member' skip and the stream moves past the member without keeping it."""
     seen: set[str] = set()
     current: RawSample | None = None
     try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -274,7 +285,13 @@ def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes)
                 if ext in current.members:
                     current.reason = "duplicate_key"
                 current.members[ext] = tar.extractfile(info).read()
+    except Unreachable as exc:
+        warn(f"unreachable shard {exc}: its samples are skipped (unreachable_shard)")
+        yield RawSample(current.key if current else "", {}, "unreachable_shard", str(exc))
+        return
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if current is None and "empty file" in str(exc):
+            warn(f"{url} is empty (0 bytes): skipped")
         yield RawSample(current.key if current else "", {}, "truncated_tar", f"{url}: {exc}")
         return
     if current is not None:

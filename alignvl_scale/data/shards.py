@@ -25,6 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from alignvl_scale.config import UserError
+from alignvl_scale.data.remote import Unreachable, is_remote, read_remote, write_remote
+from alignvl_scale.data.remote import exists as remote_exists
 from alignvl_scale.data.samples import (
     DecodeLimits,
     SkipSample,
@@ -90,21 +92,28 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard
     return write_manifest(out, kind, shards, extra)
 
 
-def write_manifest(folder: Path, kind: str, shards: list[dict], extra: dict | None = None) -> dict:
+def write_manifest(folder: str | Path, kind: str, shards: list[dict], extra: dict | None = None) -> dict:
     """The one place a manifest is made: written last and atomically, so a folder with a
-    manifest is complete. `shards`: [{"name": ..., "samples": n, ...}] in order."""
+    manifest is complete (a local folder, or an object store's: `data/remote.py`).
+    `shards`: [{"name": ..., "samples": n, ...}] in order."""
     manifest = {"format": MANIFEST_FORMAT, "kind": kind, "shards": shards,
                 "samples": sum(s["samples"] for s in shards), **(extra or {})}
-    write_json_atomic(Path(folder) / MANIFEST, manifest)
+    if is_remote(str(folder)):
+        write_remote(_join(str(folder), MANIFEST), json.dumps(manifest, indent=1))
+    else:
+        write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """A shard folder's manifest, checked: every shard a plain file name in the folder with a
-    positive sample count (a zero or negative count made epochs without batches)."""
-    path = Path(folder) / MANIFEST
+    """A shard folder's manifest (a local folder, or a remote one: `data/remote.py`), checked:
+    every shard a plain file name in the folder with a positive sample count (a zero or
+    negative count made epochs without batches)."""
+    path = _join(str(folder), MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_remote(path) if is_remote(path) else Path(path).read_text())
+    except Unreachable as exc:
+        raise DataSourceError(f"{path}: no manifest to read ({exc.why})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DataSourceError(f"{path}: unreadable manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
@@ -122,17 +131,59 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}" if is_remote(folder) else str(Path(folder) / name)
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if is_remote(url) else str(Path(url).parent)
+
+
+def _is_folder_spec(spec: str) -> bool:
+    """A folder (of shards and a manifest), as opposed to shard files: local folders are
+    folders; a remote URL is one when it does not name a .tar file or manifest.json."""
+    if is_remote(spec):
+        return not spec.rstrip("/").endswith((".tar", MANIFEST)) and "{" not in spec
+    return Path(spec).is_dir()
+
+
+def _has_manifest(folder: str) -> bool:
+    return remote_exists(_join(folder, MANIFEST)) if is_remote(folder) else (Path(folder) / MANIFEST).exists()
+
+
 def manifest_of(spec: str) -> dict | None:
     """The manifest of the folder a spec names (a folder, its manifest.json, or files in it)."""
-    path = Path(spec)
-    folder = path if path.is_dir() else path.parent
-    return read_manifest(folder) if not spec.startswith("pipe:") and (folder / MANIFEST).exists() else None
+    if spec.startswith("pipe:"):
+        return None
+    folder = spec.rstrip("/") if _is_folder_spec(spec) else _parent(spec)
+    return read_manifest(folder) if _has_manifest(folder) else None
+
+
+def _remote_shards(spec: str, samples_per_shard: int | None) -> list[Shard]:
+    """A remote folder (its manifest lists the shards), or a (brace-expanded) list of remote
+    shards, counted by the manifest beside them where there is one. Nothing is listed: object
+    stores and HTTP servers alike answer for the names the spec gives; the first shard of a
+    list without a manifest is checked, so that a typo fails before launch."""
+    if _is_folder_spec(spec) or spec.endswith(MANIFEST):
+        folder = spec.rstrip("/").removesuffix(MANIFEST).rstrip("/")
+        return [Shard(_join(folder, s["name"]), s["samples"]) for s in read_manifest(folder)["shards"]]
+    urls = wds.shardlists.expand_urls(spec)
+    folder = _parent(urls[0])
+    if _has_manifest(folder):
+        counts = {_join(folder, s["name"]): s["samples"] for s in read_manifest(folder)["shards"]}
+        return [Shard(u, counts.get(u, samples_per_shard)) for u in urls]
+    if not remote_exists(urls[0]):
+        raise DataSourceError(f"{spec}: the shard {urls[0]} cannot be read (missing, or no access)")
+    return [Shard(u, samples_per_shard) for u in urls]
 
 
 def resolve_spec(spec: str, samples_per_shard: int | None = None) -> list[Shard]:
-    """Shards of one source spec: a folder or manifest.json written by `shards`, or a
-    brace-expanded list of urls (`/data/s-{000..099}.tar`, `pipe:aws s3 cp s3://b/s-{0..9}.tar -`).
-    Counts come from the manifest beside local files, else from samples_per_shard."""
+    """Shards of one source spec: a folder or manifest.json written by `shards` (or indexed by
+    `shards index`), local or remote (`http(s)://`, `s3://`, `gs://`), or a brace-expanded list
+    of urls (`/data/s-{000..099}.tar`, `s3://b/s-{0..9}.tar`, `pipe:aws s3 cp s3://b/s-{0..9}.tar -`).
+    Counts come from the manifest beside the files, else from samples_per_shard."""
+    if is_remote(spec):
+        return _remote_shards(spec, samples_per_shard)
     path = Path(spec)
     if not spec.startswith("pipe:") and (path.is_dir() or path.name == MANIFEST):
         folder = path if path.is_dir() else path.parent
