@@ -20,7 +20,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", tempfile.mkdtemp(prefix="alignvl-tests-torch-ext-"))
 
 from alignvl_scale.config import config_from_dict  # noqa: E402
-from alignvl_scale.data.synthetic import make_tiny_towers, png_bytes, write_image_shards  # noqa: E402,F401
+from alignvl_scale.data.synthetic import (  # noqa: E402,F401
+    make_tiny_towers,
+    png_bytes,
+    write_feature_shards,
+    write_image_shards,
+)
 from alignvl_scale.runtime.distributed import free_port  # noqa: E402
 from alignvl_scale.training.schedule import learning_rate  # noqa: E402
 
@@ -32,6 +37,14 @@ EXIT_ABORT = "terminate called without an active exception"
 
 
 GLOBAL_BATCH = 12  # 2 ranks x 6, 3 x 4, 1 x 12
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    """Cached features for `cluster_config` runs: an epoch is 16 steps of GLOBAL_BATCH."""
+    root = tmp_path_factory.mktemp("features")
+    write_feature_shards(root / "train", GLOBAL_BATCH * 16, shards=12)
+    return root / "train"
 
 
 def cluster_config(tmp_path: Path, features: Path, name: str = "run", **sections) -> tuple[Path, Path]:

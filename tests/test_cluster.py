@@ -49,13 +49,6 @@ from alignvl_scale.runtime.distributed import free_port
 from alignvl_scale.training.launch import LaunchEnv, LaunchError, check_declared_world, export_torch_env, launch_env
 
 
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    write_feature_shards(root / "train", 12 * 16, shards=12)  # an epoch: 16 steps of 12
-    return root / "train"
-
-
 def optimizer_view(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every trained parameter's fp32 weight, Adam moments and step, by name, whatever
     ZeRO stage and world wrote the checkpoint (through the universal conversion)."""

@@ -37,13 +37,6 @@ from alignvl_scale.data.synthetic import write_feature_shards
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    write_feature_shards(root / "train", 12 * 16, shards=12)  # an epoch: 16 steps of 12
-    return root / "train"
-
-
-@pytest.fixture(scope="module")
 def one_step_epochs(tmp_path_factory):
     """Two shards of 6: with 2 ranks x 1 worker, every epoch is one step (a new epoch, and new
     DataLoader workers from the fork server, at every step)."""
