@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, env, torchrun
-from test_cluster import cluster_config, features  # noqa: F401  (the fixture)
+from conftest import ROOT, cluster_config, env, torchrun
 
 from alignvl_scale.runtime import ds_ops
 
