@@ -194,7 +194,8 @@ class LossConfig:
     logit_bias_init: float | None = None
     """siglip: the bias at step 0; null: the objective's (-10). Objectives without a bias refuse it."""
     chunk_size: int | None = None
-    """null: the plain B x N logits per direction; an int: the fused path, tiles of this many columns."""
+    """null: the plain B x N logits per direction; an int: the fused path, tiles of at most this many rows and
+    columns (memory O(chunk^2 + N x d))."""
     matmul_precision: MatmulPrecision = "fp32"
     """The fused path's tile matmuls: fp32, tf32 or bf16 (split bf16 with fp32 accumulation)."""
 
@@ -364,8 +365,9 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     ds_config: str | None = None
-    """The DeepSpeed JSON (the ZeRO stage lives there): a path or a shipped name (zero1, zero2, zero3,
-    zero3_offload); null: the one an `accelerate launch` config names, else zero2."""
+    """The DeepSpeed JSON (the ZeRO stage lives there): a path or a shipped name (zero0, zero1, zero2, zero3,
+    zero3_offload; zero0 for adapter-only runs, where nothing is worth sharding); null: the one an `accelerate
+    launch` config names, else zero2."""
     collective_timeout: int = 1800
     """Seconds a collective may wait for a peer (one that died or hangs) before the run stops with a line saying a
     peer was lost."""

@@ -6,12 +6,13 @@ SigLipLoss, its default bidirectional neighbour exchange), side by side in one r
 Each (N, world, mode) cell runs in fresh processes (gloo ranks when world > 1, CPU only),
 so peak memory is that cell's alone: on CPU the growth of the peak RSS after the inputs
 exist (max over ranks), on CUDA the allocator's peak above the inputs. Time is the median
-of --reps forward+backward passes (after one warm-up pass on CUDA), as seen by rank 0. Ratios are
-against open_clip's ClipLoss where it ran, else against our plain loss.
+over --rounds fresh processes (the modes' order alternating round to round) of the median of
+--reps forward+backward passes in each (after one warm-up pass on CUDA), as seen by rank 0.
+Ratios are against open_clip's loss where it ran, else against our plain loss.
 
     python benchmarks/loss_bench.py                                  # CPU: the README table
     python benchmarks/loss_bench.py --device cuda --sizes 16384 65536 262144 --worlds 1
-    python benchmarks/loss_bench.py --sizes 4096 --reps 2            # a quick look
+    python benchmarks/loss_bench.py --sizes 4096 --rounds 1          # a quick look
     python benchmarks/loss_bench.py --objective siglip               # the sigmoid loss: README's second table
 """
 
@@ -155,6 +156,15 @@ def run_cell(mode: str, n: int, world: int, args: argparse.Namespace) -> dict:
     return {"status": "ok", **json.loads(outputs[0][0].strip().splitlines()[-1])}
 
 
+def combined(results: list[dict]) -> dict:
+    """One cell over its rounds: the median time, the largest peak, the first failure if any."""
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        return failed[0]
+    return {"status": "ok", "seconds": statistics.median(r["seconds"] for r in results),
+            "peak_gib": max(r["peak_gib"] for r in results), "round_seconds": [r["seconds"] for r in results]}
+
+
 def device_memory(device: str) -> int:
     if device == "cuda":
         return torch.cuda.get_device_properties(0).total_memory
@@ -172,7 +182,11 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         "(default 1024 on CPU, 4096 on CUDA)")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "tf32", "bf16"],
                         help="tile matmul precisions of the chunked path (default fp32 on CPU; fp32 tf32 bf16 on CUDA)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=1, help="passes per process (their median is the round's)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh processes per cell, the modes' order alternating; time is their median")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="a subset of plain, chunked[-tf32|-bf16], clip (default: all that can run)")
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--objective", choices=list(OPEN_CLIP_LOSSES), default="infonce",
                         help="infonce (ours vs ClipLoss) or siglip (ours vs SigLipLoss)")
@@ -196,6 +210,7 @@ def main() -> None:
     modes = ["plain"] + [f"chunked-{p}" if p != "fp32" else "chunked" for p in precisions]
     if open_clip_loss_class(args.objective) is not None:
         modes.append("clip")
+    modes = [m for m in modes if m in args.modes] if args.modes else modes
     suffix = ("_siglip" if args.objective == "siglip" else "") + ("_cuda" if cuda else "")
     out = args.out or Path(f"benchmarks/results/loss_bench{suffix}.json")
     memory = device_memory(args.device)
@@ -210,12 +225,14 @@ def main() -> None:
     for n in args.sizes:
         for world in worlds:
             full_logits = FULL_LOGITS_BUFFERS * (n // world) * n * 4
-            cells = {}
+            too_big = {mode: {"status": f"skipped: needs ~{full_logits / GIB:.0f} GiB per rank"} for mode in modes
+                       if mode in ("plain", "clip") and full_logits > 0.8 * memory / (1 if cuda else world)}
+            runs = {mode: [] for mode in modes if mode not in too_big}
+            for round_ in range(args.rounds):  # the order alternates: no mode always runs first
+                for mode in (list(runs) if round_ % 2 == 0 else list(reversed(runs))):
+                    runs[mode].append(run_cell(mode, n, world, args))
+            cells = {**too_big, **{mode: combined(results) for mode, results in runs.items()}}
             for mode in modes:
-                if mode in ("plain", "clip") and full_logits > 0.8 * memory / (1 if cuda else world):
-                    cells[mode] = {"status": f"skipped: needs ~{full_logits / GIB:.0f} GiB per rank"}
-                else:
-                    cells[mode] = run_cell(mode, n, world, args)
                 rows.append({"N": n, "world": world, "mode": mode, "dim": args.dim, "device": args.device,
                              "objective": args.objective,
                              "chunk": None if mode in ("plain", "clip") else args.chunk, **cells[mode]})

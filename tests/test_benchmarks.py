@@ -55,7 +55,7 @@ def test_open_clip_log_is_read_after_the_warm_up():
 def test_loss_bench_times_plain_and_fused_side_by_side(tmp_path):
     out = tmp_path / "loss.json"
     proc = subprocess.run([sys.executable, "benchmarks/loss_bench.py", "--sizes", "256", "--worlds", "1", "2",
-                           "--dim", "32", "--chunk", "64", "--reps", "1", "--out", str(out)],
+                           "--dim", "32", "--chunk", "64", "--rounds", "1", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]

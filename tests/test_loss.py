@@ -124,7 +124,6 @@ def test_low_precision_tiles_stay_within_1e_3_of_the_fp32_reference(scale, monke
     fp32 plain reference, at the initial and at the capped temperature. Plain bf16 products
     (one rounding of each operand) miss the bound; the split products meet it."""
     import alignvl_scale.losses.infonce as loss_module
-    import alignvl_scale.losses.tiles as tiles_module
     u, v, _ = make_batch(n=256, dim=64, seed=2)
     v = F.normalize(u + 0.5 * v, dim=1)  # aligned pairs: a confident softmax, as late in training
     want = reference(u, v, torch.tensor([scale]), 0.2)
@@ -137,25 +136,52 @@ def test_low_precision_tiles_stay_within_1e_3_of_the_fp32_reference(scale, monke
 
     for precision in ("bf16", "tf32"):
         assert max(_relative_errors(fused(precision), want)) < 1e-3, precision
-    for module in (loss_module, tiles_module):  # forward's tiles and backward's (tiles.tiled_backward)
-        monkeypatch.setattr(module, "tile_matmul", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
+    monkeypatch.setattr(loss_module, "tile_matmul", lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
     assert max(_relative_errors(fused("bf16"), want)) > 1e-3
 
 
-def test_fused_path_computes_each_tile_once_per_pass(monkeypatch):
-    """Both directions from one pass: ceil(N / chunk) tile matmuls forward, and per tile one
-    recomputation plus the two gradient matmuls in backward."""
+def test_one_exponential_per_element_only_where_it_is_exact(monkeypatch):
+    """At the capped scale, a batch whose texts' best scores lie 170 apart (texts matched at
+    cos ~1 beside texts at cos ~-0.7 with every image): the fused path still equals the
+    float64 reference, one exponential per element or two (ONE_EXP_SPREAD forced either
+    way), and only because it takes the second where the first would underflow."""
     import alignvl_scale.losses.infonce as loss_module
-    import alignvl_scale.losses.tiles as tiles_module
-    calls = []
-    real = tiles_module.tile_matmul
-    for module in (loss_module, tiles_module):  # forward's tiles and backward's (tiles.tiled_backward)
-        monkeypatch.setattr(module, "tile_matmul", lambda a, b, p: calls.append(1) or real(a, b, p))
+    g = torch.Generator().manual_seed(5)
+    axis = torch.zeros(16)
+    axis[0] = 1.0
+    u = F.normalize(0.8 * axis + 0.3 * torch.randn(64, 16, generator=g), dim=1)
+    lonely = F.normalize(-axis + 0.2 * torch.randn(64, 16, generator=g), dim=1)
+    v = torch.where(torch.arange(64)[:, None] % 2 == 0, u, lonely)  # in every tile, both kinds
+    scale = torch.tensor([100.0])
+    want = [t.float() for t in reference(u.double(), v.double(), scale.double(), 0.1)]
+
+    def fused():
+        lu, lv, ls = (t.clone().requires_grad_(True) for t in (u, v, scale))
+        loss = align_vl_loss(lu, lv, ls, smoothing=0.1, chunk_size=16)
+        loss.backward()
+        return loss.detach(), lu.grad, lv.grad, ls.grad
+
+    for spread in (loss_module.ONE_EXP_SPREAD, -1.0):  # as shipped; always two exponentials
+        monkeypatch.setattr(loss_module, "ONE_EXP_SPREAD", spread)
+        assert max(_relative_errors(fused(), want)) < 1e-5, spread
+    monkeypatch.setattr(loss_module, "ONE_EXP_SPREAD", float("inf"))  # one exponential everywhere
+    assert not max(_relative_errors(fused(), want)) < 1e-5
+
+
+def test_fused_path_computes_each_tile_once_per_pass(monkeypatch):
+    """Both directions from one pass: one product per chunk x chunk tile forward, and per tile
+    one recomputation plus the two gradient products in backward; no tile larger."""
+    import alignvl_scale.losses.infonce as loss_module
+    shapes = []
+    real = loss_module.tile_matmul
+    monkeypatch.setattr(loss_module, "tile_matmul", lambda a, b, p: shapes.append((a.shape[0], b.shape[1]))
+                        or real(a, b, p))
     u, v, scale = (t.clone().requires_grad_(True) for t in make_batch())
     loss = align_vl_loss(u, v, scale, smoothing=0.3, chunk_size=5)
-    assert len(calls) == 3  # N = 12 in tiles of 5, 5, 2
+    assert len(shapes) == 3 * 3  # N = 12 in rows and columns of 5, 5, 2
+    assert max(max(shape) for shape in shapes) <= 5
     loss.backward()
-    assert len(calls) == 3 + 3 * 3
+    assert len(shapes) == 9 + 9 * 3
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -129,18 +129,39 @@ def test_bf16_tiles_stay_within_1e_3_of_the_fp32_reference(monkeypatch):
 
         assert max(errors()) < 1e-3, scale
     with monkeypatch.context() as patch:
-        _replace_tile_matmul(patch, lambda a, b, _: a.bfloat16().float() @ b.bfloat16().float())
+        _replace_tile_matmul(patch, lambda a, b, _, add=None: a.bfloat16().float() @ b.bfloat16().float() + (
+            0 if add is None else add))
         assert max(errors()) > 1e-3
 
 
 def test_fused_path_keeps_memory_linear_in_the_batch(monkeypatch):
-    """No tile wider than the chunk: the fused path never holds B x N logits."""
-    widths = []
+    """No tile larger than chunk x chunk, and three products per tile, all in forward: the
+    fused path never holds B x N logits and recomputes nothing."""
+    shapes = []
     real = tiles_module.tile_matmul
-    _replace_tile_matmul(monkeypatch, lambda a, b, p: widths.append(b.shape[-1]) or real(a, b, p))
-    u, v, scale, bias = make_batch(n=64)
-    _with_grads(u, v, scale, bias, smoothing=0.1, chunk_size=16)
-    assert max(widths) <= 16 and len(widths) == 4 + 3 * 4
+    _replace_tile_matmul(monkeypatch, lambda a, b, p, add=None: shapes.append((a.shape[0], b.shape[-1]))
+                         or real(a, b, p, add))
+    u, v, scale, bias = (t.clone().requires_grad_(True) for t in make_batch(n=64))
+    loss = sigmoid_loss(u, v, scale, bias, smoothing=0.1, chunk_size=16)
+    assert len(shapes) == 16 * 3  # 4 x 4 tiles
+    assert max(rows for rows, _ in shapes) <= 16 and max(cols for _, cols in shapes) <= 16
+    loss.backward()
+    assert len(shapes) == 16 * 3
+
+
+def test_confident_positives_keep_their_exact_gradient():
+    """At z = scale u.v + bias >= 17 the naive sigmoid(z) - 1 is 0 in fp32; the loss and its
+    gradients follow the float64 reference there too (the positive's exact forms)."""
+    noise = torch.randn(16, 16, generator=torch.Generator().manual_seed(4)) * 0.01
+    u, v = torch.eye(16), F.normalize(torch.eye(16) + noise, dim=1)  # pairs at cos ~1, others at ~0
+    scale, bias = torch.tensor([40.0]), torch.tensor([-20.0])
+    assert (scale * (u * v).sum(1) + bias).min() > 17
+    want = reference(u, v, scale, bias, 0.0)
+    assert 0 < want[1].abs().max() < 1e-6  # tiny gradients: the exp(-|z|) tails
+    for chunk in (None, 5):
+        got = _with_grads(u, v, scale, bias, chunk_size=chunk)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.reshape(w.shape), w, rtol=1e-4, atol=1e-12)
 
 
 def test_non_finite_bias_raises():

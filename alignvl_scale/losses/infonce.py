@@ -11,7 +11,8 @@ so the smoothed target needs no N x N matrix, and mean_j s_ij = scale * u_i . me
 one matrix-vector product. Only the log-sum-exp touches all N columns. The plain path
 builds the B x N logits of each direction (the reference); the chunked (fused) path walks
 the tiles of one similarity matrix once, taking the image->text LSE along its rows and the
-text->image LSE down its columns, and recomputes each tile once in backward.
+text->image LSE down its columns (one exponential per element where that is exact), and
+recomputes each tile once in backward.
 
 Gradient convention: tiles.py's (global value, local-share gradient), in both directions.
 """
@@ -26,15 +27,38 @@ from torch import Tensor
 from alignvl_scale.losses.tiles import (
     GatheredTexts,
     LossOutput,
+    best_others,
+    block_tiles,
     check_equal_local_batches,
     gather_with_grad,
     global_value_local_gradient,
-    positives_and_others,
+    own_diagonal,
     tile_matmul,
-    tiled_backward,
     validate_inputs,
 )
 from alignvl_scale.runtime.distributed import rank_world
+
+# The widest spread of column maxima in a tile that one exponential per element serves both
+# directions exactly: fp32's exp stays normal down to -87, and a column's terms within
+# 17 + ln(N) (<= 27 for N <= 2^23) of its maximum are the ones that reach its sum.
+ONE_EXP_SPREAD = 87.0 - 27.0
+
+
+def _tile_lse(s: Tensor, row_max: Tensor, col_max: Tensor) -> tuple[Tensor, Tensor]:
+    """The log-sum-exp of each row and each column of a tile, given their maxima.
+
+    Rows: e_ij = exp(s_ij - row_max_i), one exponential per element. Columns from the same
+    e: sum_i exp(s_ij - M) = sum_i exp(row_max_i - M) e_ij (M the tile's maximum), a
+    vector-matrix product, exact while every column's maximum is within ONE_EXP_SPREAD of M
+    (docs/design.md derives it; a shift shared by the whole tile alone is not: at scale 100
+    it underflows). Other tiles, and CUDA (no host read per tile; its passes are bound by
+    memory, not by exponentials), take each column's own shift: a second exponential."""
+    e = torch.sub(s, row_max[:, None]).exp_()
+    row = row_max + e.sum(dim=1).log()
+    top = row_max.max()
+    if not s.is_cuda and top - col_max.min() <= ONE_EXP_SPREAD:
+        return row, top + (torch.exp(row_max - top) @ e).log()
+    return row, col_max + torch.sub(s, col_max[None, :], out=e).exp_().sum(dim=0).log()
 
 
 class _FusedTiles(torch.autograd.Function):
@@ -50,14 +74,15 @@ class _FusedTiles(torch.autograd.Function):
 
     and, without gradient, how many local pairs score strictly higher than every other
     candidate in their row and in their column (a tie counts against the model, as in
-    evaluation: `metrics.py`). Each B x chunk tile is computed once in
-    forward and once in backward, where the whole dL/ds_ij of both directions is formed on
-    it, positives included, so that the gradient matmuls see the small net gradient and not
-    two large terms that cancel (at scale 100, for the same bf16 matmuls, 0.85% gradient
-    error with the positives outside, 0.25% inside).
-    Backward all-gathers the N column gradients, and returns each rank's V rows summed over
-    ranks with one reduce per rank, issued as soon as that block is done (overlapping the
-    next block). Memory: O(B x chunk + N x d).
+    evaluation: `metrics.py`). The means are products of sums (mean_j s_ij = scale u_i .
+    mean_j v_j): no pass over the tiles. Each tile of at most chunk x chunk is computed once
+    in forward and once in backward, where the whole dL/ds_ij of both directions is formed
+    on it, positives included, so that the gradient matmuls see the small net gradient and
+    not two large terms that cancel (at scale 100, for the same bf16 matmuls, 0.85% gradient
+    error with the positives outside, 0.25% inside); the means' share of it is rank one and
+    added to the sums, not to the tiles. Backward all-gathers the N column gradients, and
+    returns each rank's V rows summed over ranks with one reduce per rank, issued as soon as
+    that block is done (overlapping the next block). Memory: O(chunk^2 + N x d).
     """
 
     @staticmethod
@@ -65,59 +90,91 @@ class _FusedTiles(torch.autograd.Function):
         rank, world = rank_world()
         b, n = u.shape[0], u.shape[0] * world
         texts = GatheredTexts(v)
+        scaled = scale * u  # the scale fused into the product
         row_lse = torch.full((b,), float("-inf"), device=u.device)
-        row_sum = torch.zeros(b, device=u.device)
         row_best = torch.full((b,), float("-inf"), device=u.device)  # best other than the positive
-        col = torch.empty(3, n, device=u.device)  # partial lse, sum, best non-positive of each column, local rows
+        col = torch.full((2, n), float("-inf"), device=u.device)  # partial lse, best non-positive; local rows
         diagonal = torch.empty(b, device=u.device)
-        for k, c0, cols, v_tile in texts.tiles(chunk):
-            tile = scale * tile_matmul(u, v_tile.T, precision)
-            row_lse = torch.logaddexp(row_lse, tile.logsumexp(dim=1))
-            row_sum += tile.sum(dim=1)
-            col[0, cols], col[1, cols] = tile.logsumexp(dim=0), tile.sum(dim=0)
-            positives, others = positives_and_others(tile, k == rank, c0)
-            if positives is not None:
-                diagonal[c0:c0 + len(positives)] = positives
-            row_best = torch.maximum(row_best, others.amax(dim=1))
-            col[2, cols] = others.amax(dim=0)
+        for k, rows, c0, cols, v_tile in texts.tiles(chunk):
+            s = tile_matmul(scaled[rows], v_tile.T, precision)
+            own = own_diagonal(s, rows, c0) if k == rank else None
+            row_max, col_max = best_others(s, own[1] if own else None)
+            row_best[rows] = torch.maximum(row_best[rows], row_max)
+            col[1, cols] = torch.maximum(col[1, cols], col_max)
+            if own is not None:  # the tile's maxima, positives included
+                first, positives = own
+                diagonal[first] = positives
+                at_rows, at_cols = slice(first.start - rows.start, first.stop - rows.start), slice(
+                    first.start - c0, first.stop - c0)
+                row_max[at_rows] = torch.maximum(row_max[at_rows], positives)
+                col_max[at_cols] = torch.maximum(col_max[at_cols], positives)
+            tile_row_lse, tile_col_lse = _tile_lse(s, row_max, col_max)
+            row_lse[rows] = torch.logaddexp(row_lse[rows], tile_row_lse)
+            col[0, cols] = torch.logaddexp(col[0, cols], tile_col_lse)
+        u_sum, v_sum = u.sum(dim=0), sum(block.sum(dim=0) for block in texts.blocks)
         if world > 1:
-            peak = col[[0, 2]]
+            peak = col.clone()
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            sums = torch.stack([torch.exp(col[0] - peak[0]), col[1]])
+            sums = torch.cat([torch.exp(col[0] - peak[0]), u_sum])
             dist.all_reduce(sums)
-            col = torch.stack([peak[0] + sums[0].log(), sums[1], peak[1]])
+            col = torch.stack([peak[0] + sums[:n].log(), peak[1]])
+            u_sum = sums[n:]
         own = slice(rank * b, (rank + 1) * b)
         ctx.save_for_backward(u, texts.all(), scale, row_lse, col[0])
         ctx.chunk, ctx.precision = chunk, precision
         i2t_correct = (diagonal > row_best).sum()
-        t2i_correct = (diagonal > col[2, own]).sum()
+        t2i_correct = (diagonal > col[1, own]).sum()
         ctx.mark_non_differentiable(i2t_correct, t2i_correct)
-        return row_lse, row_sum / n, col[0, own], col[1, own] / n, diagonal, i2t_correct, t2i_correct
+        row_mean, col_mean = scale * (u @ v_sum) / n, scale * (v @ u_sum) / n
+        return row_lse, row_mean, col[0, own], col_mean, diagonal, i2t_correct, t2i_correct
 
     @staticmethod
     def backward(ctx, g_row_lse, g_row_mean, g_col_lse, g_col_mean, g_diagonal, _i2t, _t2i):
         u, v_all, scale, row_lse, col_lse = ctx.saved_tensors
         rank, world = rank_world()
-        n, precision = v_all.shape[0], ctx.precision
+        b, n, precision = u.shape[0], v_all.shape[0], ctx.precision
         g_col = torch.stack([g_col_lse, g_col_mean]).contiguous()
         if world > 1:
             parts = [torch.empty_like(g_col) for _ in range(world)]
             dist.all_gather(parts, g_col)
             g_col = torch.cat(parts, dim=1)
-        # d mean / d s_ij = 1 / N in both directions
-        g_row_mean, g_col_mean = g_row_mean[:, None] / n, g_col[1][None, :] / n
-
-        def tile_gradient(k: int, c0: int, cols: slice, raw: Tensor) -> Tensor:
-            s = scale * raw
-            grad_s = (torch.exp(s - row_lse[:, None]) * g_row_lse[:, None]
-                      + torch.exp(s - col_lse[None, cols]) * g_col[0][None, cols]
-                      + g_row_mean + g_col_mean[:, cols])
+        g_col_lse, g_col_mean = g_col
+        # dL/ds_ij = exp(s_ij - row_lse_i) g_row_lse_i + exp(s_ij - col_lse_j) g_col_lse_j
+        #            + (g_row_mean_i + g_col_mean_j) / N + [i == j] g_diagonal_i
+        # with positive incoming gradients (the usual case) folded into the shifts:
+        # g exp(s - lse) = exp(s - (lse - log g)), no multiplication pass.
+        folded = bool((g_row_lse > 0).all() and (g_col_lse > 0).all())
+        row_shift, col_shift = (row_lse - g_row_lse.log(), col_lse - g_col_lse.log()) if folded else (row_lse, col_lse)
+        scaled = scale * u
+        grad_rows = torch.zeros_like(u)  # sum_j dL/ds_ij v_j
+        own_block, pending = None, []
+        for k in range(world):  # rank order on every rank: the reduces pair up
+            grad_block = torch.zeros_like(u)  # sum over this rank's i of dL/ds_ij u_i, rank k's texts j
+            for rows, c0, cols, v_tile in block_tiles(k, v_all[k * b:(k + 1) * b], chunk=ctx.chunk):
+                s = tile_matmul(scaled[rows], v_tile.T, precision)
+                grad = torch.sub(s, row_shift[rows, None]).exp_()
+                s.sub_(col_shift[None, cols]).exp_()
+                if not folded:
+                    grad.mul_(g_row_lse[rows, None])
+                    s.mul_(g_col_lse[None, cols])
+                grad.add_(s)
+                own = own_diagonal(grad, rows, c0) if k == rank else None
+                if own is not None:
+                    own[1].add_(g_diagonal[own[0]])
+                grad_rows[rows] += tile_matmul(grad, v_tile, precision)
+                grad_block[c0:c0 + v_tile.shape[0]] += tile_matmul(grad.T, u[rows], precision)
+            # the means' rank-one share: (g_row_mean_i + g_col_mean_j) / N on every pair
+            grad_block += (g_row_mean @ u) / n + g_col_mean[k * b:(k + 1) * b, None] * (u.sum(dim=0) / n)
+            grad_block *= scale
+            if world > 1:
+                pending.append(dist.reduce(grad_block, dst=k, async_op=True))
             if k == rank:
-                grad_s[c0:c0 + raw.shape[1]].diagonal().add_(g_diagonal[c0:c0 + raw.shape[1]])
-            return grad_s
-
-        grad_u, grad_v, grad_scale, _ = tiled_backward(u, v_all, scale, ctx.chunk, precision, tile_gradient)
-        return grad_u, grad_v, grad_scale.reshape(scale.shape), None, None
+                own_block = grad_block
+        grad_rows += g_row_mean[:, None] * (v_all.sum(dim=0) / n) + (g_col_mean @ v_all) / n
+        grad_scale = (u * grad_rows).sum()  # sum_ij dL/ds_ij u_i . v_j
+        for work in pending:
+            work.wait()
+        return scale * grad_rows, own_block, grad_scale.reshape(scale.shape), None, None
 
 
 def _direction_loss(q: Tensor, k: Tensor, scale: Tensor, offset: int, smoothing: float) -> tuple[Tensor, Tensor]:

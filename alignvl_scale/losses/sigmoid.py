@@ -16,10 +16,12 @@ row, sum_j t_ij z_ij = (1 - alpha) z_ii + (alpha / N) sum_j z_ij: no target matr
 Distribution: the pair set is symmetric, so one direction covers it. Rank r takes its B
 image rows against all N texts (gathered, N x d floats, as the InfoNCE path gathers them;
 docs/design.md compares this with open_clip's neighbour exchange); over ranks every pair is
-counted once. The fused path walks B x chunk tiles, once in forward and once in backward,
-where dl/dz_ij = sigmoid(z_ij) - t_ij is formed on the tile, positives included, so that
-the gradient matmuls see the small net gradient. The texts' gradients are reduced to their
-owners. Memory: O(B x chunk + N x d).
+counted once. The fused path walks tiles of at most chunk x chunk once, in forward, where
+the loss terms and dl/dz_ij = sigmoid(z_ij) - t_ij are formed on each tile, positives
+included, so that the gradient products see the small net gradient; their sums wait for
+backward, which scales them and reduces the texts' gradients to their owners. Three tile
+products in all, against four for a loss that recomputes (and open_clip's three, which keep
+every logit). Memory: O(chunk^2 + N x d).
 
 Gradient convention: tiles.py's (global value, local-share gradient); rank r's share is
 L_r = (1 / B) sum over its rows, and mean_r L_r = L.
@@ -35,71 +37,97 @@ from torch import Tensor
 from alignvl_scale.losses.tiles import (
     GatheredTexts,
     LossOutput,
+    best_others,
     check_equal_local_batches,
     gather_with_grad,
     global_value_local_gradient,
-    positives_and_others,
+    own_diagonal,
     tile_matmul,
-    tiled_backward,
     validate_inputs,
 )
 from alignvl_scale.runtime.distributed import rank_world
 
 
 class _SigmoidTiles(torch.autograd.Function):
-    """This rank's share L_r from one pass over the tiles of z = scale * U_r V^T + bias.
+    """This rank's share L_r, and its gradients, from one pass over the tiles of
+    z = scale * U_r V^T + bias.
 
-    Forward sums softplus(z) and z over the tiles and takes the positives z_ii; without
-    gradient, it also counts the local pairs that score strictly above every other
-    candidate of their row (image -> text) and of their column over all ranks (text ->
-    image; N floats of all-reduce), ties against the model as in evaluation.
+    dl/dz_ij = sigmoid(z_ij) - t_ij needs nothing from other tiles, so forward forms it on
+    each tile as soon as the loss terms are taken, and accumulates the tile's three
+    products' worth of gradient: z (one product), then dZ V and dZ^T U (two more). Backward
+    only scales the sums by the incoming gradient and returns the texts' gradients to their
+    owners (one reduce per rank). Memory: the tile, B x d and N x d sums.
+
+    Exact forms where the naive one cancels: a positive's loss is softplus(-z) + alpha z
+    (not softplus(z) - (1 - alpha) z) and its gradient alpha - sigmoid(-z) (not
+    sigmoid(z) - (1 - alpha)): at z = 17 the naive gradient is 0 in fp32, the true one
+    -4.1e-8. The uniform target alpha / N is taken out of the tiles: sum_ij z_ij =
+    scale (sum_i u_i).(sum_j v_j) + B N bias, and its gradient terms are rank one.
+
+    Without gradient, forward also counts the local pairs that score strictly above every
+    other candidate of their row (image -> text) and of their column over all ranks (text
+    -> image; N floats of all-reduce), ties against the model as in evaluation.
     """
 
     @staticmethod
     def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, smoothing: float, chunk: int,
-                precision: str):
+                precision: str, with_gradient: bool):
         rank, world = rank_world()
         b, n = u.shape[0], u.shape[0] * world
         texts = GatheredTexts(v)
-        softplus_sum = torch.zeros((), device=u.device)
-        z_sum = torch.zeros((), device=u.device)
+        scaled = scale * u  # the scale fused into the product
+        softplus_sum, sigmoid_sum = torch.zeros((), device=u.device), torch.zeros((), device=u.device)
+        positive = torch.empty(b, device=u.device)
         row_best = torch.full((b,), float("-inf"), device=u.device)  # best other than the positive
         col_best = torch.full((n,), float("-inf"), device=u.device)
-        positive = torch.empty(b, device=u.device)
-        for k, c0, cols, v_tile in texts.tiles(chunk):
-            z = scale * tile_matmul(u, v_tile.T, precision) + bias
-            softplus_sum += F.softplus(z).sum()
-            z_sum += z.sum()
-            positives, others = positives_and_others(z, k == rank, c0)
-            if positives is not None:
-                positive[c0:c0 + len(positives)] = positives
-            row_best = torch.maximum(row_best, others.amax(dim=1))
-            col_best[cols] = others.amax(dim=0)
+        grad_rows = torch.zeros_like(u)  # sum_j dl/dz_ij v_j, without the uniform target's share
+        grad_cols = torch.zeros(n, u.shape[1], device=u.device)  # sum_i dl/dz_ij u_i, every rank's texts
+        for k, rows, c0, cols, v_tile in texts.tiles(chunk):
+            z = tile_matmul(scaled[rows], v_tile.T, precision, add=bias)
+            own = own_diagonal(z, rows, c0) if k == rank else None
+            row_other, col_other = best_others(z, own[1] if own else None)
+            row_best[rows] = torch.maximum(row_best[rows], row_other)
+            col_best[cols] = torch.maximum(col_best[cols], col_other)
+            terms = F.softplus(z)
+            if own is not None:
+                positive[own[0]] = own[1]
+                own_diagonal(terms, rows, c0)[1].zero_()  # the positives' exact terms are added below
+            softplus_sum += terms.sum()
+            if with_gradient:
+                grad = torch.sigmoid_(z)
+                if own is not None:
+                    own[1].copy_(smoothing - torch.sigmoid(-positive[own[0]]))
+                sigmoid_sum += grad.sum()
+                grad_rows[rows] += tile_matmul(grad, v_tile, precision)
+                grad_cols[cols] += tile_matmul(grad.T, u[rows], precision)
         if world > 1:
             dist.all_reduce(col_best, op=dist.ReduceOp.MAX)
-        ctx.save_for_backward(u, texts.all(), scale, bias)
-        ctx.smoothing, ctx.chunk, ctx.precision = smoothing, chunk, precision
+        u_sum, v_sum = u.sum(dim=0), sum(block.sum(dim=0) for block in texts.blocks)
+        z_sum = scale * (u_sum @ v_sum) + b * n * bias
+        local = (softplus_sum + (F.softplus(-positive) + smoothing * positive).sum() - smoothing / n * z_sum) / b
+        if with_gradient:  # the uniform target's share: -alpha / N on every pair
+            grad_rows -= smoothing / n * v_sum
+            grad_cols -= smoothing / n * u_sum
+            grad_scale = (u * grad_rows).sum()  # sum_ij dl/dz_ij u_i . v_j
+            ctx.save_for_backward(grad_rows, grad_cols, scale, grad_scale, sigmoid_sum - smoothing * b)
         i2t_correct = (positive > row_best).sum()
         t2i_correct = (positive > col_best[rank * b:(rank + 1) * b]).sum()
         ctx.mark_non_differentiable(i2t_correct, t2i_correct)
-        local = (softplus_sum - (1.0 - smoothing) * positive.sum() - smoothing / n * z_sum) / b
         return local, i2t_correct, t2i_correct
 
     @staticmethod
     def backward(ctx, g_local, _i2t, _t2i):
-        u, v_all, scale, bias = ctx.saved_tensors
-        rank, _ = rank_world()
-        n, alpha, g = v_all.shape[0], ctx.smoothing, g_local / u.shape[0]
-
-        def tile_gradient(k: int, c0: int, cols: slice, raw: Tensor) -> Tensor:
-            grad_z = (torch.sigmoid(scale * raw + bias) - alpha / n) * g  # (sigmoid(z) - t) / B
-            if k == rank:
-                grad_z[c0:c0 + raw.shape[1]].diagonal().sub_((1.0 - alpha) * g)
-            return grad_z
-
-        grad_u, grad_v, grad_scale, grad_bias = tiled_backward(u, v_all, scale, ctx.chunk, ctx.precision,
-                                                               tile_gradient)
-        return grad_u, grad_v, grad_scale.reshape(scale.shape), grad_bias.reshape(bias.shape), None, None, None
+        grad_rows, grad_cols, scale, grad_scale, grad_bias = ctx.saved_tensors
+        rank, world = rank_world()
+        b = grad_rows.shape[0]
+        g = g_local / b
+        grad_cols = grad_cols * (g * scale)
+        pending = [dist.reduce(grad_cols[k * b:(k + 1) * b], dst=k, async_op=True) for k in range(world)
+                   ] if world > 1 else []
+        for work in pending:
+            work.wait()
+        return (grad_rows * (g * scale), grad_cols[rank * b:(rank + 1) * b], (g * grad_scale).reshape(scale.shape),
+                (g * grad_bias).reshape(()), None, None, None, None)
 
 
 def _plain_sigmoid(u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, smoothing: float):
@@ -109,9 +137,11 @@ def _plain_sigmoid(u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, smoothing:
     z = scale * (u @ gather_with_grad(v).T) + bias
     own = torch.arange(b, device=u.device) + rank * b
     rows = torch.arange(b, device=u.device)
-    targets = torch.full_like(z, smoothing / n)
-    targets[rows, own] += 1.0 - smoothing
-    local = (F.softplus(z) - targets * z).sum() / b
+    # l_ij = softplus(z_ij) - t_ij z_ij, a positive's as softplus(-z) + alpha z (no cancellation
+    # at large z, in the value or in autograd's gradient: the fused path's exact forms)
+    signed = z.clone()
+    signed[rows, own] = -z[rows, own]
+    local = (F.softplus(signed).sum() + smoothing * z[rows, own].sum() - smoothing / n * z.sum()) / b
     others = z.detach().clone()
     others[rows, own] = float("-inf")
     col_best = others.amax(dim=0)
@@ -144,7 +174,10 @@ def sigmoid_loss_with_stats(image_emb: Tensor, text_emb: Tensor, logit_scale: Te
     if chunk_size is None:
         local, i2t, t2i = _plain_sigmoid(u, v, scale, bias, smoothing)
     else:
-        local, i2t, t2i = _SigmoidTiles.apply(u, v, scale, bias, smoothing, chunk_size, matmul_precision)
+        with_gradient = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (image_emb, text_emb, logit_scale, logit_bias))
+        local, i2t, t2i = _SigmoidTiles.apply(u, v, scale, bias, smoothing, chunk_size, matmul_precision,
+                                              with_gradient)
     return global_value_local_gradient(local, i2t, t2i, u.shape[0] * world, check_finite)
 
 

@@ -1,7 +1,7 @@
 """What every tiled objective shares: the gradient convention's ending, the autograd
-all-gather, the tile matmul at a chosen precision, the walk over this rank's rows against
-every rank's texts (forward tiles with the gather behind the own block, the recomputing
-backward with one reduce per rank), and the input checks.
+all-gather, the tile matmul at a chosen precision, the walk over chunk x chunk tiles of this
+rank's rows against every rank's texts (the gather behind the own block), the positives and
+best other candidates of a tile, and the input checks.
 
 Gradient convention (the one DDP and DeepSpeed expect): every rank computes its own B rows
 against all N columns; its loss has the *global* value, but carries the gradient of its local
@@ -13,6 +13,7 @@ d loss / d (its embeddings) = world * dL/d(rows).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +72,9 @@ def _bf16_pair(x: Tensor) -> tuple[Tensor, Tensor]:
     return hi, (x - hi.float()).bfloat16()
 
 
-def tile_matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
-    """a @ b, fp32 out, with the products at `precision`.
+def tile_matmul(a: Tensor, b: Tensor, precision: str, add: Tensor | None = None) -> Tensor:
+    """a @ b (+ add, a scalar, in the same product where the backend fuses it), fp32 out,
+    with the products at `precision`.
 
     bf16: split bf16 ("bf16x3"): with x = hi + lo (hi = bf16(x), lo = bf16(x - hi)), one
     bf16 matmul of [a_hi, a_hi, a_lo] and [b_hi; b_lo; b_hi] gives hi.hi + hi.lo + lo.hi
@@ -87,15 +89,49 @@ def tile_matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
         (a_hi, a_lo), (b_hi, b_lo) = _bf16_pair(a), _bf16_pair(b)
         a3, b3 = torch.cat([a_hi, a_hi, a_lo], dim=1), torch.cat([b_hi, b_lo, b_hi], dim=0)
         exact = mm_fp32_out(a3, b3) if a3.is_cuda else None  # None: a torch without it: exact, just slower
-        return exact if exact is not None else a3.float() @ b3.float()
-    if a.is_cuda:  # tf32 or fp32 whatever the process default (train.tf32)
-        with matmul_tf32(precision == "tf32"):
-            return a @ b
-    return a @ b
+        product = exact if exact is not None else a3.float() @ b3.float()
+        return product if add is None else product.add_(add)
+    with matmul_tf32(precision == "tf32") if a.is_cuda else nullcontext():  # whatever the process default
+        return a @ b if add is None else torch.addmm(add, a, b)
+
+
+def block_tiles(k: int, block: Tensor, chunk: int):
+    """(this rank's rows, k's first local column c0, the global column slice, k's texts
+    [c0:c0 + chunk]) for every tile of at most chunk x chunk against rank k's `block` of
+    texts: small enough that the elementwise passes over a tile run in cache. The rows vary
+    fastest, so a tile's texts stay in cache across them."""
+    b = block.shape[0]  # equal local batches: this rank has as many rows as k has texts
+    for c0 in range(0, b, chunk):
+        v_tile = block[c0:c0 + chunk]
+        cols = slice(k * b + c0, k * b + c0 + v_tile.shape[0])
+        for r0 in range(0, b, chunk):
+            yield slice(r0, min(r0 + chunk, b)), c0, cols, v_tile
+
+
+def own_diagonal(tile: Tensor, rows: slice, c0: int) -> tuple[slice, Tensor] | None:
+    """The positives in a tile of this rank's own columns: (their local rows, a view of them in
+    the tile), or None when the tile holds none."""
+    first, end = max(rows.start, c0), min(rows.stop, c0 + tile.shape[1])
+    if first >= end:
+        return None
+    return slice(first, end), tile[first - rows.start:end - rows.start, first - c0:end - c0].diagonal()
+
+
+def best_others(tile: Tensor, diagonal: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The best candidate other than the positive of each row and each column of a tile (what
+    the in-batch accuracy compares the positive with): the positives are set to -inf for the
+    two reductions and put back, no copy of the tile."""
+    if diagonal is None:
+        return tile.amax(dim=1), tile.amax(dim=0)
+    positives = diagonal.clone()
+    diagonal.fill_(float("-inf"))
+    best = tile.amax(dim=1), tile.amax(dim=0)
+    diagonal.copy_(positives)
+    return best
 
 
 class GatheredTexts:
-    """Every rank's text rows for a tiled pass (`_FusedTiles`, the sigmoid loss's tiles):
+    """Every rank's text rows for a tiled forward pass (both objectives):
     gathered asynchronously, while this rank's own columns, which need no gather, are
     walked first."""
 
@@ -108,65 +144,17 @@ class GatheredTexts:
             self._pending = dist.all_gather(self.blocks, self.v, async_op=True)
 
     def tiles(self, chunk: int):
-        """(rank k, first local column c0, the global column slice, rank k's texts
-        [c0:c0 + chunk]) for every tile, this rank's own first."""
-        b = self.v.shape[0]
+        """(rank k, *`block_tiles`) for every tile, this rank's own columns first."""
         for k in [self.rank] + [k for k in range(self.world) if k != self.rank]:
             if k != self.rank and self._pending is not None:
                 self._pending.wait()
                 self._pending = None
-            block = self.v if k == self.rank else self.blocks[k]
-            for c0 in range(0, b, chunk):
-                tile = block[c0:c0 + chunk]
-                yield k, c0, slice(k * b + c0, k * b + c0 + tile.shape[0]), tile
+            for tile in block_tiles(k, self.v if k == self.rank else self.blocks[k], chunk):
+                yield k, *tile
 
     def all(self) -> Tensor:
         """All N text rows in rank order (after `tiles` has run)."""
         return torch.cat(self.blocks) if self.world > 1 else self.v
-
-
-def positives_and_others(tile: Tensor, own: bool, c0: int) -> tuple[Tensor | None, Tensor]:
-    """A forward tile's positives (the diagonal of its rows c0.. when it holds this rank's own
-    columns, else None) and the tile with them set to -inf: what "the best other candidate"
-    of a row or column is taken over, for the in-batch accuracy."""
-    if not own:
-        return None, tile
-    c1 = c0 + tile.shape[1]
-    others = tile.clone()
-    others[c0:c1].diagonal().fill_(float("-inf"))
-    return tile[c0:c1].diagonal(), others
-
-
-def tiled_backward(u: Tensor, v_all: Tensor, scale: Tensor, chunk: int, precision: str,
-                   tile_gradient) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward walk of every tiled objective: each tile's `raw = u . v^T` recomputed
-    once, `dL/ds = tile_gradient(k, c0, cols, raw)` formed on it (s = scale * raw + any
-    bias), then the gradients of u, of the tile's texts, of the scale (sum dL/ds * raw) and
-    the sum of dL/ds (a bias's gradient). The texts' gradients are summed over ranks onto
-    their owners, one reduce per rank, issued as soon as that rank's block is done (all
-    ranks in rank order). Returns (grad u, grad of this rank's texts, grad scale, sum dL/ds)."""
-    rank, world = rank_world()
-    b = u.shape[0]
-    grad_u = torch.zeros_like(u)
-    grad_scale, grad_sum = torch.zeros((), device=u.device), torch.zeros((), device=u.device)
-    grad_blocks, pending = [], []
-    for k in range(world):
-        grad_block = torch.empty_like(u)
-        for c0 in range(0, b, chunk):
-            cols = slice(k * b + c0, min(k * b + c0 + chunk, (k + 1) * b))
-            v_tile = v_all[cols]
-            raw = tile_matmul(u, v_tile.T, precision)
-            grad_s = tile_gradient(k, c0, cols, raw)
-            grad_u += scale * tile_matmul(grad_s, v_tile, precision)
-            grad_block[c0:c0 + raw.shape[1]] = scale * tile_matmul(grad_s.T, u, precision)
-            grad_scale += (grad_s * raw).sum()
-            grad_sum += grad_s.sum()
-        grad_blocks.append(grad_block)
-        if world > 1:
-            pending.append(dist.reduce(grad_block, dst=k, async_op=True))
-    for work in pending:
-        work.wait()
-    return grad_u, grad_blocks[rank], grad_scale, grad_sum
 
 
 def argument_problems(smoothing: float, chunk_size: int | None, matmul_precision: str,
