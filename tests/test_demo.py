@@ -197,6 +197,7 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
         assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_extract_then_cached_training_then_eval(tmp_path):
     towers = make_tiny_towers(tmp_path)
     write_image_shards(tmp_path / "train", [24] * 4, captions_per_sample=2)

@@ -227,7 +227,8 @@ def assert_same_weights(run_a: Path, run_b: Path, rtol: float = 1e-4, atol: floa
         torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("stage", [pytest.param(stage, marks=pytest.mark.slow) for stage in (1, 2)] + [3])
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_checkpointing_lora_and_last_n_change_no_loss_and_export_merges(tmp_path, towers, stage):
     """2 ranks, a decaying LR with warmup, dropout in the adapters and in LoRA, noise on,
     GradCache over 2 micro-batches: the run with gradient checkpointing logs the same losses

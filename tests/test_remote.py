@@ -175,6 +175,7 @@ def test_img2dataset_shards_indexed_locally_and_in_s3_then_read_with_their_count
         assert [s.samples for s in resolve_spec("s3://bucket/i2d")] == [5, 7, 6]
 
 
+@pytest.mark.slow
 def test_a_two_rank_run_over_a_flaky_server_stops_and_resumes_as_a_local_run(tmp_path):
     """Feature shards over HTTP with a transfer cut, 503s and a stall on the way; SIGTERM to
     rank 1 mid-epoch, then --resume latest: every logged loss equals the local run's that
