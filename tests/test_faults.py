@@ -382,6 +382,20 @@ def test_shards_folder_copies_only_images_inside_the_root(tmp_path):
     ("data.train=[/nonexistent/shards]", "/nonexistent/shards"),
 ])
 def test_paths_are_checked_before_any_process_group(tmp_path, features, override, message):
+    _refused_before_any_process_group(tmp_path, features, override, message)
+
+
+def test_an_eval_set_the_run_cannot_encode_is_refused_before_launch(tmp_path, features):
+    """A cached-feature run trains no towers: an image eval set (a .jsonl file or image
+    shards) used to pass every check, train every step and crash in the final evaluation."""
+    write_image_shards(tmp_path / "images", [4])
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a"}) + "\n")
+    for spec in (tmp_path / "eval.jsonl", tmp_path / "images"):
+        _refused_before_any_process_group(tmp_path, features, f"eval.data=[{spec}]",
+                                          f"eval.data: {spec} holds image-text samples, but data.kind is features")
+
+
+def _refused_before_any_process_group(tmp_path, features, override, message):
     config, run_dir = run_config(tmp_path, features)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(ROOT / "launchers/train.py"), "--config", str(config), override],

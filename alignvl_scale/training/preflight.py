@@ -21,9 +21,9 @@ from pathlib import Path
 
 from alignvl_scale.checkpoint.plan import ResumePlan, plan_resume
 from alignvl_scale.checkpoint.rundir import claim_run_dir
-from alignvl_scale.config import RunConfig, for_world, model_fingerprint
+from alignvl_scale.config import ConfigError, RunConfig, for_world, model_fingerprint
 from alignvl_scale.data.reader import batches_per_epoch, load_sources
-from alignvl_scale.data.shards import DataSourceError, resolve_spec
+from alignvl_scale.data.shards import DataSourceError, manifest_of, resolve_spec
 from alignvl_scale.evaluation.zeroshot import zero_shot_layout
 from alignvl_scale.losses.registry import check_loss_config
 from alignvl_scale.model.head import with_feature_manifest
@@ -70,8 +70,16 @@ def check_inputs(cfg: RunConfig, world: int) -> None:
         if Path(spec).suffix.lower() == ".jsonl":
             if not Path(spec).is_file():
                 raise DataSourceError(f"eval.data: {spec} is not a file")
+            kind = "image-text"
         else:
             resolve_spec(spec)
+            manifest = manifest_of(spec)  # none (pipe:, bare shards): the kind shows when it is read
+            kind = manifest.get("kind", "image-text") if manifest else cfg.data.kind
+        if kind != cfg.data.kind:  # the run's model encodes only what it trains on
+            raise ConfigError(f"eval.data: {spec} holds {kind} samples, but data.kind is {cfg.data.kind}"
+                              + (" (evaluate images with the checkpoint or its export: `alignvl-scale eval "
+                                 "--checkpoint RUN/checkpoints/step_N --data SET`, or extract the set's features "
+                                 "with `alignvl-scale extract`)" if cfg.data.kind == "features" else ""))
     for folder in cfg.eval.zero_shot:
         zero_shot_layout(folder)  # folders, class and template files (its images are read at the first eval)
     if cfg.data.kind != "features":
