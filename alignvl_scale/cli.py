@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from alignvl_scale.training.main import main as train_main
 
-        train_main(argv[1:])
+        train_main(argv[1:], prog="alignvl-scale train")
         return 0
     args = build_parser().parse_args(argv)
     try:

@@ -208,6 +208,15 @@ def test_every_cli_flag_has_help():
     assert not missing, missing
 
 
+def test_train_help_names_the_command(capsys):
+    """`alignvl-scale train --help` said `usage: alignvl-scale [-h] --config...`, without `train`."""
+    from alignvl_scale.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert capsys.readouterr().out.startswith("usage: alignvl-scale train [-h] [--config CONFIG]")
+
+
 def test_train_overrides_may_come_before_and_after_the_options():
     from alignvl_scale.training.main import parse_args
 

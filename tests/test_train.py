@@ -166,6 +166,7 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
                           loss={"objective": objective, "smoothing": 0.1})
     out = run(launch_cmd(launcher, stage, config), run_dir)
     assert f"ZeRO stage {stage}" in out.stdout
+    assert "all_gather_into_tensor` is deprecated" not in out.stderr  # DeepSpeed's, every run (compat.py)
     if objective == "siglip":  # the bias is learned and logged beside the temperature
         bias, scale = logged(run_dir, "train/logit_bias"), logged(run_dir, "train/logit_scale")
         assert bias[2] == pytest.approx(-10.0, abs=0.1) and bias[30] > bias[2] + 0.01, bias

@@ -15,6 +15,7 @@ from alignvl_scale.data.reader import FeatureDecoder, ImageTextDecoder
 from alignvl_scale.model.finetune import param_groups
 from alignvl_scale.model.head import AlignVLModel, Preprocessing, build_model, build_preprocessing
 from alignvl_scale.model.towers import tower_warnings
+from alignvl_scale.runtime import compat
 from alignvl_scale.runtime.distributed import make_host_group
 from alignvl_scale.runtime.log import say
 from alignvl_scale.runtime.perf import set_cuda_math
@@ -34,6 +35,7 @@ def start_accelerator(cfg: RunConfig, ds_config: dict):
     """The Accelerator (it starts the process group, with the run's collective timeout), the
     host group beside it, CUDA's math settings, and this rank's device."""
     others = [name for name in cfg.log.report_to if name != "tensorboard"]  # TensorBoard: the run logger's own
+    compat.quiet_deepspeed_deprecations()
     accelerator = make_accelerator(ds_config, others, cfg.run_dir, cfg.engine.collective_timeout)
     make_host_group(timedelta(seconds=cfg.engine.collective_timeout))
     if accelerator.device.type == "cuda":

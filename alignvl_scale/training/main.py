@@ -22,9 +22,9 @@ PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken 
                "timeout", "Connection refused", "NCCL communicator was aborted")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Align-VL training", epilog="Every config key, its default and its "
-                                     "meaning: alignvl-scale config show --defaults")
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Align-VL training", epilog="Every config key, its "
+                                     "default and its meaning: alignvl-scale config show --defaults")
     parser.add_argument("--config", help="run YAML (configs/); key=value overrides follow")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true",
@@ -42,9 +42,10 @@ def _peer_lost(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or any(p in str(exc) for p in PEER_ERRORS)
 
 
-def main(argv: list[str] | None = None, keep_process_group: bool = False) -> dict:
-    """Train. keep_process_group: the process goes on to train another run (`Trainer.close`)."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, keep_process_group: bool = False, prog: str | None = None) -> dict:
+    """Train. keep_process_group: the process goes on to train another run (`Trainer.close`);
+    prog: the command's name in usage lines (default: the script's)."""
+    args = parse_args(argv, prog)
     trainer = None
     try:
         cfg = load_config(args.config, args.overrides)  # validated before any process group exists
