@@ -427,6 +427,26 @@ def test_a_tower_path_typo_is_named_not_blamed_on_the_network(tmp_path):
     user_error(proc, "model.image_tower.name: towers/vitt does not exist (./towers/ holds ['vit'])")
 
 
+def test_a_hub_name_is_checked_in_seconds_and_offline_is_explained(tmp_path):
+    """A Hub id that is not in the cache, with the Hub unreachable (HF_ENDPOINT at a closed
+    loopback port), or with HF_HUB_OFFLINE set: one line before launch that says how to run
+    offline, not transformers' minutes of retries and its traceback."""
+    write_image_shards(tmp_path / "s", [8] * 2)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"image_tower": {"name": "google/vit-tiny-nonexistent"}, "text_tower": {"kind": "minilm"}},
+        "data": {"train": [str(tmp_path / "s")], "batch_size": 4, "workers": 0},
+        "train": {"steps": 1}, "run_dir": str(tmp_path / "run")}))
+    closed = f"http://127.0.0.1:{free_port()}"
+    for extra, needle in (({"HF_ENDPOINT": closed}, f"the Hub ({closed}) did not answer"),
+                          ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set")):
+        proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config)],
+                              cwd=ROOT, env={**env(), **extra, "MASTER_ADDR": "no-such-host.invalid",
+                                             "MASTER_PORT": "9"}, capture_output=True, text=True, timeout=120)
+        user_error(proc, "model.image_tower.name: google/vit-tiny-nonexistent is neither a local folder nor in the "
+                   "Hugging Face cache", needle, "Offline and air-gapped clusters")
+
+
 def test_an_export_that_dies_half_way_leaves_the_earlier_export_whole(tmp_path, base_run, monkeypatch):
     """`export` wrote over an earlier export in place: killed half way, the good one was gone.
     Now it writes beside it and renames: a write that fails (as a kill or a full disk would

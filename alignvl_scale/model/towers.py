@@ -60,7 +60,8 @@ def build_tower(cfg: TowerConfig, modality: str, data: DataConfig, load_weights:
 def check_tower_source(cfg: TowerConfig, key: str) -> None:
     """Fail early, naming the key, when an HF tower's weights cannot be found: a path that
     does not exist (else transformers reports a failed connection to the Hub), or a Hub id
-    that is not in the local cache while HF_HUB_OFFLINE is set."""
+    that is not in the local cache while HF_HUB_OFFLINE is set, that the Hub does not know,
+    or that needs a Hub that does not answer within HUB_TIMEOUT."""
     _kind(cfg, key)
     if cfg.kind != "hf":
         return
@@ -79,12 +80,38 @@ def check_tower_source(cfg: TowerConfig, key: str) -> None:
         there = sorted(p.name for p in Path(first).iterdir() if (p / "config.json").is_file())[:5]
         raise ConfigError(f"{key}.name: {cfg.name} does not exist (./{first}/ holds {there or 'no model folder'}); "
                           "a Hub id would not start with a local folder's name")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(cfg.name, "config.json"), str):
-            raise ConfigError(f"{key}.name: {cfg.name} is neither a local folder nor in the Hugging Face cache "
-                              "(HF_HUB_OFFLINE is set)")
+    if isinstance(try_to_load_from_cache(cfg.name, "config.json"), str):
+        return  # transformers loads it from the cache
+    where = f"{key}.name: {cfg.name} is neither a local folder nor in the Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ConfigError(f"{where} (HF_HUB_OFFLINE is set); {OFFLINE_HINT}")
+    _check_on_hub(cfg.name, where)
+
+
+HUB_TIMEOUT = 10.0  # seconds the Hub has to answer before launch (transformers itself retries for minutes)
+OFFLINE_HINT = ("without the Hub, give a folder: `save_pretrained` (or `hf download NAME --local-dir DIR`) where "
+                "the Hub is reachable, copy it, and name its path (docs/training.md, \"Offline and air-gapped "
+                "clusters\")")
+
+
+def _check_on_hub(name: str, where: str) -> None:
+    """A Hub id not in the cache is asked for once, with a short timeout: a misspelled name or an
+    unreachable Hub is one line before launch, not minutes of transformers' retries and a traceback."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        return  # it exists; access is transformers' to report, with its own message
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{where}, and the Hub ({constants.ENDPOINT}) has no such model (a typo? a private "
+                          "model needs HF_TOKEN)") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the Hub: no connection, DNS, a timeout, 5xx
+        raise ConfigError(f"{where}, and the Hub ({constants.ENDPOINT}) did not answer within {HUB_TIMEOUT:g} s "
+                          f"({type(exc).__name__}); {OFFLINE_HINT}") from None
 
 
 def build_preprocessing(cfg: TowerConfig, modality: str, data: DataConfig) -> Callable:
