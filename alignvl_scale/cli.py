@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
+        from alignvl_scale.training.arguments import parse_args
+
+        parse_args(argv[1:], prog="alignvl-scale train")  # --help and usage errors before the trainer's imports
         from alignvl_scale.training.main import main as train_main
 
         train_main(argv[1:], prog="alignvl-scale train")

@@ -21,8 +21,8 @@ from alignvl_scale.model.finetune import param_groups
 from alignvl_scale.model.head import build_model, build_preprocessing
 from alignvl_scale.model.towers import set_train_mode
 from alignvl_scale.runtime.seeding import seed_everything
+from alignvl_scale.training.arguments import parse_args
 from alignvl_scale.training.build import make_decoder
-from alignvl_scale.training.main import parse_args
 
 
 def main() -> None:

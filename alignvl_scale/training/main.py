@@ -7,35 +7,19 @@ with one line and exit code 3; a stop signal with a checkpoint and exit code 0.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch.distributed as dist
 
 from alignvl_scale.config import UserError, load_config
 from alignvl_scale.runtime.log import error
+from alignvl_scale.training.arguments import parse_args
 from alignvl_scale.training.preflight import preflight
 from alignvl_scale.training.trainer import Trainer
 
 # What a collective raises when a peer died (gloo: its connection closed) or hung (a timeout).
 PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
                "timeout", "Connection refused", "NCCL communicator was aborted")
-
-
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description="Align-VL training", epilog="Every config key, its "
-                                     "default and its meaning: alignvl-scale config show --defaults")
-    parser.add_argument("--config", help="run YAML (configs/); key=value overrides follow")
-    parser.add_argument("--resume", help="'latest' or a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in a run_dir that holds an earlier run (deletes its checkpoints and logs)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle the --resume checkpoint in full (only for files you trust: by default anything "
-                        "beyond tensors and DeepSpeed's own types is refused, since unpickling can run code)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    # Overrides before and after the options alike (`--config F a=1 --resume latest b=2`).
-    return parser.parse_intermixed_args(argv)
 
 
 def _peer_lost(exc: BaseException) -> bool:
