@@ -427,6 +427,12 @@ def test_a_tower_path_typo_is_named_not_blamed_on_the_network(tmp_path):
     user_error(proc, "model.image_tower.name: towers/vitt does not exist (./towers/ holds ['vit'])")
 
 
+def test_an_unwritable_run_dir_is_one_line(tmp_path, features):
+    """run_dir=/proc/x gave two chained tracebacks (mkdir, then the lock file)."""
+    config, _ = run_config(tmp_path, features)
+    user_error(train(config, "run_dir=/proc/x", no_process_group=True), "run_dir /proc/x cannot be written")
+
+
 def test_a_hub_name_is_checked_in_seconds_and_offline_is_explained(tmp_path):
     """A Hub id that is not in the cache, with the Hub unreachable (HF_ENDPOINT at a closed
     loopback port), or with HF_HUB_OFFLINE set: one line before launch that says how to run

@@ -88,8 +88,12 @@ def claim_run_dir(run_dir: str | Path, resume: str | None, overwrite: bool) -> N
     """Lock RUN_DIR for this run. Without --resume, a folder that already holds a run is
     refused, unless `overwrite` (then its outputs are deleted first)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _lock(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _lock(run_dir)
+    except OSError as exc:  # a read-only mount, /proc, no permission, a file in the way
+        raise RunDirError(f"run_dir {run_dir} cannot be written ({exc.strerror}: {exc.filename}); set run_dir to a "
+                          "folder this user can create and write") from None
     earlier = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not earlier or resume:
         return
