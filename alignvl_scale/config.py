@@ -38,6 +38,11 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"
 MAX_LOGIT_SCALE = 100.0  # the temperature multiplier's clamp (model/head.py Temperature)
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 rank", "2 ranks": a count in a message (every layer's messages use it)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def choices(kind: Any) -> tuple[str, ...]:
     """The allowed values of a Literal type above."""
     return typing.get_args(kind)
@@ -491,7 +496,7 @@ def describe_batch(cfg: RunConfig, world: int) -> str:
     accumulated = f" x {cfg.train.accumulation} accumulated" if cfg.train.accumulation > 1 else ""
     mixed = f"{samples} samples mixed in pairs (fusemix) = " if cfg.model.mixup == "fusemix" else ""
     pairs = contrastive_batch(cfg, world)
-    return f"{world} ranks x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch {pairs}"
+    return f"{counted(world, 'rank')} x {cfg.data.batch_size}{accumulated} = {mixed}contrastive batch {pairs}"
 
 
 def model_fingerprint(cfg: RunConfig) -> dict[str, object]:
@@ -614,11 +619,11 @@ def for_world(cfg: RunConfig, world: int) -> RunConfig:
     if total is None:
         return cfg
     per_step = world * cfg.train.accumulation
-    _require(total % per_step == 0, "data.global_batch_size", f"a multiple of {world} ranks x train.accumulation "
-             f"{cfg.train.accumulation} = {per_step}", total)
+    _require(total % per_step == 0, "data.global_batch_size", f"a multiple of {counted(world, 'rank')} x "
+             f"train.accumulation {cfg.train.accumulation} = {per_step}", total)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=total // per_step))
     _require(cfg.model.mixup != "fusemix" or cfg.data.batch_size % 2 == 0, "data.global_batch_size",
-             f"such that the per-rank batch is even with model.mixup fusemix ({world} ranks give "
+             f"such that the per-rank batch is even with model.mixup fusemix ({counted(world, 'rank')} give "
              f"{cfg.data.batch_size})", total)
     return cfg
 

@@ -20,7 +20,7 @@ from distributed import run_ranks
 
 import alignvl_scale.training.accumulate as accumulate
 from alignvl_scale.checkpoint.store import read_states
-from alignvl_scale.config import LossConfig
+from alignvl_scale.config import LossConfig, counted
 from alignvl_scale.data.synthetic import write_feature_shards
 from alignvl_scale.losses.registry import OBJECTIVES, HeadOutput
 from alignvl_scale.model.head import AlignVLHead
@@ -137,7 +137,7 @@ def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features
     one = logged(_train(tmp_path, features, "one", stage, 1, 16, ranks), "train/loss")
     accumulated = _train(tmp_path, features, "acc", stage, 4, 4, ranks)
     assert logged(accumulated, "train/contrastive_batch")[6] == 16 * ranks
-    start_line = f"{ranks} ranks x 4 x 4 accumulated = contrastive batch {16 * ranks}"
+    start_line = f"{counted(ranks, 'rank')} x 4 x 4 accumulated = contrastive batch {16 * ranks}"
     assert start_line in (tmp_path / "acc.out").read_text()
     assert logged(accumulated, "train/loss") == pytest.approx(one, rel=1e-5)
 

@@ -80,7 +80,7 @@ def test_equal_batch_counts_over_two_ranks(tmp_path, n_shards):
 
 def test_fewer_shards_than_ranks_times_workers_fails_at_start(tmp_path):
     write_image_shards(tmp_path / "s", [20])
-    with pytest.raises(DataSourceError, match="1 shards cannot feed 2 ranks x 1 workers"):
+    with pytest.raises(DataSourceError, match="1 shard cannot feed 2 ranks x 1 worker "):
         make_stream(DataConfig(train=[str(tmp_path / "s")], workers=1), rank=0, world=2)
 
 

@@ -42,6 +42,7 @@ from alignvl_scale.checkpoint.store import (
     weights_only_loads,
 )
 from alignvl_scale.checkpoint.universal import ensure_universal
+from alignvl_scale.config import counted
 from alignvl_scale.runtime import compat
 from alignvl_scale.runtime.distributed import all_gather_objects, barrier, broadcast_from_rank0
 from alignvl_scale.runtime.files import replace_dir
@@ -171,8 +172,8 @@ def prepare_resume(plan: ResumePlan, rank: int, trust: bool = False) -> None:
     if not plan.universal:
         return
     if rank == 0:
-        say(f"{plan.path.name}: converting to a universal checkpoint for ZeRO-{plan.stage} on {plan.world} ranks "
-            f"-> {universal_dir(plan.path)}")
+        say(f"{plan.path.name}: converting to a universal checkpoint for ZeRO-{plan.stage} on "
+            f"{counted(plan.world, 'rank')} -> {universal_dir(plan.path)}")
     error = ensure_universal(plan.path, trust) if rank == 0 else None
     barrier()
     error = broadcast_from_rank0(error)

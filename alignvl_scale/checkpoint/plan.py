@@ -17,7 +17,7 @@ import yaml
 
 from alignvl_scale.checkpoint.rundir import CONFIG, LATEST, STEP_DIR, checkpoints_dir, universal_dir
 from alignvl_scale.checkpoint.store import TAG, CheckpointError, complete_checkpoints, problems, read_meta
-from alignvl_scale.config import config_from_dict, model_fingerprint
+from alignvl_scale.config import config_from_dict, counted, model_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +38,11 @@ class ResumePlan:
         return universal_dir(self.path) if self.universal else self.path
 
     def describe(self) -> str:
-        written = f"ZeRO-{self.saved_stage if self.saved_stage is not None else '1/2'} on {self.saved_world} ranks"
+        written = f"ZeRO-{self.saved_stage if self.saved_stage is not None else '1/2'} on " + counted(
+            self.saved_world, "rank")
         if not self.universal and not self.resized:
             return f"written by {written}"
-        return f"written by {written}, now ZeRO-{self.stage} on {self.world} ranks"
+        return f"written by {written}, now ZeRO-{self.stage} on {counted(self.world, 'rank')}"
 
 
 def _choose(run_dir: Path, resume: str, deep: bool) -> Path | None:
@@ -118,8 +119,9 @@ def plan_resume(run_dir: str | Path, resume: str, world: int, stage: int, finger
     same_partitioning = saved_world == world and (saved_stage == stage or stages <= {1, 2})
     universal = not (same_partitioning or stages == {0})
     if universal and 0 in stages:
-        raise CheckpointError(f"--resume {resume}: {path} was written under ZeRO-{saved_stage} on {saved_world} "
-                              f"ranks; this run is ZeRO-{stage} on {world} ranks, and DeepSpeed converts checkpoints "
+        raise CheckpointError(f"--resume {resume}: {path} was written under ZeRO-{saved_stage} on "
+                              f"{counted(saved_world, 'rank')}; this run is ZeRO-{stage} on {counted(world, 'rank')}, "
+                              "and DeepSpeed converts checkpoints "
                               "between ZeRO stages 1-3 only. Resume under the stage that wrote it (engine.ds_config): "
                               "ZeRO-0 on any number of ranks, ZeRO 1-3 into one another")
     return ResumePlan(path, meta["step"], saved_world, saved_stage, world, stage, universal)

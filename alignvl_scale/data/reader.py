@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from alignvl_scale.config import DataConfig, DecodeLimits, UserError
+from alignvl_scale.config import DataConfig, DecodeLimits, UserError, counted
 from alignvl_scale.data.remote import prefetch, reader_modules
 from alignvl_scale.data.samples import (
     CAPTION_MEMBERS,
@@ -383,8 +383,9 @@ def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batc
                               "set data.samples_per_shard or use data.mode=resampled")
     workers = max(workers, 1)
     if len(shards) < world * workers:
-        raise DataSourceError(f"{len(shards)} shards cannot feed {world} ranks x {workers} workers in epoch mode; "
-                              "write more, smaller shards, lower data.workers, or use data.mode=resampled")
+        raise DataSourceError(f"{counted(len(shards), 'shard')} cannot feed {counted(world, 'rank')} x "
+                              f"{counted(workers, 'worker')} in epoch mode; write more, smaller shards, lower "
+                              "data.workers, or use data.mode=resampled")
     order = epoch_order(sources, seed, epoch)
     kept = SampleSelection(train_fraction).kept_samples
     samples = [[sum(kept(s.samples) for s in order[rank::world][w::workers]) for w in range(workers)]
@@ -566,7 +567,7 @@ class TrainStream:
         if self.state.tasks is None:
             return (f"{dealt.samples} samples were left in the epoch, too few for a batch on every rank: epoch {epoch} "
                     "starts")
-        return (f"the rest of the epoch ({dealt.samples} samples) re-dealt to {self.world} ranks: "
+        return (f"the rest of the epoch ({dealt.samples} samples) re-dealt to {counted(self.world, 'rank')}: "
                 f"{self.epoch_batches()} batches each in epoch {epoch}, {dealt.dropped} left out")
 
     def mark(self) -> tuple[StreamState, SkipCounts]:

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from alignvl_scale.config import UserError
+from alignvl_scale.config import UserError, counted
 from alignvl_scale.data.remote import Unreachable, is_remote, read_remote, write_remote
 from alignvl_scale.data.remote import exists as remote_exists
 from alignvl_scale.data.samples import (
@@ -195,7 +195,8 @@ def resolve_spec(spec: str, samples_per_shard: int | None = None) -> list[Shard]
     if not spec.startswith("pipe:"):
         missing = [u for u in urls if not Path(u).exists()]
         if missing:
-            raise DataSourceError(f"{spec}: {len(missing)} shard files do not exist, first {missing[0]}")
+            raise DataSourceError(f"{spec}: {counted(len(missing), 'shard file')} "
+                                  f"{'does' if len(missing) == 1 else 'do'} not exist, first {missing[0]}")
         folder = Path(urls[0]).parent
         if (folder / MANIFEST).exists():
             counts = {str(folder / s["name"]): s["samples"] for s in read_manifest(folder)["shards"]}
