@@ -111,7 +111,7 @@ class _FusedTiles(torch.autograd.Function):
             tile_row_lse, tile_col_lse = _tile_lse(s, row_max, col_max)
             row_lse[rows] = torch.logaddexp(row_lse[rows], tile_row_lse)
             col[0, cols] = torch.logaddexp(col[0, cols], tile_col_lse)
-        u_sum, v_sum = u.sum(dim=0), sum(block.sum(dim=0) for block in texts.blocks)
+        u_sum, v_sum = u.sum(dim=0), texts.sum()
         if world > 1:
             peak = col.clone()
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -119,14 +119,14 @@ class _FusedTiles(torch.autograd.Function):
             dist.all_reduce(sums)
             col = torch.stack([peak[0] + sums[:n].log(), peak[1]])
             u_sum = sums[n:]
-        own = slice(rank * b, (rank + 1) * b)
+        own_texts = slice(rank * b, (rank + 1) * b)
         ctx.save_for_backward(u, texts.all(), scale, row_lse, col[0])
         ctx.chunk, ctx.precision = chunk, precision
         i2t_correct = (diagonal > row_best).sum()
-        t2i_correct = (diagonal > col[1, own]).sum()
+        t2i_correct = (diagonal > col[1, own_texts]).sum()
         ctx.mark_non_differentiable(i2t_correct, t2i_correct)
         row_mean, col_mean = scale * (u @ v_sum) / n, scale * (v @ u_sum) / n
-        return row_lse, row_mean, col[0, own], col_mean, diagonal, i2t_correct, t2i_correct
+        return row_lse, row_mean, col[0, own_texts], col_mean, diagonal, i2t_correct, t2i_correct
 
     @staticmethod
     def backward(ctx, g_row_lse, g_row_mean, g_col_lse, g_col_mean, g_diagonal, _i2t, _t2i):
@@ -146,6 +146,9 @@ class _FusedTiles(torch.autograd.Function):
         folded = bool((g_row_lse > 0).all() and (g_col_lse > 0).all())
         row_shift, col_shift = (row_lse - g_row_lse.log(), col_lse - g_col_lse.log()) if folded else (row_lse, col_lse)
         scaled = scale * u
+        # the means' rank-one share, (g_row_mean_i + g_col_mean_j) / N on every pair, in the sums:
+        # sum_i g_row_mean_i u_i / N for every text, and sum_i u_i / N times g_col_mean_j
+        row_means_share, u_mean = (g_row_mean @ u) / n, u.sum(dim=0) / n
         grad_rows = torch.zeros_like(u)  # sum_j dL/ds_ij v_j
         own_block, pending = None, []
         for k in range(world):  # rank order on every rank: the reduces pair up
@@ -163,8 +166,7 @@ class _FusedTiles(torch.autograd.Function):
                     own[1].add_(g_diagonal[own[0]])
                 grad_rows[rows] += tile_matmul(grad, v_tile, precision)
                 grad_block[c0:c0 + v_tile.shape[0]] += tile_matmul(grad.T, u[rows], precision)
-            # the means' rank-one share: (g_row_mean_i + g_col_mean_j) / N on every pair
-            grad_block += (g_row_mean @ u) / n + g_col_mean[k * b:(k + 1) * b, None] * (u.sum(dim=0) / n)
+            grad_block += row_means_share + g_col_mean[k * b:(k + 1) * b, None] * u_mean
             grad_block *= scale
             if world > 1:
                 pending.append(dist.reduce(grad_block, dst=k, async_op=True))

@@ -102,7 +102,7 @@ class _SigmoidTiles(torch.autograd.Function):
                 grad_cols[cols] += tile_matmul(grad.T, u[rows], precision)
         if world > 1:
             dist.all_reduce(col_best, op=dist.ReduceOp.MAX)
-        u_sum, v_sum = u.sum(dim=0), sum(block.sum(dim=0) for block in texts.blocks)
+        u_sum, v_sum = u.sum(dim=0), texts.sum()
         z_sum = scale * (u_sum @ v_sum) + b * n * bias
         local = (softplus_sum + (F.softplus(-positive) + smoothing * positive).sum() - smoothing / n * z_sum) / b
         if with_gradient:  # the uniform target's share: -alpha / N on every pair

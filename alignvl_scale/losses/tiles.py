@@ -152,6 +152,10 @@ class GatheredTexts:
             for tile in block_tiles(k, self.v if k == self.rank else self.blocks[k], chunk):
                 yield k, *tile
 
+    def sum(self) -> Tensor:
+        """All N text rows summed (after `tiles` has run): the uniform terms' factor."""
+        return sum(block.sum(dim=0) for block in self.blocks)
+
     def all(self) -> Tensor:
         """All N text rows in rank order (after `tiles` has run)."""
         return torch.cat(self.blocks) if self.world > 1 else self.v
