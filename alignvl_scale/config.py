@@ -159,9 +159,9 @@ class ModelConfig:
     noise_mode: NoiseMode = "absolute"
     """absolute: N(0, sigma^2) noise; relative: sigma times each feature vector's RMS."""
     mixup: Mixup = "off"
-    """Latent mixup, one lambda ~ Beta(a, a) per batch shared by both modalities. fusemix (FuseMix's, the
-    paper's recipe): the first half of each rank's batch mixed with its second half, B rows -> B / 2;
-    permutation: each row mixed with a row of a random permutation of the batch, B rows stay B."""
+    """Latent mixup within each data stream's share of the batch, one lambda ~ Beta(a, a) per share shared by both
+    modalities. fusemix (FuseMix's, the paper's recipe): each share's first half mixed with its second half, b rows
+    -> b / 2; permutation: each row mixed with a row of a random permutation of its share, b rows stay b."""
     mixup_alpha: float | None = None
     """The Beta(a, a) parameter of model.mixup; null: 1.0, FuseMix's (lambda uniform in [0, 1])."""
     image_dim: int | None = None
@@ -226,7 +226,12 @@ class DataConfig:
     global / (world x train.accumulation), refused when that does not divide, so that a run resumed on another
     number of ranks keeps its negatives and its loss. Set this or data.batch_size, not both; null: data.batch_size."""
     workers: int = 2
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (at most its data streams: each worker reads whole streams)."""
+    streams: int | None = None
+    """Data streams the run reads its shards through, fixed at launch and kept by its checkpoints: every global
+    micro-batch takes the same share from each, in stream order, so a resume on any number of ranks that divides
+    it continues with the very same batches. null: the largest count up to max(64, ranks) that the ranks divide
+    and that divides the global micro-batch (no more than the shards in epoch mode)."""
     shuffle_window: int = 256
     """Raw samples shuffled together within each shard."""
     samples_per_shard: int | None = None
@@ -267,6 +272,7 @@ class DataConfig:
                      "max_caption_chars", "max_member_bytes"):
             _require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1", getattr(self, name))
         _require(self.workers >= 0, f"{key}.workers", ">= 0", self.workers)
+        _require(self.streams is None or self.streams >= 1, f"{key}.streams", "null or >= 1", self.streams)
         _require(0 <= self.max_skip_fraction <= 1, f"{key}.max_skip_fraction", "in [0, 1]",
                  self.max_skip_fraction)
         _require(self.samples_per_shard is None or self.samples_per_shard >= 1, f"{key}.samples_per_shard",
@@ -429,6 +435,9 @@ class LogConfig:
         "data.caption_noise", "data.train_fraction", "seed", "train.lr"])
     """Config keys TensorBoard's hparams table compares runs by (with the final evaluation); the default is what
     the ablation studies vary, and the seed and learning rate."""
+    sample_keys: bool = False
+    """Write every step's sample keys, in the global batch's order, to RUN_DIR/sample_keys.jsonl (an audit of which
+    samples trained together; one gather of the keys per step)."""
 
     def validate(self, key: str) -> None:
         for name in self.hparams:

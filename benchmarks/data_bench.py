@@ -9,6 +9,9 @@ batch (the worker's start and its store client's, paid once per worker per epoch
 
     python benchmarks/data_bench.py              # about 4 minutes here
     python benchmarks/data_bench.py --rows local plain   # without the servers
+
+"ours, local, 4 streams" reads the same shards through 4 data streams in its one worker (a
+share of batch / 4 from each, 4 shards open at once).
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def timed(batches) -> tuple[float, float]:
     return after_first - start, n / (time.perf_counter() - after_first)
 
 
-def run_ours(spec: str, transform, tokenize, batch: int):
-    cfg = DataConfig(train=[spec], batch_size=batch, workers=1, shuffle_window=64)
+def run_ours(spec: str, transform, tokenize, batch: int, streams: int | None = None):
+    """streams: data.streams (null: the default, 1 for a few shards on one rank)."""
+    cfg = DataConfig(train=[spec], batch_size=batch, workers=1, shuffle_window=64, streams=streams)
     return TrainStream(cfg, ImageTextDecoder(DecodeLimits(), transform, tokenize), 0, 1, 0)
 
 
@@ -80,8 +84,8 @@ def run_plain(folder: str, transform, tokenize, batch: int) -> int:
     return DataLoader(dataset, batch_size=None, num_workers=1)
 
 
-ROWS = {"local": "ours, local files", "http": "ours, loopback HTTP", "s3": "ours, loopback S3 API",
-        "plain": "plain webdataset, local"}
+ROWS = {"local": "ours, local files", "local4": "ours, local, 4 streams", "http": "ours, loopback HTTP",
+        "s3": "ours, loopback S3 API", "plain": "plain webdataset, local"}
 
 
 @contextlib.contextmanager
@@ -91,7 +95,7 @@ def sources(folder: Path, rows: list[str]):
     from remote_servers import environment, moto_s3, serving, upload  # the tests' loopback servers
 
     with contextlib.ExitStack() as stack:
-        specs = {"local": str(folder / "shards"), "plain": str(folder / "shards")}
+        specs = {"local": str(folder / "shards"), "local4": str(folder / "shards"), "plain": str(folder / "shards")}
         if "http" in rows:
             specs["http"] = f"{stack.enter_context(serving(folder)).url}/shards"
         if "s3" in rows:
@@ -129,8 +133,11 @@ def main() -> None:
             timed(run_ours(specs["local"], transform, tokenize, args.batch))  # starts the fork server, for all rows
             for repeat in range(args.repeats):
                 for row in args.rows if repeat % 2 == 0 else args.rows[::-1]:
-                    run = run_plain if row == "plain" else run_ours
-                    seconds, rate = timed(run(specs[row], transform, tokenize, args.batch))
+                    if row == "plain":
+                        batches = run_plain(specs[row], transform, tokenize, args.batch)
+                    else:
+                        batches = run_ours(specs[row], transform, tokenize, args.batch, 4 if row == "local4" else None)
+                    seconds, rate = timed(batches)
                     first[row].append(seconds)
                     rates[row].append(rate)
     medians = {row: statistics.median(v) for row, v in rates.items()}

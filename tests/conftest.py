@@ -48,13 +48,16 @@ def features(tmp_path_factory) -> Path:
 
 
 def cluster_config(tmp_path: Path, features: Path, name: str = "run", **sections) -> tuple[Path, Path]:
-    """A cached-feature run of two towers' worth of features for 1-3 ranks, with noise, dropout
-    and a decaying learning rate, every step logged; `sections` update it key by key."""
+    """A cached-feature run of two towers' worth of features for 1-3 ranks (6 data streams), with
+    noise, dropout, mixup and a decaying learning rate, every step and its sample keys logged;
+    `sections` update it key by key."""
     run_dir = tmp_path / name
-    cfg = {"model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.05, "dropout": 0.1},
-           "data": {"kind": "features", "train": [str(features)], "global_batch_size": GLOBAL_BATCH, "workers": 1},
+    cfg = {"model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.05, "dropout": 0.1,
+                     "mixup": "permutation"},
+           "data": {"kind": "features", "train": [str(features)], "global_batch_size": GLOBAL_BATCH, "workers": 1,
+                    "streams": 6},
            "train": {"steps": 24, "lr": 0.01, "warmup_steps": 3, "min_lr_ratio": 0.1, "log_every": 1},
-           "checkpoint": {"every": 5, "keep": 3}, "run_dir": str(run_dir)}
+           "checkpoint": {"every": 5, "keep": 3}, "log": {"sample_keys": True}, "run_dir": str(run_dir)}
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
@@ -95,6 +98,23 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
         if key in record:
             out[record["step"]] = record[key]
     return out
+
+
+def sample_keys(run_dir: Path) -> dict[int, list[list[str]]]:
+    """step -> its micro-batches' sample keys in the global batch's order (log.sample_keys)."""
+    return {r["step"]: r["keys"] for r in map(json.loads, (run_dir / "sample_keys.jsonl").read_text().splitlines())}
+
+
+def assert_continues(resumed: Path, uninterrupted: Path, after: int) -> None:
+    """Every step of `resumed` after step `after` trained the uninterrupted run's samples, in
+    the same global order, to its loss (within float reduction order: rel 1e-5)."""
+    losses, want = logged(resumed, "train/loss"), logged(uninterrupted, "train/loss")
+    keys, want_keys = sample_keys(resumed), sample_keys(uninterrupted)
+    steps = sorted(s for s in losses if s > after)
+    assert steps and steps == sorted(s for s in want if s > after), (steps, sorted(want))
+    for step in steps:
+        assert keys[step] == want_keys[step], step
+        assert losses[step] == pytest.approx(want[step], rel=1e-5), (step, losses[step], want[step])
 
 
 def each_step_once(run_dir: Path, last: int) -> None:

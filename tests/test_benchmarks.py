@@ -126,3 +126,23 @@ def test_ablation_bench_splits_a_run_three_ways(tmp_path):
     assert medians["in-process"]["startup"] == 0
     assert all(row[p] > 0 for row in medians.values() for p in ("engine", "training", "evaluation", "total"))
     assert "vs before" in proc.stdout
+
+
+def test_the_mixing_and_keyed_draw_benchmarks_run_with_tiny_shapes(tmp_path):
+    """Both print their table and write JSON; with data streams the global batches mix shards
+    (fewer same-shard pairs than one shard per rank batch would give)."""
+    out = tmp_path / "mixing.json"
+    proc = subprocess.run([sys.executable, "benchmarks/mixing_bench.py", "--shards", "16", "--per-shard", "8",
+                           "--global-batch", "8", "--workers", "1", "--worlds", "1", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]["this tree"]
+    assert [r["world"] for r in rows] == [1, 2] and all(r["streams"] == 4 for r in rows)
+    assert all(0 <= r["same_shard_pairs"] < 0.5 for r in rows), rows
+    out = tmp_path / "keyed.json"
+    proc = subprocess.run([sys.executable, "benchmarks/keyed_draws_bench.py", "--rows", "32", "--image-dim", "16",
+                           "--text-dim", "12", "--embed-dim", "8", "--streams", "1", "4", "--steps", "1", "--repeats",
+                           "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(json.loads(out.read_text())["medians"]) == {"own generators (no keys)", "keyed, 1 streams",
+                                                          "keyed, 4 streams"}

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import pickle
@@ -14,7 +15,7 @@ from conftest import png_bytes, write_image_shards
 from distributed import run_ranks
 from PIL import Image
 
-from alignvl_scale.config import DataConfig
+from alignvl_scale.config import ConfigError, DataConfig
 from alignvl_scale.data.check import check_shards
 from alignvl_scale.data.evalsets import load_retrieval_set
 from alignvl_scale.data.reader import (
@@ -23,11 +24,11 @@ from alignvl_scale.data.reader import (
     ImageTextDecoder,
     SampleSelection,
     TrainStream,
-    redeal,
     shard_examples,
 )
 from alignvl_scale.data.samples import DecodeLimits, decode_features
 from alignvl_scale.data.shards import DataSourceError, folder_samples, hf_samples, resolve_spec, write_shards
+from alignvl_scale.data.streams import check_streams, default_streams, epoch_order
 from alignvl_scale.data.synthetic import write_feature_shards
 from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.evaluation.evaluate import encode_sharded
@@ -78,72 +79,123 @@ def test_equal_batch_counts_over_two_ranks(tmp_path, n_shards):
     assert counts[0] == counts[1] > 0
 
 
-def test_fewer_shards_than_ranks_times_workers_fails_at_start(tmp_path):
+def test_fewer_shards_than_streams_fails_at_start(tmp_path):
     write_image_shards(tmp_path / "s", [20])
-    with pytest.raises(DataSourceError, match="1 shard cannot feed 2 ranks x 1 worker "):
+    with pytest.raises(DataSourceError, match="1 shard cannot feed 2 data streams "):
         make_stream(DataConfig(train=[str(tmp_path / "s")], workers=1), rank=0, world=2)
 
 
-def _read_some(streams: list[TrainStream], batches: int | None) -> list[str]:
-    """Captions of the first `batches` batches of each stream (None: to the end of the epoch)."""
-    seen = []
+def test_a_world_that_does_not_divide_the_streams_is_refused_naming_those_that_do():
+    with pytest.raises(ConfigError, match=r"data.streams=6: 4 ranks cannot share 6 streams evenly; the worlds that "
+                                          r"can: 1, 2, 3, 6 "):
+        check_streams(6, 4, 24, even_share=False)
+    with pytest.raises(ConfigError, match="share of 3 samples must be even with model.mixup fusemix"):
+        check_streams(4, 2, 12, even_share=True)
+    assert default_streams(4096, 8, shards=1000, even_share=True) == 64
+    assert default_streams(12, 2, shards=12, even_share=False) == 2  # 4 shards a stream at least
+    assert default_streams(12, 2, shards=None, even_share=False) == 12
+
+
+def _global_batches(streams: list[TrainStream], batches: int | None, field: str = "captions") -> list[list]:
+    """The first `batches` global micro-batches the ranks' streams make (None: the rest of the
+    epoch): each rank's batch in rank order, as the gathered loss sees them."""
+    per_rank = []
     for stream in streams:
+        mine = []
         for i, batch in enumerate(stream, start=1):
-            seen += batch["captions"]
+            mine.append(batch[field])
             if i == batches:
                 break
-    return seen
+        per_rank.append(mine)
+    return [[x for rank in per_rank for x in rank[i]] for i in range(len(per_rank[0]))]
 
 
-def _resized(dealt, cfg: DataConfig, world: int) -> list[TrainStream]:
-    streams = []
-    for rank in range(world):
-        stream = make_stream(cfg, rank, world)
-        stream.load_state_dict(dealt.streams[rank])
-        streams.append(stream)
+def _ranks(cfg: DataConfig, world: int, saved: list[dict] | None = None) -> list[TrainStream]:
+    """`world` ranks' streams, continuing `saved` (every old rank's state) when given."""
+    streams = [make_stream(dataclasses.replace(cfg, batch_size=12 // world), rank, world) for rank in range(world)]
+    for stream in streams if saved is not None else ():
+        stream.load_resharded(saved, 0)
     return streams
 
 
-@pytest.mark.parametrize("world", [3, 1])
-def test_an_epoch_interrupted_on_two_ranks_finishes_on_another_number_with_every_sample_once(tmp_path, world):
-    """Resize mid-epoch: 2 ranks x 2 workers read 3 batches each; the rest of the epoch is
-    re-dealt to `world` ranks with the same global batch (12) and other workers. No caption
-    twice; the ones never read are exactly the re-deal's `dropped` (each new worker's last
-    partial batch, a rank's batches past the least over ranks)."""
-    captions = write_image_shards(tmp_path / "s", [6 + (i * 5) % 7 for i in range(14)])  # uneven shards
-    old_cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=6, workers=2, shuffle_window=4)
-    old = [make_stream(old_cfg, rank, 2) for rank in range(2)]
-    seen = _read_some(old, 3)
-    new_cfg = DataConfig(train=[str(tmp_path / "s")], batch_size=12 // world, workers=1 if world == 3 else 2,
-                         shuffle_window=4)
-    dealt = redeal([s.state_dict() for s in old], old[0].sources, 0, new_cfg, world)
-    new = _resized(dealt, new_cfg, world)
-    seen += _read_some(new, None)
-    assert len(seen) == len(set(seen)), Counter(seen).most_common(3)
-    assert set(seen) <= set(captions)
-    assert len(captions) - len(seen) == dealt.dropped
-    assert dealt.samples == len(captions) - 2 * 3 * 6
-    assert all(s.state.batches == new[0].state.batches == new[0].epoch_batches() > 0 for s in new)
-    assert dealt.dropped < world * new_cfg.workers * new_cfg.batch_size + new_cfg.batch_size * world  # a few batches
+def test_data_streams_give_the_same_global_batches_on_every_world_that_divides_them(tmp_path):
+    """6 streams, global micro-batch 12: 1, 2, 3 and 6 ranks with 1-2 DataLoader workers read
+    the very same global batches, and every sample of the epoch once."""
+    captions = write_image_shards(tmp_path / "s", [8] * 12)
+    cfg = DataConfig(train=[str(tmp_path / "s")], workers=2, shuffle_window=4, streams=6)
+    want = _global_batches(_ranks(cfg, 2), None)
+    assert len(want) == 8 and sorted(c for b in want for c in b) == sorted(captions)
+    for world, workers in ((3, 1), (1, 2), (6, 1), (2, 1)):
+        assert _global_batches(_ranks(dataclasses.replace(cfg, workers=workers), world), None) == want, world
 
 
-def test_an_epoch_resized_twice_still_reads_every_sample_once(tmp_path):
-    """2 ranks -> 3 ranks (2 batches each) -> 1 rank: the second re-deal starts from
-    re-dealt tasks and positions inside them; and the next epoch is a whole one."""
-    captions = write_image_shards(tmp_path / "s", [9] * 12)
-    cfg = {world: DataConfig(train=[str(tmp_path / "s")], batch_size=12 // world, workers=1, shuffle_window=4)
-           for world in (1, 2, 3)}
-    first = [make_stream(cfg[2], rank, 2) for rank in range(2)]
-    seen = _read_some(first, 2)
-    second = _resized(redeal([s.state_dict() for s in first], first[0].sources, 0, cfg[3], 3), cfg[3], 3)
-    seen += _read_some(second, 2)
-    last = redeal([s.state_dict() for s in second], first[0].sources, 0, cfg[1], 1)
-    third = _resized(last, cfg[1], 1)
-    seen += _read_some(third, None)
-    assert len(seen) == len(set(seen))
-    assert len(captions) - len(seen) == last.dropped
+def test_an_epoch_interrupted_on_two_ranks_continues_on_three_then_one_with_the_same_batches(tmp_path):
+    """2 ranks read 3 micro-batches, 3 ranks the next 2 from their checkpointed streams, 1 rank
+    the rest: the global batches are the uninterrupted run's, sample for sample; the next
+    epoch too; and each resume says so."""
+    write_image_shards(tmp_path / "s", [6 + (i * 5) % 7 for i in range(14)])  # uneven shards
+    cfg = DataConfig(train=[str(tmp_path / "s")], workers=2, shuffle_window=4, streams=6)
+    uninterrupted = _global_batches(_ranks(cfg, 2), None)
+    first = _ranks(cfg, 2)
+    got = _global_batches(first, 3)
+    second = _ranks(cfg, 3, [s.state_dict() for s in first])
+    assert second[0].load_resharded([s.state_dict() for s in first], 0) == \
+        "6 data streams continue on 3 ranks (2 each): the same global batches"
+    got += _global_batches(second, 2)
+    third = _ranks(cfg, 1, [s.state_dict() for s in second])
+    got += _global_batches(third, None)
+    assert got == uninterrupted
     third[0].next_epoch()
-    assert len(_read_some(third, None)) == third[0].batches_per_epoch * 12  # a whole epoch on the new world
+    again = _ranks(cfg, 2)
+    for stream in again:
+        stream.next_epoch()
+    assert _global_batches(third, None) == _global_batches(again, None)
+
+
+def test_a_checkpoint_from_before_data_streams_is_re_dealt_and_reads_every_unread_sample_once(tmp_path):
+    """Format 1 (per rank and DataLoader worker): 2 old ranks x 1 worker had each read one
+    batch of 6 from the first shard of their sequence. On 3 ranks the rest of the epoch is
+    re-dealt, one stream a rank: no sample twice, none of those read again, the left-out ones
+    exactly the re-deal's count; the next epoch is read by the run's data streams."""
+    captions = write_image_shards(tmp_path / "s", [9] * 12)
+    cfg = DataConfig(train=[str(tmp_path / "s")], workers=1, shuffle_window=4, streams=6)
+    probe = make_stream(dataclasses.replace(cfg, batch_size=6))
+    order, decode = epoch_order(probe.sources, 0, 0), probe.decode
+    read = []
+    for rank in range(2):  # what the old reader handed over: its first 6 examples of its first shard
+        task = order[rank::2][0]
+        examples = shard_examples(task.url, decode, 4, random.Random(f"0:0:{rank}:0:0"), 0, task.samples)
+        read += [example[1] for _, (_, example, _) in zip(range(6), examples, strict=False)]
+    old = [{"stream": {"epoch": 0, "batches": 1, "items": 1, "workers": 1, "positions": {"0": [0, 6]}},
+            "counts": {"good": 6, "skipped": {}}} for _ in range(2)]
+    new = _ranks(cfg, 3)
+    notes = [stream.load_resharded(old, 7) for stream in new]
+    assert notes[0] == ("a checkpoint from before data streams: the rest of epoch 0 (96 samples) re-dealt to 3 "
+                        "ranks, 7 batches each, 12 left out; the next epoch is read by data streams"), notes[0]
+    assert new[0].counts.good == 12 and new[1].counts.good == 0  # the old counts, once
+    rest = [c for b in _global_batches(new, None) for c in b]
+    assert len(rest) == len(set(rest)) == 96 - 12 and not set(rest) & set(read)
+    assert set(rest) | set(read) <= set(captions)
+    for stream in new:
+        stream.next_epoch()
+    assert new[0].state.streams == 6 and len(_global_batches(new, None)) == 9
+
+
+def test_a_resume_that_sets_other_streams_re_deals_the_rest_of_the_epoch(tmp_path):
+    """6 streams on 2 ranks -> data.streams=4 on 4 ranks: the epoch's rest re-dealt (every
+    sample once, the left-out ones counted), then 4 streams."""
+    captions = write_image_shards(tmp_path / "s", [8] * 12)
+    cfg = DataConfig(train=[str(tmp_path / "s")], workers=1, shuffle_window=4, streams=6)
+    first = _ranks(cfg, 2)
+    seen = [c for b in _global_batches(first, 3) for c in b]
+    saved = [s.state_dict() for s in first]
+    new = [make_stream(dataclasses.replace(cfg, batch_size=3, streams=4), rank, 4) for rank in range(4)]
+    assert new[0].needs_every_rank(saved[0])
+    note = [stream.load_resharded(saved, 3) for stream in new][0]
+    assert note == ("data streams 6 -> 4: the rest of epoch 0 (60 samples) re-dealt to 4 ranks, 4 batches each, 12 "
+                    "left out; the next epoch is read by data streams"), note
+    seen += [c for b in _global_batches(new, None) for c in b]
+    assert len(seen) == len(set(seen)) and len(captions) - len(seen) == 12
 
 
 def test_resampled_mode_feeds_any_layout_equally(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from alignvl_scale.config import MAX_LOGIT_SCALE
+from alignvl_scale.data.streams import RowKeys
 from alignvl_scale.losses.registry import OBJECTIVES
 from alignvl_scale.model.head import AlignVLHead, LatentMixup, RandomPerturbation
 from alignvl_scale.model.portable import Temperature, build_adapter
@@ -84,7 +85,7 @@ def test_fusemix_mixes_the_first_half_with_the_second():
     expected = lam * x[: b // 2] + (1 - lam) * x[b // 2:]
     torch.testing.assert_close(mx, expected)
     torch.testing.assert_close(my, -3 * expected)
-    with pytest.raises(ValueError, match="even batch"):
+    with pytest.raises(ValueError, match="even share"):
         mix(x[:7], y[:7])
 
 
@@ -180,3 +181,27 @@ def test_temperature_above_the_maximum_comes_back_when_the_loss_asks():
     t.log_scale.grad = None
     (-t()).sum().backward()
     assert t.log_scale.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("mixup", ["fusemix", "permutation"])
+def test_every_draw_of_the_head_is_keyed_by_the_sample_not_the_rank(mixup):
+    """6 data streams' shares of 4 rows: one head computing all 24 rows, and heads of other
+    ranks (other rank seeds) computing 3 + 3 or 2 + 2 + 2 streams, give the same rows (mixup
+    partners and lambdas, noise, dropout masks all drawn per stream); another micro-batch
+    draws otherwise; and without keys the head still draws from its own generators."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 12), torch.randn(24, 10)
+
+    def head(rank: int) -> AlignVLHead:
+        torch.manual_seed(1)  # the same weights on every rank
+        return AlignVLHead(12, 10, 8, dropout=0.3, noise_sigma=0.2, mixup=mixup, seed=5, rank=rank).train()
+
+    whole = head(0)(x, y, RowKeys(2, 7, 0, 6))
+    for ranks in (2, 3):
+        per, rows = 6 // ranks, 24 // ranks
+        parts = [head(r)(x[r * rows:(r + 1) * rows], y[r * rows:(r + 1) * rows], RowKeys(2, 7, r * per, per))
+                 for r in range(ranks)]
+        torch.testing.assert_close(torch.cat([p.image for p in parts]), whole.image, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([p.text for p in parts]), whole.text, rtol=0, atol=0)
+    assert not torch.equal(head(0)(x, y, RowKeys(2, 8, 0, 6)).image, whole.image)
+    assert not torch.equal(head(0)(x, y).image, head(1)(x, y).image)  # no keys: the rank's own streams

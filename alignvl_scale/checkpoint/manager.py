@@ -8,8 +8,10 @@
 A part is anything with `state_dict()` and `load_state_dict(state)` (torch's Stateful); its
 state is saved per rank (store.py's layout). When the checkpoint was written by another number
 of ranks, a part that is per rank may take every old rank's state through
-`load_resharded(states, step)` (the data stream re-deals its epoch, the random streams
-re-seed); the others get old rank 0's. A load may return a line for the resume note.
+`load_resharded(states, step)` (the data streams continue on the new ranks, the random
+streams re-seed); the others get old rank 0's. A part whose saved state `needs_every_rank`
+gets them on the same world too (a data stream saved before data streams is re-dealt). A
+load may return a line for the resume note.
 
 Every rank writes into `.step_N.partial`; once all are done rank 0 renames it to `step_N`
 and flips `latest` atomically, so a save that dies half way leaves `latest` on the previous
@@ -58,12 +60,14 @@ class Stateful(Protocol):
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, engine, optimizer: torch.optim.Optimizer, states: dict[str, Stateful],
                  rank: int, world: int, zero_stage: int, keep: int, config_yaml: str, fingerprint: dict,
-                 trust: bool = False) -> None:
+                 trust: bool = False, meta: dict | None = None) -> None:
         """engine: the DeepSpeed engine (weights, optimizer, ZeRO partitions); optimizer: the
-        torch optimizer inside it, whose groups DeepSpeed's universal load disturbs."""
+        torch optimizer inside it, whose groups DeepSpeed's universal load disturbs; meta: what
+        a resume plan reads before any process group, besides the world, stage and model
+        (the run's data streams)."""
         self.run_dir, self.engine, self.optimizer, self.states = Path(run_dir), engine, optimizer, states
         self.rank, self.world, self.zero_stage, self.keep = rank, world, zero_stage, keep
-        self.config_yaml, self.fingerprint, self.trust = config_yaml, fingerprint, trust
+        self.config_yaml, self.fingerprint, self.trust, self.meta = config_yaml, fingerprint, trust, meta or {}
         self.saved, self.saved_step = None, None  # the last checkpoint this run wrote, and its step
 
     # -- saving ----------------------------------------------------------------------------
@@ -109,7 +113,7 @@ class CheckpointManager:
             torch.save({name: part.state_dict() for name, part in self.states.items()}, rank_file(partial, self.rank))
             if self.rank == 0:
                 meta = {"format": FORMAT, "step": step, "world": self.world, "zero_stage": self.zero_stage,
-                        "fingerprint": self.fingerprint, "parts": list(self.states)}
+                        "fingerprint": self.fingerprint, "parts": list(self.states), **self.meta}
                 (partial / META).write_text(json.dumps(meta, indent=1))
                 (partial / CONFIG).write_text(self.config_yaml)
         except (OSError, RuntimeError) as exc:
@@ -148,15 +152,15 @@ class CheckpointManager:
                 raise CheckpointError(f"--resume {plan.path}: its weights do not fit the model this config builds "
                                       f"({detail[:200]}); resume with the towers it was trained with") from None
         notes = [plan.describe()] + ([f"loaded from {universal_dir(plan.path).name}"] if plan.universal else [])
-        if not plan.resized:
-            saved = read_states(plan.path, self.rank)
-            notes += [part.load_state_dict(saved[name]) for name, part in self.states.items()]
-        else:
-            old = [read_states(plan.path, r) for r in range(plan.saved_world)]
-            for name, part in self.states.items():
-                reshard = getattr(part, "load_resharded", None)
-                notes.append(reshard([o[name] for o in old], plan.step) if reshard else
-                             part.load_state_dict(old[0][name]))
+        saved = read_states(plan.path, self.rank if not plan.resized else 0)
+        every_rank = [name for name, part in self.states.items() if plan.resized or
+                      getattr(part, "needs_every_rank", lambda _: False)(saved[name])]
+        old = [read_states(plan.path, r) for r in range(plan.saved_world)] if every_rank else []
+        for name, part in self.states.items():
+            if name in every_rank and hasattr(part, "load_resharded"):
+                notes.append(part.load_resharded([o[name] for o in old], plan.step))
+            else:
+                notes.append(part.load_state_dict(saved[name]))
         return [note for note in notes if note]
 
 

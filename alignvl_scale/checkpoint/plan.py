@@ -2,9 +2,10 @@
 checkpoint recorded (its world, ZeRO stage and model fingerprint), and handed on: no part of
 the run reads the world or the stage again to decide how to load.
 
-What a resume may change: the number of ranks (the epoch's data is re-dealt, the random streams
-re-seeded), the ZeRO stage (1-3 convert into one another through DeepSpeed's universal
-checkpoint; ZeRO-0 resumes under ZeRO-0 only), the batch, the schedule. What it may not: the
+What a resume may change: the number of ranks (one that divides the run's data streams: the
+same global batches follow; a checkpoint from before data streams has its epoch re-dealt), the
+ZeRO stage (1-3 convert into one another through DeepSpeed's universal checkpoint; ZeRO-0
+resumes under ZeRO-0 only), the batch, the schedule. What it may not: the
 model (`config.model_fingerprint`: towers, their training, dims, adapter, objective).
 """
 
@@ -29,6 +30,7 @@ class ResumePlan:
     world: int  # the ranks that resume it
     stage: int
     universal: bool  # load its universal conversion (another world, or a stage change with ZeRO-3 in it)
+    data_streams: int | None = None  # the run's data.streams (None: a checkpoint from before data streams)
 
     @property
     def resized(self) -> bool:
@@ -124,4 +126,4 @@ def plan_resume(run_dir: str | Path, resume: str, world: int, stage: int, finger
                               "and DeepSpeed converts checkpoints "
                               "between ZeRO stages 1-3 only. Resume under the stage that wrote it (engine.ds_config): "
                               "ZeRO-0 on any number of ranks, ZeRO 1-3 into one another")
-    return ResumePlan(path, meta["step"], saved_world, saved_stage, world, stage, universal)
+    return ResumePlan(path, meta["step"], saved_world, saved_stage, world, stage, universal, meta.get("data_streams"))

@@ -25,12 +25,13 @@ from alignvl_scale.config import UserError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+SAMPLE_KEYS = "sample_keys.jsonl"  # log.sample_keys
 TENSORBOARD = "tb"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 PROFILE = "profile"
 LOCK = ".lock"
-RUN_OUTPUTS = (CONFIG, METRICS, TENSORBOARD, SUMMARY, CHECKPOINTS, PROFILE)
+RUN_OUTPUTS = (CONFIG, METRICS, SAMPLE_KEYS, TENSORBOARD, SUMMARY, CHECKPOINTS, PROFILE)
 LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d{8})")
 

@@ -1,20 +1,18 @@
-"""The training reader: WebDataset tar shards -> per-rank batches, built for many ranks.
+"""The training reader: WebDataset tar shards -> per-rank micro-batches, built for many ranks.
 
-Each rank's DataLoader workers read a deterministic *shard sequence* each:
-- epoch mode: all shards (every source) shuffled by (seed, epoch), dealt to ranks, then to
-  workers (`split_by_node`, then `split_by_worker`, explicitly);
-- resampled mode: an endless draw of shards, a source picked by weight then a shard
-  uniformly, from an RNG seeded by (seed, rank, worker).
-Inside a shard, raw samples are shuffled in a window by an RNG seeded by (seed, epoch,
-rank, worker, place in the sequence), then decoded (`samples.py`, which also parses the tar), transformed, tokenized
-and batched in the worker. A batch carries its worker's position (place in the sequence,
-raw samples consumed in that shard) and its skip counts, so the main process knows exactly
-what was consumed: a resumed stream skips precisely that, without decoding it.
+A run reads its shards through data streams fixed at launch (data/streams.py): each stream
+a deterministic shard sequence and its share of every micro-batch, a rank k = streams /
+world of them, split among its DataLoader workers. Inside a shard, raw samples are shuffled
+in a window by an RNG seeded by (seed, epoch, stream, place in the sequence), then decoded
+(`samples.py`, which also parses the tar), transformed, tokenized and batched in the worker.
+An item carries its streams' positions (place in the sequence, raw samples consumed in that
+shard) and its skip counts, so the main process knows exactly what was consumed: a resumed
+stream skips precisely that, without decoding it, on whichever rank now serves it.
 
-Every rank yields the same number of batches per epoch: `batches_per_epoch` is computed
-from the per-shard counts of the manifests, and each rank stops there. Skipped samples can
-still leave a rank short; the trainer agrees on "any rank out of data" each step, so no
-rank ever waits in a collective that the others left.
+Every rank yields the same number of micro-batches per epoch (`stream_batches_per_epoch`,
+from the manifests' per-shard counts). Skipped samples can still leave a stream short; the
+trainer agrees on "any rank out of data" each step, so no rank ever waits in a collective
+that the others left.
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import heapq
-import itertools
 import os
 import random
 import select
@@ -32,13 +28,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from alignvl_scale.config import DataConfig, DecodeLimits, UserError, counted
+from alignvl_scale.config import DataConfig, DecodeLimits, counted
+from alignvl_scale.data.redeal import redeal
 from alignvl_scale.data.remote import prefetch, reader_modules
 from alignvl_scale.data.samples import (
     CAPTION_MEMBERS,
@@ -51,21 +48,29 @@ from alignvl_scale.data.samples import (
     raw_samples,
 )
 from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
+from alignvl_scale.data.streams import (
+    DataError,
+    RankBatches,
+    RowKeys,
+    ShardTask,
+    StreamState,
+    check_streams,
+    default_streams,
+    epoch_order,
+    epoch_stream_tasks,
+    global_micro_batch,
+    kept_samples,
+    merged,
+    resampled_stream_tasks,
+    seeded_rng,
+    stream_batches_per_epoch,
+)
 from alignvl_scale.data.transforms import random_resized_crop
 from alignvl_scale.data.worker_signals import IGNORED_SIGNALS
-
-
-class DataError(UserError):
-    """The data cannot be trained on (too many bad samples, too few shards)."""
-
 
 # A worker that skipped this many samples without filling a batch reports the counts (a
 # count-only item), so the skip-fraction stop fires even when bad data never yields a batch.
 REPORT_SKIPS_EVERY = 256
-
-
-def seeded_rng(*parts: object) -> random.Random:
-    return random.Random(":".join(map(str, parts)))
 
 
 def window_shuffle(items: Iterator[RawSample], window: int, rng: random.Random) -> Iterator[RawSample]:
@@ -121,7 +126,7 @@ class SampleSelection:
 
     def kept_samples(self, n: int) -> int:
         """How many of a shard's n samples train: what epoch lengths are computed from."""
-        return n if self.train_fraction >= 1 else round(self.train_fraction * n)
+        return kept_samples(self.train_fraction, n)
 
     def plan(self, url: str, expected: int | None, max_member_bytes: int
              ) -> tuple[set[str] | None, dict[str, dict[str, bytes]]]:
@@ -236,90 +241,32 @@ class FeatureDecoder:
         return {"image_features": torch.stack(images), "text_features": torch.stack(texts)}
 
 
-@dataclass(frozen=True)
-class ShardTask:
-    """One shard as one worker reads it in one epoch: the parts its window shuffle is seeded
-    from, and the raw samples of it already read (a shard re-dealt mid-epoch by `redeal`:
-    the new reader replays the same shuffle and skips them)."""
+class StreamShares(IterableDataset):
+    """One rank's streams for one epoch, read by its DataLoader workers (data/streams.py):
+    worker j of w reads the rank's streams j, j + w, ... and hands one item per micro-batch
+    with each of them's share of `share` samples, in that order."""
 
-    url: str
-    samples: int | None  # the manifest's count
-    rng: tuple
-    start: int = 0
-
-    def as_list(self) -> list:
-        return [self.url, self.samples, list(self.rng), self.start]
-
-    @classmethod
-    def from_list(cls, x: list) -> ShardTask:
-        return cls(x[0], x[1], tuple(x[2]), x[3])
-
-
-@dataclass
-class StreamState:
-    """Where one rank's stream stands; saved in every checkpoint (JSON-able)."""
-
-    epoch: int = 0
-    batches: int = 0  # handed to the trainer in this epoch
-    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # worker -> (task place, raw consumed)
-    items: int = 0  # DataLoader items received in this epoch: batches and count-only reports
-    workers: int | None = None  # DataLoader workers the positions belong to
-    # An epoch re-dealt after a resize: each worker's tasks and the batches every rank makes of them.
-    tasks: dict[int, list[ShardTask]] | None = None
-    limit: int | None = None
-
-    def as_dict(self) -> dict:
-        out = {"epoch": self.epoch, "batches": self.batches, "items": self.items, "workers": self.workers,
-               "positions": {str(w): list(p) for w, p in self.positions.items()}}
-        if self.tasks is not None:
-            out.update(limit=self.limit, tasks={str(w): [t.as_list() for t in ts] for w, ts in self.tasks.items()})
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StreamState:
-        tasks = d.get("tasks")
-        return cls(d["epoch"], d["batches"], {int(w): (p[0], p[1]) for w, p in d["positions"].items()},
-                   d.get("items", d["batches"]), d.get("workers"),
-                   None if tasks is None else {int(w): [ShardTask.from_list(t) for t in ts] for w, ts in tasks.items()},
-                   d.get("limit"))
-
-
-class ShardStream(IterableDataset):
-    """One rank's batches for one epoch, produced by its DataLoader workers."""
-
-    def __init__(self, sources: list[list[Shard]], weights: list[float] | None, cfg: DataConfig, decode,
-                 rank: int, world: int, seed: int, state: StreamState) -> None:
-        self.sources, self.weights, self.cfg, self.decode = sources, weights, cfg, decode
-        self.rank, self.world, self.seed, self.state = rank, world, seed, state
+    def __init__(self, sources: list[list[Shard]], cfg: DataConfig, decode, seed: int, state: StreamState,
+                 local: range, share: int) -> None:
+        self.sources, self.cfg, self.decode, self.seed, self.state = sources, cfg, decode, seed, state
+        self.local, self.share = local, share
         self.selection = SampleSelection.from_config(cfg)
+        self._order: list[Shard] | None = None
 
-    def worker_tasks(self, worker: int, workers: int) -> Iterator[ShardTask]:
-        if self.state.tasks is not None:  # the rest of an epoch, re-dealt after a resize
-            yield from self.state.tasks.get(worker, [])
-        elif self.cfg.mode == "epoch":
-            order = epoch_order(self.sources, self.seed, self.state.epoch)
-            yield from epoch_tasks(order, self.seed, self.state.epoch, self.rank, self.world, worker, workers)
-        else:  # resampled: an endless weighted draw (a resize starts the next "epoch": fresh draws)
-            rng = seeded_rng(self.seed, "resampled", self.state.epoch, self.rank, worker)
-            for place in itertools.count():
-                source = rng.choices(range(len(self.sources)), weights=self.weights)[0]
-                shard = rng.choice(self.sources[source])
-                yield ShardTask(shard.url, shard.samples, (self.seed, self.state.epoch, self.rank, worker, place))
+    def tasks(self, stream: int) -> Iterator[ShardTask]:
+        if self.state.tasks is not None:  # the rest of an epoch re-dealt (data/redeal.py)
+            return iter(self.state.tasks.get(stream, []))
+        if self.cfg.mode == "resampled":
+            return resampled_stream_tasks(self.sources, self.cfg.train_weights, self.seed, self.state.epoch, stream)
+        if self._order is None:  # one shuffle of every shard per worker and epoch
+            self._order = epoch_order(self.sources, self.seed, self.state.epoch)
+        return iter(epoch_stream_tasks(self._order, self.seed, self.state.epoch, stream, self.state.streams))
 
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info else 1
-        # Resuming mid-epoch: rotate so that physical worker 0 serves the logical worker whose
-        # turn it is in the DataLoader's round robin; the item order then matches a run
-        # that never stopped.
-        worker = ((info.id if info else 0) + self.state.items) % workers
-        self.decode.epoch = self.state.epoch
-        place0, start0 = self.state.positions.get(worker, (0, 0))
-        batch, counts = [], SkipCounts()
-        # Where a resume restarts this worker: just after its last batch. Count-only reports
-        # carry it too, so that the samples pending in an unfinished batch are not skipped.
-        committed = (place0, start0)
-        for place, (task, upcoming) in enumerate(with_next(self.worker_tasks(worker, workers))):
+    def examples(self, stream: int) -> Iterator[tuple[tuple[int, int], str, object, RawSample]]:
+        """((task place, raw consumed), shard, example or SkipSample, raw) from the stream's
+        saved position on."""
+        place0, start0 = self.state.positions.get(stream, (0, 0))
+        for place, (task, upcoming) in enumerate(with_next(self.tasks(stream))):
             if place < place0:
                 continue
             if upcoming is not None:  # a remote shard is fetched while this one decodes
@@ -327,27 +274,47 @@ class ShardStream(IterableDataset):
             start = start0 if place == place0 else task.start
             for consumed, example, raw in shard_examples(task.url, self.decode, self.cfg.shuffle_window,
                                                          seeded_rng(*task.rng), start, task.samples, self.selection):
-                if not counts.record(example, raw.unsafe, raw.noisy):
-                    if counts.total >= REPORT_SKIPS_EVERY:  # skips with no batch in sight: report them
-                        yield self._item(None, worker, committed, task.url, counts)
-                        counts = SkipCounts()
-                    continue
-                batch.append(example)
-                if len(batch) == self.cfg.batch_size:
-                    committed = (place, consumed)
-                    yield self._item(self.decode.collate(batch), worker, committed, task.url, counts)
-                    batch, counts = [], SkipCounts()
-            if counts.total > counts.good:  # a shard's skips reach the trainer even if no batch follows
-                yield self._item(None, worker, committed, task.url, counts)
-                counts = SkipCounts()
-        # A worker's last partial batch is dropped (fewer than batch_size samples per
-        # worker per epoch): ranks must stay equal.
+                yield (place, consumed), task.url, example, raw
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self.decode.epoch = self.state.epoch
+        mine = list(self.local)[worker::workers]
+        readers = {s: self.examples(s) for s in mine}
+        # Where a resume restarts each stream: just after its share of the last item handed
+        # over. Count-only items carry it too, so the samples of an unfinished share are kept.
+        committed = {s: self.state.positions.get(s, (0, 0)) for s in mine}
+        counts, shard = SkipCounts(), ""
+        while True:
+            examples, keys, reached = [], [], dict(committed)
+            for s in mine:
+                taken = 0
+                while taken < self.share:
+                    got = next(readers[s], None)
+                    if got is None:  # the stream ran out: its partial share (and this micro-batch) is dropped
+                        if counts.total > counts.good:
+                            yield self._item(None, worker, committed, shard, counts)
+                        return
+                    reached[s], shard, example, raw = got
+                    if not counts.record(example, raw.unsafe, raw.noisy):
+                        if counts.total - counts.good >= REPORT_SKIPS_EVERY:  # skips, no batch in sight: report
+                            yield self._item(None, worker, committed, shard, counts)
+                            counts = SkipCounts()
+                        continue
+                    examples.append(example)
+                    keys.append(raw.key)
+                    taken += 1
+            committed = reached
+            batch = {**self.decode.collate(examples), "keys": keys, "share": self.share}
+            yield self._item(batch, worker, committed, shard, counts)
+            counts = SkipCounts()
 
     @staticmethod
-    def _item(batch: dict | None, worker: int, position: tuple[int, int], url: str, counts: SkipCounts) -> dict:
+    def _item(batch: dict | None, worker: int, positions: dict, url: str, counts: SkipCounts) -> dict:
         """What a worker hands the trainer: a batch (or None: a count-only report), where a
-        resume restarts the worker, and the samples it counted since its last item."""
-        return {"batch": batch, "worker": worker, "position": position, "shard": url, "counts": counts.as_dict()}
+        resume restarts its streams, and the samples it counted since its last item."""
+        return {"batch": batch, "worker": worker, "positions": positions, "shard": url, "counts": counts.as_dict()}
 
 
 def load_sources(cfg: DataConfig) -> list[list[Shard]]:
@@ -356,136 +323,12 @@ def load_sources(cfg: DataConfig) -> list[list[Shard]]:
     return [resolve_spec(spec, cfg.samples_per_shard) for spec in cfg.train]
 
 
-def epoch_order(sources: list[list[Shard]], seed: int, epoch: int) -> list[Shard]:
-    """Every shard of every source, in the order of epoch `epoch` (shuffled by seed and epoch)."""
-    shards = [s for source in sources for s in source]
-    seeded_rng(seed, "epoch", epoch).shuffle(shards)
-    return shards
-
-
-def epoch_tasks(order: list[Shard], seed: int, epoch: int, rank: int, world: int, worker: int,
-                workers: int) -> list[ShardTask]:
-    """A worker's shards in epoch mode: the epoch's order dealt to ranks, then to workers
-    (split_by_node, then split_by_worker, explicitly)."""
-    return [ShardTask(s.url, s.samples, (seed, epoch, rank, worker, place))
-            for place, s in enumerate(order[rank::world][worker::workers])]
-
-
-def batches_per_epoch(sources: list[list[Shard]], world: int, workers: int, batch_size: int, seed: int = 0,
-                      epoch: int = 0, train_fraction: float = 1.0) -> int:
-    """The number of batches every rank yields in epoch mode: the least over ranks of the
-    full batches its workers can make from the manifests' sample counts (of them, the
-    data.train_fraction that trains)."""
-    shards = [s for source in sources for s in source]
-    unknown = [s.url for s in shards if s.samples is None]
-    if unknown:
-        raise DataSourceError(f"epoch mode needs per-shard sample counts: {unknown[0]} has no manifest; "
-                              "set data.samples_per_shard or use data.mode=resampled")
-    workers = max(workers, 1)
-    if len(shards) < world * workers:
-        raise DataSourceError(f"{counted(len(shards), 'shard')} cannot feed {counted(world, 'rank')} x "
-                              f"{counted(workers, 'worker')} in epoch mode; write more, smaller shards, lower "
-                              "data.workers, or use data.mode=resampled")
-    order = epoch_order(sources, seed, epoch)
-    kept = SampleSelection(train_fraction).kept_samples
-    samples = [[sum(kept(s.samples) for s in order[rank::world][w::workers]) for w in range(workers)]
-               for rank in range(world)]
-    per_rank = [sum(n // batch_size for n in mine) for mine in samples]
-    if min(per_rank) == 0:
-        rank = per_rank.index(0)
-        raise DataSourceError(f"data.batch_size={batch_size} per rank: rank {rank} of {world} gets "
-                              f"{sum(samples[rank])} samples per epoch ({samples[rank]} over its {workers} DataLoader "
-                              "workers), and no worker can fill one batch; lower data.batch_size or data.workers, or "
-                              "add data")
-    return min(per_rank)
-
-
-@dataclass(frozen=True)
-class Redeal:
-    """The rest of an interrupted epoch on a new number of ranks (`redeal`)."""
-
-    streams: list[dict]  # one `TrainStream.state_dict()` per new rank
-    samples: int  # samples of the epoch not yet trained on
-    dropped: int  # of them, left out so that every rank makes the same number of batches
-
-
-def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConfig, world: int) -> Redeal:
-    """Deal what an epoch interrupted on len(old) ranks has left to `world` ranks x
-    cfg.workers workers, so that over the old and the new ranks every sample of the epoch
-    is read once.
-
-    old: each old rank's saved stream (`TrainStream.state_dict()`). What each old worker had
-    left (`_unread_tasks`) is dealt largest first to the least loaded new (rank, worker);
-    every rank then makes the least number of batches over ranks. Left out by design, as in
-    any epoch: each worker's last partial batch and a rank's batches beyond that least
-    (`dropped`). Skip counts carry over to new rank 0. Resampled streams restart with fresh
-    draws.
-    """
-    states = [StreamState.from_dict(d["stream"]) for d in old]
-    counts = SkipCounts()
-    for d in old:
-        counts.add(SkipCounts.from_dict(d["counts"]))
-    epoch = states[0].epoch
-    if any(st.epoch != epoch for st in states):
-        raise DataError(f"the saved streams are in different epochs ({sorted({st.epoch for st in states})})")
-    workers = max(cfg.workers, 1)
-
-    def streams(new_states: list[StreamState]) -> list[dict]:
-        return [{"stream": st.as_dict(), "counts": (counts if r == 0 else SkipCounts()).as_dict()}
-                for r, st in enumerate(new_states)]
-
-    next_epoch = streams([StreamState(epoch=epoch + 1, workers=cfg.workers) for _ in range(world)])
-    if cfg.mode == "resampled":
-        return Redeal(next_epoch, 0, 0)
-    kept = SampleSelection(cfg.train_fraction).kept_samples
-
-    def left(task: ShardTask) -> int:  # samples of the task still to train (kept ones, pro rata)
-        n = task.samples or 0
-        return kept(n) * max(n - task.start, 0) // n if n else 0
-
-    load, dealt = [0] * (world * workers), [[] for _ in range(world * workers)]
-    least = [(0, slot) for slot in range(len(load))]  # a heap of (load, slot): the least loaded first
-    for task in sorted(_unread_tasks(states, sources, seed, cfg), key=lambda t: (-left(t), t.url, t.start)):
-        _, slot = heapq.heappop(least)
-        dealt[slot].append(task)
-        load[slot] += left(task)
-        heapq.heappush(least, (load[slot], slot))
-    # Slot i is worker i // world of rank i % world: the largest shards go to different ranks first.
-    limit = min(sum(load[w * world + r] // cfg.batch_size for w in range(workers)) for r in range(world))
-    total = sum(load)
-    if limit == 0:  # too little left for a batch on every rank: the epoch ends here
-        return Redeal(next_epoch, total, total)
-    new_states = [StreamState(epoch=epoch, workers=cfg.workers, limit=limit,
-                              tasks={w: dealt[w * world + r] for w in range(workers)}) for r in range(world)]
-    return Redeal(streams(new_states), total, total - limit * cfg.batch_size * world)
-
-
-def _unread_tasks(states: list[StreamState], sources: list[list[Shard]], seed: int, cfg: DataConfig
-                  ) -> list[ShardTask]:
-    """What the old ranks' workers had not read of their epoch: each old worker's tasks
-    recomputed (or read, for an epoch already re-dealt) and cut at its saved position; the shard
-    it was reading goes on from the raw sample after its last batch (with the same window
-    shuffle, so exactly the samples it had not batched), the shards after it whole. A rank that
-    had finished the epoch contributes nothing: what it did not read is its drop."""
-    epoch, world = states[0].epoch, len(states)
-    order = epoch_order(sources, seed, epoch)
-    full_epoch = {}  # old workers -> batches each old rank made in a whole epoch
-    rest: list[ShardTask] = []
-    for rank, st in enumerate(states):
-        old_workers = max(st.workers or cfg.workers, 1)
-        if st.tasks is None and old_workers not in full_epoch:
-            full_epoch[old_workers] = batches_per_epoch(sources, world, old_workers, cfg.batch_size, seed, epoch,
-                                                        cfg.train_fraction)
-        if st.batches >= (st.limit if st.tasks is not None else full_epoch[old_workers]):
-            continue
-        for worker in range(old_workers):
-            tasks = (st.tasks.get(worker, []) if st.tasks is not None
-                     else epoch_tasks(order, seed, epoch, rank, world, worker, old_workers))
-            place, consumed = st.positions.get(worker, (0, None))
-            if place < len(tasks):
-                start = tasks[place].start if consumed is None else consumed
-                rest += [dataclasses.replace(tasks[place], start=start), *tasks[place + 1:]]
-    return rest
+def streams_for(cfg: DataConfig, world: int, sources: list[list[Shard]], even_share: bool = False) -> int:
+    """data.streams, or its default for this world and data (`default_streams`)."""
+    if cfg.streams is not None:
+        return cfg.streams
+    shards = None if cfg.mode == "resampled" else sum(map(len, sources))
+    return default_streams(global_micro_batch(cfg.batch_size, world), world, shards, even_share)
 
 
 def _worker_init(ignore_signals: tuple[str, ...], rank_pid: int, _worker_id: int) -> None:
@@ -536,21 +379,26 @@ def worker_context(ignore_signals: tuple[str, ...], preload: list[str]):
 
 
 class TrainStream:
-    """One rank's view for the trainer: equal-length epochs, exact resume position, skip
-    counts, and the stop rule for bad data."""
+    """One rank's view for the trainer: its data streams' micro-batches in stream order, equal
+    epochs on every rank, exact positions by stream (a checkpoint continues on any world that
+    divides data.streams), skip counts, and the stop rule for bad data."""
 
     def __init__(self, cfg: DataConfig, decode, rank: int, world: int, seed: int,
                  ignore_signals: tuple[str, ...] = ()) -> None:
         """ignore_signals: signals the DataLoader workers ignore (train.stop_signals: a
-        launcher that signals the whole process group must not kill them mid-batch)."""
+        launcher that signals the whole process group must not kill them mid-batch).
+        cfg.streams: null takes the default (`streams_for`; preflight resolves it for a run)."""
         self.cfg, self.decode, self.rank, self.world, self.seed = cfg, decode, rank, world, seed
         self.ignore_signals = ignore_signals
         self.sources = load_sources(cfg)
-        self.state = StreamState(workers=cfg.workers)
+        self.streams = streams_for(cfg, world, self.sources)
+        check_streams(self.streams, world, global_micro_batch(cfg.batch_size, world), even_share=False)
+        self.state = StreamState(streams=self.streams)
         self.counts = SkipCounts()
-        self.batches_per_epoch = None if cfg.mode == "resampled" else batches_per_epoch(
-            self.sources, world, cfg.workers, cfg.batch_size, seed, train_fraction=cfg.train_fraction)
+        self._epoch_lengths: dict[int, int] = {}
+        self.batches_per_epoch = self.epoch_batches()
 
+    # -- the checkpointed state ------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"stream": self.state.as_dict(), "counts": self.counts.as_dict()}
 
@@ -558,17 +406,41 @@ class TrainStream:
         self.state = StreamState.from_dict(d["stream"])
         self.counts = SkipCounts.from_dict(d["counts"])
 
+    def needs_every_rank(self, d: dict) -> bool:
+        """A saved stream that cannot continue as it is, even on its own world: from before
+        data streams, or read through another data.streams than this run's: re-dealt."""
+        state = d["stream"]
+        return StreamState.is_legacy(state) or ("tasks" not in state and state["streams"] != self.streams)
+
     def load_resharded(self, old: list[dict], _step: int) -> str:
-        """The saved streams of another number of ranks: the rest of their epoch re-dealt to
-        this world (`redeal`). Returns the line for the resume note."""
-        dealt = redeal(old, self.sources, self.seed, self.cfg, self.world)
-        self.load_state_dict(dealt.streams[self.rank])
-        epoch = self.state.epoch
-        if self.state.tasks is None:
-            return (f"{dealt.samples} samples were left in the epoch, too few for a batch on every rank: epoch {epoch} "
-                    "starts")
-        return (f"the rest of the epoch ({dealt.samples} samples) re-dealt to {counted(self.world, 'rank')}: "
-                f"{self.epoch_batches()} batches each in epoch {epoch}, {dealt.dropped} left out")
+        """Every old rank's saved streams: their positions continue on this world (any that
+        divides data.streams: the same global batches); a checkpoint from before data streams,
+        or one that cannot continue on this world's streams, has the rest of its epoch re-dealt
+        (data/redeal.py). Returns the line for the resume note."""
+        if any(StreamState.is_legacy(d["stream"]) for d in old):
+            return self._redeal(old, "a checkpoint from before data streams")
+        states = [StreamState.from_dict(d["stream"]) for d in old]
+        first = states[0]
+        if any((st.epoch, st.batches, st.streams) != (first.epoch, first.batches, first.streams) for st in states):
+            raise DataError("the saved streams disagree on where the epoch stands "
+                            f"({sorted({(st.epoch, st.batches) for st in states})}); the checkpoint is damaged")
+        if first.streams % self.world or (first.tasks is None and first.streams != self.streams):
+            return self._redeal(old, f"data streams {first.streams} -> {self.streams}")
+        self.counts = SkipCounts()
+        if self.rank == 0:
+            for d in old:
+                self.counts.add(SkipCounts.from_dict(d["counts"]))
+        positions, tasks = merged(states)
+        mine = range(self.rank * first.streams // self.world, (self.rank + 1) * first.streams // self.world)
+        self.state = dataclasses.replace(first, positions={s: p for s, p in positions.items() if s in mine},
+                                         tasks=None if tasks is None else {s: tasks[s] for s in mine if s in tasks})
+        return (f"{counted(first.streams, 'data stream')} continue on {counted(self.world, 'rank')} "
+                f"({first.streams // self.world} each): the same global batches")
+
+    def _redeal(self, old: list[dict], why: str) -> str:
+        dealt = redeal(old, self.sources, self.seed, self.cfg, self.world, self.streams)
+        self.state, self.counts = dealt.states[self.rank], dealt.counts if self.rank == 0 else SkipCounts()
+        return dealt.line(why, self.world, self.epoch_batches())
 
     def mark(self) -> tuple[StreamState, SkipCounts]:
         """Where the stream stands now, to `rewind` to; cheap enough for every step (the
@@ -579,6 +451,27 @@ class TrainStream:
     def rewind(self, mark: tuple[StreamState, SkipCounts]) -> None:
         self.state, self.counts = mark
 
+    # -- the epoch -------------------------------------------------------------------------
+    def share(self) -> int:
+        """Samples each stream gives a micro-batch in this epoch."""
+        return global_micro_batch(self.cfg.batch_size, self.world) // self.state.streams
+
+    def epoch_batches(self) -> int | None:
+        """Micro-batches every rank makes in this epoch (None: resampled, no end)."""
+        if self.state.tasks is not None:
+            return self.state.limit
+        if self.cfg.mode == "resampled":
+            return None
+        epoch = self.state.epoch
+        if epoch not in self._epoch_lengths:
+            self._epoch_lengths[epoch] = stream_batches_per_epoch(self.sources, self.state.streams, self.cfg.batch_size,
+                                                                  self.world, self.seed, epoch, self.cfg.train_fraction)
+        return self._epoch_lengths[epoch]
+
+    def epoch_done(self) -> bool:
+        limit = self.epoch_batches()
+        return limit is not None and self.state.batches >= limit
+
     def _check_skips(self, shard: str) -> None:
         if (self.counts.total >= self.cfg.skip_check_min_samples
                 and self.counts.skip_fraction > self.cfg.max_skip_fraction):
@@ -586,41 +479,37 @@ class TrainStream:
                             f"skipped (limit data.max_skip_fraction={self.cfg.max_skip_fraction}), last in {shard}; "
                             f"reasons {dict(self.counts.skipped)}")
 
-    def epoch_batches(self) -> int | None:
-        """Batches every rank makes in this epoch (None: resampled, no end)."""
-        return self.state.limit if self.state.tasks is not None else self.batches_per_epoch
-
-    def epoch_done(self) -> bool:
-        limit = self.epoch_batches()
-        return limit is not None and self.state.batches >= limit
-
+    def _apply(self, item: dict) -> None:
+        """A worker's item, once used: its streams' positions and its counts."""
+        self.state.positions.update({int(s): tuple(p) for s, p in item["positions"].items()})
+        self.counts.add(SkipCounts.from_dict(item["counts"]))
+        self._check_skips(item["shard"])
 
     def __iter__(self) -> Iterator[dict]:
-        """Batches of the current epoch from the saved position on (resampled mode: for
-        ever). The trainer calls `next_epoch` once all ranks agree the epoch is over."""
+        """Micro-batches of the current epoch from the saved positions on (resampled mode:
+        for ever), each with its `rows` (RowKeys) and sample `keys`. The trainer calls
+        `next_epoch` once all ranks agree the epoch is over."""
         if self.epoch_done():
             return
-        dataset = ShardStream(self.sources, self.cfg.train_weights, self.cfg, self.decode, self.rank, self.world,
-                              self.seed, self.state)
+        per_rank = self.state.streams // self.world
+        local = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        workers = min(self.cfg.workers, per_rank)
+        dataset = StreamShares(self.sources, self.cfg, self.decode, self.seed, self.state, local, self.share())
         # Its own generator: drawing worker seeds from the global RNG would shift dropout after a resume.
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.state.epoch)) % 2**62)
         # Pinned batches: the trainer's non_blocking copies then overlap the step on a GPU. Workers come
         # from a fork server: a fork of the trainer itself (threads of TensorBoard, tqdm, the process
         # group, the previous epoch's queues) deadlocked in the child now and then (seen: 1 in ~200).
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, generator=generator,
-                            persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None,
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator,
+                            persistent_workers=False, prefetch_factor=2 if workers else None,
                             pin_memory=torch.cuda.is_available(),
-                            multiprocessing_context=self._worker_context() if self.cfg.workers else None,
+                            multiprocessing_context=self._worker_context() if workers else None,
                             worker_init_fn=functools.partial(_worker_init, self.ignore_signals, os.getpid()))
-        for item in loader:
-            self.state.positions[item["worker"]] = tuple(item["position"])
-            self.state.items += 1
-            self.counts.add(SkipCounts.from_dict(item["counts"]))
-            self._check_skips(item["shard"])
-            if item["batch"] is None:
-                continue
+        batches = RankBatches(iter(loader), max(workers, 1), self._apply)
+        while (batch := batches.next_batch()) is not None:
+            batch["rows"] = RowKeys(self.state.epoch, self.state.batches, local.start, len(local))
             self.state.batches += 1
-            yield item["batch"]
+            yield batch
             if self.epoch_done():
                 return
 
@@ -629,4 +518,4 @@ class TrainStream:
         return worker_context(self.ignore_signals, modules_of(self.decode) + reader_modules(urls))
 
     def next_epoch(self) -> None:
-        self.state = StreamState(epoch=self.state.epoch + 1, workers=self.cfg.workers)
+        self.state = StreamState(epoch=self.state.epoch + 1, streams=self.streams)

@@ -1,16 +1,22 @@
 """The parts of Align-VL that sit on top of the towers: FuseMix latent mixup, Random
 Perturbation, the V-L adapters and the learnable temperature (docs/design.md, steps 2-5).
 
-Mixup and noise draw from their own `torch.Generator`, seeded from (run seed, rank)
-(runtime/seeding.py), so every rank perturbs independently, a run is reproducible, and the
-generator state can be checkpointed with `rng_state()` / `load_rng_state()`.
+Every random draw of the head (mixup's partners and lambda, the noise, the adapters' dropout
+masks) is keyed by the sample, not the rank: a training batch carries its `RowKeys` (which
+data stream's share each row is, in which micro-batch of which epoch: data/streams.py), and
+each stream's rows draw from a generator seeded by (run seed, what is drawn, epoch,
+micro-batch, stream). A sample gets the same noise and mask on any rank and any number of
+ranks, in either pass of the gradient accumulation, and nothing needs checkpointing. A head
+used without keys (outside the trainer) draws from its modules' own generators, seeded from
+(run seed, rank) (runtime/seeding.py) and checkpointed with `rng_state()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -19,23 +25,51 @@ from torch import Tensor, nn
 
 from alignvl_scale.config import MAX_LOGIT_SCALE, Mixup, NoiseMode, RunConfig, choices, tower_config
 from alignvl_scale.data.shards import DataSourceError, manifest_of
+from alignvl_scale.data.streams import RowKeys
 from alignvl_scale.losses.registry import OBJECTIVES, HeadOutput, ObjectiveSpec
 from alignvl_scale.model.portable import LearnedBias, Temperature, build_adapter
 from alignvl_scale.model.towers import build_preprocessing as tower_preprocessing
 from alignvl_scale.model.towers import build_tower
 from alignvl_scale.runtime.compat import beta_pair_weight
 from alignvl_scale.runtime.perf import exact_fp32_matmuls
-from alignvl_scale.runtime.seeding import stream_seed
+from alignvl_scale.runtime.seeding import row_block_seed, stream_seed
+
+_ROWS: ContextVar[RowKeys | None] = ContextVar("alignvl_rows", default=None)
+
+
+@contextmanager
+def drawing_for(rows: RowKeys | None) -> Iterator[None]:
+    """The head's draws inside are keyed by `rows` (None: the modules' own generators)."""
+    token = _ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 class _Seeded(nn.Module):
-    """A module that owns a generator, created lazily on the device of its first input."""
+    """A module that draws random numbers: keyed by the rows being drawn for (`draws`), or
+    from its own generator, created lazily on the device of its first input."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, run_seed: int = 0, name: str = "") -> None:
+        """seed: its own generator's (per rank); run_seed and name: what its keyed draws are seeded with."""
         super().__init__()
-        self.seed = seed
+        self.seed, self.run_seed, self.draw_name = seed, run_seed, name
         self._generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None
+
+    def draws(self, rows: int, device: torch.device) -> list[tuple[torch.Generator, int]]:
+        """(generator, rows) blocks that together cover `rows` rows in order: one per data
+        stream of the current RowKeys, or one block from this module's own generator."""
+        keys = _ROWS.get()
+        if keys is None:
+            return [(self.generator(device), rows)]
+        if rows % keys.count:
+            raise ValueError(f"{rows} rows do not split into the batch's {keys.count} data streams")
+        per_stream = rows // keys.count
+        return [(torch.Generator(device=device).manual_seed(
+                    row_block_seed(self.run_seed, self.draw_name, keys.epoch, keys.index, stream)), per_stream)
+                for stream in keys.streams()]
 
     def generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -59,13 +93,43 @@ class _Seeded(nn.Module):
             self._pending_state = state
 
 
+class KeyedDropout(_Seeded):
+    """nn.Dropout whose mask rows are drawn per data stream (`_Seeded.draws`); without
+    RowKeys, torch's own dropout (the process generator)."""
+
+    def __init__(self, p: float, run_seed: int, name: str) -> None:
+        super().__init__(0, run_seed, name)
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if _ROWS.get() is None:
+            return F.dropout(x, self.p, training=True)
+        masks = [torch.empty((n, *x.shape[1:]), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p, generator=g)
+                 for g, n in self.draws(x.shape[0], x.device)]
+        keep = masks[0] if len(masks) == 1 else torch.cat(masks)
+        return x * keep.mul_(1 / (1 - self.p))
+
+
+def keyed_dropout(module: nn.Module, run_seed: int, prefix: str) -> nn.Module:
+    """`module` with each nn.Dropout replaced by a KeyedDropout named by its place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Dropout):
+            setattr(module, name, KeyedDropout(child.p, run_seed, f"dropout.{prefix}.{name}"))
+        else:
+            keyed_dropout(child, run_seed, f"{prefix}.{name}")
+    return module
+
+
 class RandomPerturbation(_Seeded):
     """x + sigma * eps (absolute) or x + sigma * rms(x) * eps (relative), training only."""
 
     MODES = choices(NoiseMode)
 
-    def __init__(self, sigma: float, mode: str = "absolute", seed: int = 0) -> None:
-        super().__init__(seed)
+    def __init__(self, sigma: float, mode: str = "absolute", seed: int = 0, run_seed: int = 0, name: str = "noise"
+                 ) -> None:
+        super().__init__(seed, run_seed, name)
         if sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         if mode not in self.MODES:
@@ -79,7 +143,9 @@ class RandomPerturbation(_Seeded):
         x = x.float()
         if not self.training or self.sigma == 0:
             return x
-        eps = torch.randn(x.shape, device=x.device, dtype=torch.float32, generator=self.generator(x.device))
+        draws = [torch.randn((n, *x.shape[1:]), device=x.device, dtype=torch.float32, generator=g)
+                 for g, n in self.draws(x.shape[0], x.device)]
+        eps = draws[0] if len(draws) == 1 else torch.cat(draws)
         level = self.sigma
         if self.mode == "relative":
             level = self.sigma * x.pow(2).mean(dim=-1, keepdim=True).sqrt()
@@ -87,21 +153,23 @@ class RandomPerturbation(_Seeded):
 
 
 class LatentMixup(_Seeded):
-    """Latent mixup of paired features: one lam ~ Beta(a, a) per batch, the same lam and the
-    same partner rows for both modalities, so that mixed pairs stay pairs. Training only.
+    """Latent mixup of paired features within each data stream's share of the batch (the
+    whole batch without RowKeys): one lam ~ Beta(a, a) per share, the same lam and the same
+    partner rows for both modalities, so that mixed pairs stay pairs. Training only.
 
-    - `fusemix` (FuseMix's): rows i and i + B/2 are mixed, B rows -> B/2 mixed pairs. Every
-      input row is in exactly one mixed pair, so no two rows of the contrastive batch share
-      an input.
-    - `permutation`: row i is mixed with row perm(i) of a random permutation; B rows stay B,
-      and each input appears in two mixed rows (a "negative" can share half a positive).
+    - `fusemix` (FuseMix's): rows i and i + b/2 of a share of b rows are mixed, b rows -> b/2
+      mixed pairs. Every input row is in exactly one mixed pair, so no two rows of the
+      contrastive batch share an input.
+    - `permutation`: row i is mixed with row perm(i) of a random permutation of its share;
+      b rows stay b, and each input appears in two mixed rows (a "negative" can share half a
+      positive).
     - `off`: identity.
     """
 
     MODES = choices(Mixup)
 
-    def __init__(self, mode: str = "off", alpha: float = 1.0, seed: int = 0) -> None:
-        super().__init__(seed)
+    def __init__(self, mode: str = "off", alpha: float = 1.0, seed: int = 0, run_seed: int = 0) -> None:
+        super().__init__(seed, run_seed, "mixup")
         if mode not in self.MODES:
             raise ValueError(f"mixup mode must be one of {self.MODES}, got {mode!r}")
         if alpha <= 0:
@@ -111,11 +179,17 @@ class LatentMixup(_Seeded):
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if not self.training or self.mode == "off":
             return x, y
-        gen = self.generator(x.device)
+        mixed, start = [], 0
+        for gen, n in self.draws(x.shape[0], x.device):
+            mixed.append(self._mix(x[start:start + n], y[start:start + n], gen))
+            start += n
+        return torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed])
+
+    def _mix(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         lam = beta_pair_weight(self.alpha, gen, x.device)
         if self.mode == "fusemix":
             if x.shape[0] % 2:
-                raise ValueError(f"fusemix mixup needs an even batch, got {x.shape[0]} rows")
+                raise ValueError(f"fusemix mixup needs an even share, got {x.shape[0]} rows")
             (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)
             return lam * x1 + (1 - lam) * x2, lam * y1 + (1 - lam) * y2
         perm = torch.randperm(x.shape[0], device=x.device, generator=gen)
@@ -146,12 +220,16 @@ class AlignVLHead(nn.Module):
         """objective: what the head's output is trained with (its initial scale and bias, and
         whether it has one)."""
         super().__init__()
-        # Three independent streams per rank, each a function of (seed, rank) alone.
-        self.mixup = LatentMixup(mixup, mixup_alpha, seed=stream_seed(seed, "mixup", rank))
-        self.image_noise = RandomPerturbation(noise_sigma, noise_mode, seed=stream_seed(seed, "image_noise", rank))
-        self.text_noise = RandomPerturbation(noise_sigma, noise_mode, seed=stream_seed(seed, "text_noise", rank))
-        self.image_adapter = build_adapter(adapter, image_dim, embed_dim, adapter_depth, dropout=dropout)
-        self.text_adapter = build_adapter(adapter, text_dim, embed_dim, adapter_depth, dropout=dropout)
+        # Keyed by the rows drawn for (RowKeys); without keys, three streams per rank of (seed, rank) alone.
+        self.mixup = LatentMixup(mixup, mixup_alpha, seed=stream_seed(seed, "mixup", rank), run_seed=seed)
+        self.image_noise = RandomPerturbation(noise_sigma, noise_mode, stream_seed(seed, "image_noise", rank), seed,
+                                              "image_noise")
+        self.text_noise = RandomPerturbation(noise_sigma, noise_mode, stream_seed(seed, "text_noise", rank), seed,
+                                             "text_noise")
+        self.image_adapter = keyed_dropout(build_adapter(adapter, image_dim, embed_dim, adapter_depth, dropout=dropout),
+                                           seed, "image_adapter")
+        self.text_adapter = keyed_dropout(build_adapter(adapter, text_dim, embed_dim, adapter_depth, dropout=dropout),
+                                          seed, "text_adapter")
         self.objective = objective
         self.temperature = Temperature(objective.logit_scale_init if logit_scale_init is None else logit_scale_init,
                                        MAX_LOGIT_SCALE)
@@ -166,8 +244,9 @@ class AlignVLHead(nn.Module):
         with _fp32(y.device):
             return F.normalize(self.text_adapter(self.text_noise(y.float())), dim=-1)
 
-    def forward(self, x: Tensor, y: Tensor) -> HeadOutput:
-        with _fp32(x.device):
+    def forward(self, x: Tensor, y: Tensor, rows: RowKeys | None = None) -> HeadOutput:
+        """rows: which data streams' shares the batch holds (training: the draws are keyed by them)."""
+        with _fp32(x.device), drawing_for(rows):
             x, y = self.mixup(x.float(), y.float())
             return HeadOutput(self.encode_image(x), self.encode_text(y), self.temperature(),
                               None if self.logit_bias is None else self.logit_bias())
@@ -203,7 +282,7 @@ class AlignVLModel(nn.Module):
 
     def forward(self, batch: dict) -> HeadOutput:
         x, y = self.tower_features(batch)
-        return self.head(x, y)
+        return self.head(x, y, batch.get("rows"))
 
 
 def with_feature_manifest(cfg: RunConfig) -> RunConfig:

@@ -8,10 +8,13 @@ versions; each stream's formula is written once, in `stream_seed`:
   streams cannot carry over to other ranks).
 - "mixup", "image_noise", "text_noise": the head's own generators (model/head.py), three per
   rank: 3 (seed P + rank) + i at the start; process seed + 1 + i after a resize at `step`.
+  What a head draws in training does not come from them: it is keyed by the rows drawn for,
+  `row_block_seed`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -37,3 +40,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def row_block_seed(seed: int, name: str, epoch: int, index: int, stream: int) -> int:
+    """The seed of one data stream's rows in one micro-batch, for one kind of draw (`name`:
+    "mixup", "image_noise", a dropout layer's place): no rank or world in it."""
+    digest = hashlib.blake2b(f"{seed}:{name}:{epoch}:{index}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from alignvl_scale.data.reader import DataError, TrainStream
-from alignvl_scale.runtime.distributed import all_reduce_floats
+from alignvl_scale.runtime.distributed import all_gather_objects, all_reduce_floats
 from alignvl_scale.training.signals import StopRequested
 
 ANOTHER_RANK = "a stop signal to another rank"
@@ -58,3 +58,10 @@ class AgreedBatches:
     def close(self) -> None:
         """The DataLoader's workers shut down now (not at exit)."""
         self.batches.close()
+
+
+def global_keys(micro: list[dict]) -> list[list[str]]:
+    """The sample keys of a step on every rank, micro-batch by micro-batch in the global
+    batch's order (the ranks' shares in rank order): the same on any world (log.sample_keys)."""
+    ranks = all_gather_objects([batch["keys"] for batch in micro])
+    return [[key for rank in ranks for key in rank[m]] for m in range(len(micro))]

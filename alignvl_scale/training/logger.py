@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from alignvl_scale.checkpoint.rundir import METRICS, TENSORBOARD
+from alignvl_scale.checkpoint.rundir import METRICS, SAMPLE_KEYS, TENSORBOARD
 from alignvl_scale.config import ConfigError, LogConfig, RunConfig
 from alignvl_scale.runtime.files import write_text_atomic
 
@@ -34,7 +34,7 @@ class RunLogger:
         self.run_dir, self.enabled, self.tensorboard = Path(run_dir), enabled, tensorboard
         self.accelerator = accelerator
         self.step = -1  # the last step logged; -1: none
-        self.writer = self.jsonl = None
+        self.writer = self.jsonl = self.keys_jsonl = None
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -45,11 +45,12 @@ class RunLogger:
     def _open(self) -> None:
         """On the first write: the logs cut back to `self.step` (see the module docstring)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = self.run_dir / METRICS
-        if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            write_text_atomic(metrics, "".join(line + "\n" for line in kept))
-        self.jsonl = metrics.open("a")
+        for name in (METRICS, SAMPLE_KEYS):
+            lines = self.run_dir / name
+            if lines.exists():
+                kept = [line for line in lines.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                write_text_atomic(lines, "".join(line + "\n" for line in kept))
+        self.jsonl = (self.run_dir / METRICS).open("a")
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -74,6 +75,18 @@ class RunLogger:
         self.jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self.jsonl.flush()
 
+    def sample_keys(self, step: int, keys: list[list[str]]) -> None:
+        """log.sample_keys: the keys of the step's samples, micro-batch by micro-batch in the
+        global batch's order (after `scalars` of the same step, which cuts the file back)."""
+        if not self.enabled:
+            return
+        if self.jsonl is None:
+            self._open()
+        if self.keys_jsonl is None:
+            self.keys_jsonl = (self.run_dir / SAMPLE_KEYS).open("a")
+        self.keys_jsonl.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self.keys_jsonl.flush()
+
     def text(self, tag: str, text: str) -> None:
         if self.enabled and self.jsonl is None:
             self._open()
@@ -89,8 +102,9 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        for lines in (self.jsonl, self.keys_jsonl):
+            if lines is not None:
+                lines.close()
         if self.accelerator is not None:  # not end_training(): that also ends the process group
             for tracker in self.accelerator.trackers:
                 tracker.finish()

@@ -8,22 +8,25 @@ after training, for an eval set).
 
 What it checks: the launch's topology (against what `accelerate launch` declared), the
 config completed for this world (feature manifest, per-rank batch from the global one),
-training shards and their manifests, the batches an epoch gives each rank, eval sets and
-zero-shot sets (templates included), tower folders, the run folder (lock, earlier run),
-and the checkpoint --resume names (that it holds this run's model, and whether it loads as
-saved or converted).
+eval sets and zero-shot sets (templates included), tower folders, the checkpoint --resume
+names (that it holds this run's model, and whether it loads as saved or converted), the
+data streams (the checkpoint's, or data.streams or its default: that this world divides
+them) with the training shards and the batches an epoch gives, and the run folder (lock,
+earlier run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from alignvl_scale.checkpoint.plan import ResumePlan, plan_resume
 from alignvl_scale.checkpoint.rundir import claim_run_dir
-from alignvl_scale.config import ConfigError, RunConfig, for_world, model_fingerprint
-from alignvl_scale.data.reader import batches_per_epoch, load_sources
+from alignvl_scale.config import ConfigError, RunConfig, counted, for_world, model_fingerprint
+from alignvl_scale.data.reader import load_sources, streams_for
 from alignvl_scale.data.shards import DataSourceError, manifest_of, resolve_spec
+from alignvl_scale.data.streams import check_streams, dividing_worlds, global_micro_batch, stream_batches_per_epoch
 from alignvl_scale.evaluation.zeroshot import zero_shot_layout
 from alignvl_scale.losses.registry import check_loss_config
 from alignvl_scale.model.head import with_feature_manifest
@@ -56,16 +59,34 @@ def check_components(cfg: RunConfig) -> None:
     check_trackers(cfg.log)
 
 
-def check_inputs(cfg: RunConfig, world: int) -> None:
-    """Components, data, eval sets and towers of a completed config, for `world` ranks."""
-    check_components(cfg)
+def with_data_streams(cfg: RunConfig, world: int, plan: ResumePlan | None) -> RunConfig:
+    """The config with data.streams resolved: the checkpoint's (a run keeps its streams, and
+    with them its batches), else data.streams or its default for this world; checked against
+    this world, the batch and the data (an epoch of at least one optimizer step). A resume
+    that sets another data.streams has the rest of its epoch re-dealt."""
+    saved = plan.data_streams if plan is not None else None
+    fusemix = cfg.model.mixup == "fusemix"
+    if saved is not None and cfg.data.streams is None and saved % world:
+        worlds = ", ".join(map(str, dividing_worlds(saved)))
+        raise ConfigError(f"data.streams: {plan.path.name}'s run reads its data through {saved} streams, which "
+                          f"{counted(world, 'rank')} cannot share; resume on {worlds} "
+                          f"ranks to continue with the same batches, or set data.streams to a count {world} divides "
+                          "(the rest of the epoch is then re-dealt, in other batches)")
     sources = load_sources(cfg.data)
+    streams = cfg.data.streams or saved or streams_for(cfg.data, world, sources, even_share=fusemix)
+    check_streams(streams, world, global_micro_batch(cfg.data.batch_size, world), fusemix)
     if cfg.data.mode == "epoch":
-        per_epoch = batches_per_epoch(sources, world, cfg.data.workers, cfg.data.batch_size, cfg.seed,
-                                      train_fraction=cfg.data.train_fraction)
+        per_epoch = stream_batches_per_epoch(sources, streams, cfg.data.batch_size, world, cfg.seed,
+                                             train_fraction=cfg.data.train_fraction)
         if per_epoch < cfg.train.accumulation:
-            raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives each rank only "
-                                  f"{per_epoch} batches of data.batch_size={cfg.data.batch_size}")
+            raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives only {per_epoch} "
+                                  f"micro-batches of data.batch_size={cfg.data.batch_size} per rank")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streams=streams))
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Components, eval sets and towers of a completed config."""
+    check_components(cfg)
     for spec in cfg.eval.data:
         if Path(spec).suffix.lower() == ".jsonl":
             if not Path(spec).is_file():
@@ -95,10 +116,11 @@ def preflight(cfg: RunConfig, resume: str | None = None, overwrite: bool = False
     launch = launch or launch_env()
     check_declared_world(launch, accelerate_declaration())
     cfg = for_world(with_feature_manifest(cfg), launch.world)
-    check_inputs(cfg, launch.world)
-    if launch.is_first:
-        claim_run_dir(cfg.run_dir, resume, overwrite)
+    check_inputs(cfg)
     plan = plan_resume(cfg.run_dir, resume, launch.world, configured_stage(cfg.engine), model_fingerprint(cfg),
                        deep=launch.is_first) if resume else None
+    cfg = with_data_streams(cfg, launch.world, plan)
+    if launch.is_first:
+        claim_run_dir(cfg.run_dir, resume, overwrite)
     export_torch_env(launch)
     return Prepared(cfg, launch, plan, trust_checkpoint)

@@ -46,5 +46,5 @@ class ForwardBackward:
         if any(getattr(t, "trainable", False) for t in (self.model.image_tower, self.model.text_tower)):
             return micro
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return [dict(zip(("image_features", "text_features"), self.model.tower_features(b), strict=True))
-                    for b in micro]
+            return [{**dict(zip(("image_features", "text_features"), self.model.tower_features(b), strict=True)),
+                     "rows": b.get("rows")} for b in micro]

@@ -29,7 +29,7 @@ from alignvl_scale.runtime import compat
 from alignvl_scale.runtime.distributed import all_reduce_floats
 from alignvl_scale.runtime.log import say
 from alignvl_scale.runtime.perf import MetricsWindow, StepProfiler, counted_flops, peak_memory_gib, peak_tflops
-from alignvl_scale.training.batches import AgreedBatches
+from alignvl_scale.training.batches import AgreedBatches, global_keys
 from alignvl_scale.training.build import (
     build_run_model,
     make_decoder,
@@ -82,7 +82,7 @@ class Trainer:
             {"progress": self.progress, "data": self.stream, "logger": self.logger,
              "random": RandomState(cfg.seed, self.rank, self.model.head.random_modules())},
             self.rank, self.world, zero_stage(self.ds_config), cfg.checkpoint.keep, self.config_yaml,
-            model_fingerprint(cfg), prepared.trust_checkpoint)
+            model_fingerprint(cfg), prepared.trust_checkpoint, meta={"data_streams": cfg.data.streams})
         self.flops_per_step: int | None = None  # counted on this process's first step (perf.py)
         self.peak_tflops = peak_tflops(self.device.device, cfg.train.peak_tflops)
         # How the run starts: from the checkpoint --resume named (the plan), else from step 0.
@@ -131,6 +131,8 @@ class Trainer:
             if scalars is None:
                 continue
             progress.step += 1
+            if cfg.log.sample_keys:
+                self.logger.sample_keys(progress.step, global_keys(micro))
             window.steps += 1
             bar.update(1)
             self.profiler.step(progress.step)
