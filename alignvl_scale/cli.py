@@ -180,7 +180,9 @@ def _eval(args: argparse.Namespace) -> int:
     zero_shot = {folder: load_zero_shot_set(folder, args.classes, args.templates) for folder in args.zero_shot}
     encoder = load_encoder(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
     sets: dict = {}
-    results = evaluate_specs(encoder, args.data, args.batch_size, sets, allow_outside=args.allow_outside_paths)
+    diagrams = (Path(args.reliability), Path(args.checkpoint).name) if args.reliability else None
+    results = evaluate_specs(encoder, args.data, args.batch_size, sets, allow_outside=args.allow_outside_paths,
+                             diagrams=diagrams)
     for spec, metrics in results.items():
         evalset = sets[spec]
         skipped = dict(evalset.counts.skipped)
@@ -277,6 +279,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=EvalConfig.batch_size,
                           help="images or captions encoded at once")
     evaluate.add_argument("--json", help="also write the metrics here")
+    evaluate.add_argument("--reliability", metavar="DIR",
+                          help="also write a reliability diagram per --data set here (SET.png and SET.json)")
     evaluate.add_argument("--allow-outside-paths", action="store_true",
                           help="let a JSONL set name images outside its folder")
     evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)

@@ -87,6 +87,9 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
     assert "Paired difference to the baseline at the same caption_noise" in report
     assert "(rel " in report and "Training feature RMS" in report  # sigma shown in both units
     assert (out / "paired_differences.png").stat().st_size > 1000
+    for setting in study.settings():  # a reliability diagram per setting: both seeds' 64 queries a direction
+        diagram = json.loads((out / "reliability" / f"{setting.slug()}.json").read_text())
+        assert diagram["i2t"]["queries"] == 2 * 64 and (out / "reliability" / f"{setting.slug()}.png").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -102,6 +105,9 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
         start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
         assert set(AXES.values()) <= set(start.hparams)  # every study axis, noise_mode included
         assert {"eval/i2t_ece", "eval/t2i_nll", "eval/i2t_confidence"} <= set(events.Tags()["scalars"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        diagram = json.loads((run_dir / "reliability" / "test.json").read_text())  # the final evaluation's
+        assert diagram["t2i"]["ece_percent"] == pytest.approx(summary["eval"]["eval/t2i_ece"], rel=1e-9)
     before = (out / "results.csv").read_text()  # a rerun finds every summary: nothing runs again
     run_study(study, [], tmp_path / "ablate")
     assert (out / "results.csv").read_text() == before

@@ -1,3 +1,4 @@
+import json
 import math
 import statistics
 
@@ -161,3 +162,26 @@ def test_sigmoid_calibration_matches_a_brute_force_per_pair_reading_with_several
         assert got[f"{prefix}_confidence"] == pytest.approx(100 * top.mean().item(), rel=1e-5)
         assert got[f"{prefix}_nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
         assert got[f"{prefix}_ece"] == pytest.approx(100 * expected_calibration_error(top, right), rel=1e-5)
+
+
+def test_the_reliability_diagram_holds_the_bins_its_ece_comes_from(tmp_path):
+    """retrieval_metrics hands each direction's bins out; written as a diagram (PNG and JSON),
+    the JSON's bins give back the metrics' ECE, and their counts, mean confidences and
+    accuracies are those of the queries (a hand-checked case: 2 images, 2 captions)."""
+    from alignvl_scale.evaluation.reliability import read_bins, write_reliability
+
+    image_emb, text_emb = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.eye(2)
+    bins = {}
+    m = retrieval_metrics(image_emb, text_emb, torch.arange(2), calibration=Calibration("softmax", math.log(3)),
+                          reliability=bins)
+    write_reliability(tmp_path, "set", bins, "a test")
+    assert (tmp_path / "set.png").stat().st_size > 5000
+    data = json.loads((tmp_path / "set.json").read_text())
+    for direction in ("i2t", "t2i"):
+        assert data[direction]["ece_percent"] == pytest.approx(m[f"{direction}_ece"])
+        assert read_bins(tmp_path / "set.json")[direction].ece() * 100 == pytest.approx(m[f"{direction}_ece"])
+    filled = [b for b in data["i2t"]["bins"] if b["count"]]  # confidences 1/2 (wrong) and 3/4 (right)
+    want = [(1, 0.5, 0.0), (1, pytest.approx(0.75), 1.0)]
+    assert [(b["count"], b["confidence"], b["accuracy"]) for b in filled] == want
+    merged = bins["i2t"].merged(bins["i2t"])
+    assert merged.counts == [2 * n for n in bins["i2t"].counts] and merged.ece() == pytest.approx(bins["i2t"].ece())

@@ -127,8 +127,8 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: P
     assert (export_dir / "model.safetensors").exists() and not list(export_dir.rglob("*.pt"))
     zero_shot_args = ["--zero-shot", str(zero_shot)] if zero_shot else []
     proc = subprocess.run([*cli, "eval", "--checkpoint", str(export_dir), "--data", str(eval_data), *zero_shot_args,
-                           "--json", str(tmp_path / "eval.json")], check=True, cwd=ROOT, env=env(),
-                          capture_output=True, text=True)
+                           "--json", str(tmp_path / "eval.json"), "--reliability", str(tmp_path / "reliability")],
+                          check=True, cwd=ROOT, env=env(), capture_output=True, text=True)
     assert f"{eval_data}: 16 images, 16 captions" in proc.stdout
     if zero_shot:
         assert f"{zero_shot}: zero-shot over 3 classes, 12 images, 1 templates" in proc.stdout
@@ -146,6 +146,9 @@ def export_and_eval(run_dir: Path, tmp_path: Path, eval_data: Path, zero_shot: P
     if hf:
         assert_hf_export_equals_the_encoder(checkpoint, tmp_path / "hf", encoder, tmp_path / "cat.png")
     results = json.loads((tmp_path / "eval.json").read_text())
+    diagram = json.loads((tmp_path / "reliability" / f"{eval_data.stem}.json").read_text())
+    assert diagram["i2t"]["ece_percent"] == pytest.approx(results[str(eval_data)]["i2t_ece"], rel=1e-9)
+    assert (tmp_path / "reliability" / f"{eval_data.stem}.png").exists()
     zero_shot_results = results.get(f"zeroshot:{zero_shot}", {})
     return {**results[str(eval_data)], **{f"zeroshot_{k}": v for k, v in zero_shot_results.items()}}
 
@@ -183,6 +186,8 @@ def test_launcher_and_zero_stage(assets, tmp_path, launcher, stage):
     assert REQUIRED_SCALARS <= tensorboard_tags(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_images"] == 16  # the retrieval set's (not the zero-shot set's too)
+    diagram = json.loads((run_dir / "reliability" / "eval.json").read_text())  # the final evaluation's, rank 0's
+    assert diagram["t2i"]["ece_percent"] == pytest.approx(summary["eval"]["eval/t2i_ece"], rel=1e-9)
 
     # Export this stage's checkpoint; the exported model reproduces the run's eval numbers.
     # The HF-format export on the Llama/bf16 cell (ViT + BERT: test_demo's export).

@@ -26,12 +26,13 @@ from alignvl_scale.config import UserError
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SAMPLE_KEYS = "sample_keys.jsonl"  # log.sample_keys
+RELIABILITY = "reliability"  # the final evaluation's reliability diagrams
 TENSORBOARD = "tb"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 PROFILE = "profile"
 LOCK = ".lock"
-RUN_OUTPUTS = (CONFIG, METRICS, SAMPLE_KEYS, TENSORBOARD, SUMMARY, CHECKPOINTS, PROFILE)
+RUN_OUTPUTS = (CONFIG, METRICS, SAMPLE_KEYS, RELIABILITY, TENSORBOARD, SUMMARY, CHECKPOINTS, PROFILE)
 LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d{8})")
 

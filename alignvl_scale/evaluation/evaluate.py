@@ -14,7 +14,8 @@ from PIL import Image
 from alignvl_scale.config import EvalConfig
 from alignvl_scale.data.evalsets import RetrievalSet, load_retrieval_set
 from alignvl_scale.data.samples import open_image
-from alignvl_scale.evaluation.metrics import Calibration, retrieval_metrics
+from alignvl_scale.evaluation.metrics import Calibration, ReliabilityBins, retrieval_metrics
+from alignvl_scale.evaluation.reliability import write_reliability
 from alignvl_scale.evaluation.zeroshot import ZeroShotSet, class_embeddings, load_zero_shot_set, zero_shot_accuracy
 from alignvl_scale.model.head import AlignVLModel, Preprocessing
 from alignvl_scale.model.towers import set_train_mode
@@ -99,9 +100,12 @@ def _encode_all(encoder: Encoder, images: list, texts: list, batch_size: int) ->
     return image_emb.cpu(), text_emb.cpu()
 
 
-def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int) -> dict[str, float]:
+def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int,
+                 reliability: dict[str, ReliabilityBins] | None = None) -> dict[str, float]:
+    """Retrieval and calibration metrics; a dict passed as `reliability` gets each direction's bins."""
     images, texts = _encode_all(encoder, evalset.images, evalset.texts, batch_size)
-    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image), calibration=encoder.calibration())
+    return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image), calibration=encoder.calibration(),
+                             reliability=reliability)
 
 
 def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> dict[str, float]:
@@ -112,15 +116,20 @@ def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> di
 
 
 def evaluate_specs(encoder: Encoder, specs: list[str], batch_size: int,
-                   cache: dict[str, RetrievalSet] | None = None, allow_outside: bool = False
-                   ) -> dict[str, dict[str, float]]:
-    """Metrics per eval spec; `cache` keeps loaded sets between evaluations of one run."""
+                   cache: dict[str, RetrievalSet] | None = None, allow_outside: bool = False,
+                   diagrams: tuple[Path, str] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per eval spec; `cache` keeps loaded sets between evaluations of one run;
+    `diagrams` = (folder, title): a reliability diagram per spec written there, named by
+    the spec's stem (evaluation/reliability.py)."""
     cache = {} if cache is None else cache
     results = {}
     for spec in specs:
         if spec not in cache:
             cache[spec] = load_retrieval_set(spec, allow_outside=allow_outside)
-        results[spec] = evaluate_set(encoder, cache[spec], batch_size)
+        bins: dict[str, ReliabilityBins] = {}
+        results[spec] = evaluate_set(encoder, cache[spec], batch_size, bins)
+        if diagrams is not None and bins:
+            write_reliability(diagrams[0], Path(spec).stem, bins, f"{diagrams[1]}: {Path(spec).name}")
     return results
 
 
@@ -139,9 +148,10 @@ class Evaluator:
     def enabled(self) -> bool:
         return bool(self.cfg.data or self.cfg.zero_shot)
 
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, diagrams: tuple[Path, str] | None = None) -> dict[str, float]:
+        """diagrams: (folder, title) for a reliability diagram per retrieval set."""
         results = evaluate_specs(self.encoder, self.cfg.data, self.cfg.batch_size, self.retrieval_sets,
-                                 self.cfg.allow_outside_paths)
+                                 self.cfg.allow_outside_paths, diagrams)
         flat = {}
         for spec, metrics in results.items():
             name = f"{Path(spec).stem}/" if len(results) > 1 else ""

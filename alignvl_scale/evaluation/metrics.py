@@ -117,14 +117,40 @@ def headline(key: str, calibration: bool = True) -> bool:
             or (calibration and name in PAIRED_KEYS and name not in RECALL_KEYS))
 
 
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Queries binned by confidence into equal-width bins (a confidence of exactly 1 falls in
+    the last): per bin the count, the summed confidence and the hits. What a reliability
+    diagram draws and the ECE is computed from."""
+
+    counts: list[int]
+    confidence_sums: list[float]
+    hits: list[int]
+
+    @classmethod
+    def of(cls, confidence: Tensor, correct: Tensor, bins: int = ECE_BINS) -> ReliabilityBins:
+        confidence = confidence.double().cpu()
+        index = (confidence * bins).long().clamp(max=bins - 1)
+        zeros = torch.zeros(bins, dtype=torch.float64)
+        return cls(zeros.clone().index_add_(0, index, torch.ones_like(confidence)).long().tolist(),
+                   zeros.clone().index_add_(0, index, confidence).tolist(),
+                   zeros.clone().index_add_(0, index, correct.double().cpu()).long().tolist())
+
+    def ece(self) -> float:
+        """sum over bins of (bin share) x |accuracy - mean confidence| (Guo et al. 2017), in [0, 1]:
+        sum_b (n_b / n) |hits_b / n_b - conf_b / n_b| = sum_b |hits_b - conf_b| / n."""
+        return sum(abs(h - c) for h, c in zip(self.hits, self.confidence_sums, strict=True)) / max(sum(self.counts), 1)
+
+    def merged(self, other: ReliabilityBins) -> ReliabilityBins:
+        """The bins of both query sets together (several seeds of one setting)."""
+        return ReliabilityBins([a + b for a, b in zip(self.counts, other.counts, strict=True)],
+                               [a + b for a, b in zip(self.confidence_sums, other.confidence_sums, strict=True)],
+                               [a + b for a, b in zip(self.hits, other.hits, strict=True)])
+
+
 def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = ECE_BINS) -> float:
-    """sum over equal-width confidence bins of (bin share) x |accuracy - mean confidence| (Guo
-    et al. 2017), in [0, 1]; a confidence of exactly 1 falls in the last bin."""
-    index = (confidence.double() * bins).long().clamp(max=bins - 1)
-    conf = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence.double())
-    hits = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct.double())
-    # sum_b (n_b / n) |hits_b / n_b - conf_b / n_b| = sum_b |hits_b - conf_b| / n
-    return ((hits - conf).abs().sum() / max(len(confidence), 1)).item()
+    """`ReliabilityBins.ece` of these queries, in [0, 1]."""
+    return ReliabilityBins.of(confidence, correct, bins).ece()
 
 
 def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
@@ -136,7 +162,8 @@ def _summary(ranks: Tensor, prefix: str) -> dict[str, float]:
 
 @torch.no_grad()
 def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor,
-                      chunk_size: int = 4096, calibration: Calibration | None = None) -> dict[str, float]:
+                      chunk_size: int = 4096, calibration: Calibration | None = None,
+                      reliability: dict[str, ReliabilityBins] | None = None) -> dict[str, float]:
     """R@1/5/10 (in percent), mean and median rank (1-based), both directions; with
     `calibration` (the model's objective and learned scale and bias), calibration too.
 
@@ -155,6 +182,8 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
     - {dir}_nll: mean NLL per query (softmax: -log of the probability of the correct
       candidates, for i2t the summed probability of the image's captions; sigmoid: the
       binary NLL summed over all candidates, every caption of the image a positive).
+    With calibration, a dict passed as `reliability` gets each direction's `ReliabilityBins`
+    (the reliability diagram's data; the ECE above is theirs).
     """
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
     caption_to_image = caption_to_image.to(device=image_emb.device, dtype=torch.long)
@@ -176,6 +205,9 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_to_image: Ten
         out.update(_summary(ranks, prefix))
         if calibration is not None:
             confidence_keys[f"{prefix}_confidence"] = confidence.mean().item() * 100
-            confidence_keys[f"{prefix}_ece"] = expected_calibration_error(confidence, ranks == 1) * 100
+            bins = ReliabilityBins.of(confidence, ranks == 1)
+            confidence_keys[f"{prefix}_ece"] = bins.ece() * 100
+            if reliability is not None:
+                reliability[prefix] = bins
             confidence_keys[f"{prefix}_nll"] = nll.mean().item()
     return {**out, **confidence_keys}

@@ -23,7 +23,9 @@ OUT/runs/<setting>-<base>-seed<k>, shared by the studies that use the same base,
 whose summary exists is not run again: an interrupted study picks up where it stopped, and
 a setting common to two studies runs once. Per study, in OUT/<name>/: results.csv (one row
 per run: axes, seed, R@K, calibration), results.md (the tables), paired_differences.png,
-and each run keeps its TensorBoard hparams entry (and, in-process, its output in train.log).
+reliability/<setting>.png (and .json: every seed's queries binned together), and each run
+keeps its TensorBoard hparams entry, its own reliability diagram (and, in-process, its
+output in train.log).
 
 Paired statistics: seeds are shared across settings (same initial weights, data order and
 noise draws), so each setting's per-seed difference to the baseline, d_s = m(setting, s) -
@@ -52,12 +54,20 @@ from pathlib import Path
 
 import yaml
 
-from alignvl_scale.checkpoint.rundir import SUMMARY
+from alignvl_scale.checkpoint.rundir import RELIABILITY, SUMMARY
 from alignvl_scale.config import CONFIGS, ConfigError, RunConfig, load_config
 from alignvl_scale.data.reader import FeatureDecoder, shard_examples
 from alignvl_scale.data.samples import SkipSample
 from alignvl_scale.data.shards import resolve_spec
-from alignvl_scale.evaluation.metrics import CALIBRATION_KEYS, DIRECTIONS, PAIRED_KEYS, RECALL_KEYS, recall_key
+from alignvl_scale.evaluation.metrics import (
+    CALIBRATION_KEYS,
+    DIRECTIONS,
+    PAIRED_KEYS,
+    RECALL_KEYS,
+    ReliabilityBins,
+    recall_key,
+)
+from alignvl_scale.evaluation.reliability import read_bins, write_reliability
 from alignvl_scale.studies.benchmarks import BENCHMARKS, DEMO_CONFIG, STUDIES
 from alignvl_scale.training import main as train
 from alignvl_scale.training.logger import config_value
@@ -385,6 +395,21 @@ def plot(summary: list[dict], study: Study, path: Path) -> Path:
     return path
 
 
+def setting_diagrams(study: Study, cells: list[tuple[Setting, int, Path]], folder: Path) -> None:
+    """One reliability diagram per setting: the queries of all its seeds' final evaluations
+    binned together (each run wrote its own to RUN_DIR/reliability, evaluation/reliability.py)."""
+    merged: dict[Setting, dict[str, ReliabilityBins]] = {}
+    for setting, _seed, run_dir in cells:
+        for path in sorted((run_dir / RELIABILITY).glob("*.json")):
+            bins = read_bins(path)
+            mine = merged.setdefault(setting, {})
+            for direction, b in bins.items():
+                mine[direction] = mine[direction].merged(b) if direction in mine else b
+    for setting, bins in merged.items():
+        write_reliability(folder, setting.slug(), bins,
+                          f"{study.name}: {setting.name(study.baseline)}, {study.seeds} seeds")
+
+
 def feature_rms(study: Study, overrides: list[str]) -> dict[str, float] | None:
     """Mean per-vector RMS of the training features (image, text): what noise_mode relative
     scales by; None for image-text data (the features exist only inside the towers)."""
@@ -451,6 +476,7 @@ def run_study(study: Study, overrides: list[str], out: str | Path, jobs: int = 1
     (folder / "results.md").write_text(report)
     if any(s["reference"] is not None for s in summary):
         plot(summary, study, folder / "paired_differences.png")
+    setting_diagrams(study, cells, folder / RELIABILITY)
     print(report)
     print(f"[ablate] {study.name}: {len(cells)} runs; results in {folder}")
     return summary

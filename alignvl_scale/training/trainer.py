@@ -17,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from alignvl_scale.checkpoint.manager import CheckpointManager, prepare_resume
-from alignvl_scale.checkpoint.rundir import CONFIG, PROFILE, SUMMARY, release_run_dir
+from alignvl_scale.checkpoint.rundir import CONFIG, PROFILE, RELIABILITY, SUMMARY, release_run_dir
 from alignvl_scale.checkpoint.store import demote_checkpoint
 from alignvl_scale.config import contrastive_batch, describe_batch, model_fingerprint
 from alignvl_scale.data.reader import TrainStream
@@ -206,10 +206,12 @@ class Trainer:
         self.logger.scalars(self.progress.step, last)
         return last
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, diagrams: bool = False) -> dict[str, float]:
+        """diagrams: rank 0 writes a reliability diagram per retrieval set to RUN_DIR/reliability."""
         if not self.evaluator.enabled:
             return {}
-        flat = self.evaluator()
+        write = diagrams and self.rank == 0
+        flat = self.evaluator((self.run_dir / RELIABILITY, f"step {self.progress.step}") if write else None)
         self.logger.scalars(self.progress.step, flat)
         shown = {k.removeprefix("eval/").removeprefix("zeroshot/"): v for k, v in flat.items()
                  if headline(k, calibration=False)}
@@ -225,7 +227,7 @@ class Trainer:
     def finish(self, last: dict) -> dict:
         """The end of a run: a checkpoint, the final evaluation, the summary."""
         self.save()
-        final = self.evaluate()
+        final = self.evaluate(diagrams=True)
         summary = {"step": self.progress.step, "skipped_steps": self.progress.skipped_steps, "last": last,
                    "eval": final, "eval_images": self.evaluator.images(), "data": self.stream.counts.as_dict()}
         self.logger.hparams({**{key: config_value(self.cfg, key) for key in self.cfg.log.hparams},
