@@ -126,3 +126,16 @@ def test_a_missing_package_or_renderer_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(OpenclipartMissing, match="rsvg-convert .* install it: apt-get install"):
         build_openclipart(tmp_path / "out", tmp_path / "svg")
+
+
+def test_the_demo_without_the_debian_packages_is_one_line(tmp_path, monkeypatch, capsys):
+    """`alignvl-scale demo --benchmark openclipart` without openclipart-svg: one line saying
+    what to install, exit code 2, no traceback (it was 20 lines of traceback first)."""
+    from alignvl_scale import cli
+    from alignvl_scale.studies import openclipart
+
+    monkeypatch.setattr(openclipart, "SVG_ROOT", tmp_path / "no_such_folder")
+    assert cli.main(["demo", "--benchmark", "openclipart", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alignvl-scale demo: no Openclipart SVGs at "), err
+    assert "apt-get install openclipart-svg librsvg2-bin" in err[0]

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from alignvl_scale.config import UserError
 from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.evaluation.zeroshot import write_zero_shot_set
 
@@ -71,8 +72,9 @@ _DC, _RDF, _CC = ("{http://purl.org/dc/elements/1.1/}", "{http://www.w3.org/1999
                   "{http://web.resource.org/cc/}")
 
 
-class OpenclipartMissing(RuntimeError):
-    """The package or the renderer is not installed; the message says how to install it."""
+class OpenclipartMissing(UserError):
+    """The package or the renderer is not installed; the message says how to install it (one
+    line from the command line, exit code 2)."""
 
 
 def normalize(text: str) -> str:
