@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, env, logged, png_bytes, write_image_shards
+from conftest import ROOT, env, launch_cmd, logged, png_bytes, write_image_shards
 
 from alignvl_scale.data.check import check_shards
 from alignvl_scale.data.evalsets import load_retrieval_set
@@ -472,3 +472,23 @@ def test_an_export_that_dies_half_way_leaves_the_earlier_export_whole(tmp_path, 
         export_module.export(base_run / "checkpoints/step_00000004", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+
+
+@pytest.mark.parametrize("launcher,code", [("torchrun", 1), ("accelerate", 1), ("deepspeed", 2)])
+def test_a_user_error_under_each_launcher_ends_with_its_line_and_the_documented_exit_code(tmp_path, features,
+                                                                                       launcher, code):
+    """A mistyped key under each launcher: the launcher's exit code as docs/training.md gives
+    it, and the last thing on the screen names the error: torchrun's and `accelerate launch`'s
+    failure summary shows our line as the rank's root cause (torchelastic's error file), not
+    "To enable traceback see ..."; `deepspeed` prints its exit code after our line."""
+    config, _ = run_config(tmp_path, features, model={"noise_sigmaa": 0.1})
+    proc = subprocess.run(launch_cmd(launcher, 1, config, ranks=1), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream: the screen's order
+    assert proc.returncode == code, proc.stdout[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip(" =")]
+    ours = "error: model.noise_sigmaa: unknown key (did you mean 'noise_sigma'?)"
+    assert any(line.startswith(f"[alignvl-scale] {ours}") for line in lines)
+    if launcher == "deepspeed":
+        assert lines[-1].endswith("exits with return code = 2"), lines[-3:]
+    else:
+        assert lines[-1].strip().startswith(f"traceback : {ours}"), lines[-3:]

@@ -16,7 +16,9 @@ without pdsh, each machine starts a one-rank world of its own, which trains sile
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,3 +172,17 @@ def check_declared_world(launch: LaunchEnv, declared: tuple[int, int, str] | Non
         raise LaunchError(f"accelerate launch declared {processes} processes on {machines} machine(s), but this "
                           f"process is {launch.describe()}: the machines would train separate runs.{hint}")
 
+
+
+def report_to_launcher(message: str) -> None:
+    """Under torchrun (and `accelerate launch`, which runs it): `message` as this rank's
+    root cause in the agent's ChildFailedError summary, through torchelastic's error file
+    (TORCHELASTIC_ERROR_FILE, what its `@record` writes for an uncaught exception), so the
+    summary's last lines name the error, not "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    except OSError:
+        pass  # the line on stderr is still there

@@ -2,7 +2,9 @@
 
 A user's mistake (config, data, run folder, checkpoint, launch: `config.UserError`) ends the
 process with one line naming it and exit code 2, not a traceback per rank; a lost peer rank
-with one line and exit code 3; a stop signal with a checkpoint and exit code 0.
+with one line and exit code 3; a stop signal with a checkpoint and exit code 0. Under
+torchrun and `accelerate launch` the line is also the rank's root cause in the launcher's
+failure summary (which exits 1; `deepspeed` passes the 2 on): docs/training.md, "Exit codes".
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from alignvl_scale.config import UserError, load_config
 from alignvl_scale.runtime.log import error
 from alignvl_scale.training.arguments import parse_args
+from alignvl_scale.training.launch import report_to_launcher
 from alignvl_scale.training.preflight import preflight
 from alignvl_scale.training.trainer import Trainer
 
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None, keep_process_group: bool = False, prog: 
 
 def _exit_with(message: str, code: int, destroy: bool = True) -> None:
     error(message)
+    report_to_launcher(message)
     if destroy and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)
