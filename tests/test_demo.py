@@ -61,7 +61,7 @@ def feature_config(tmp_path: Path, train: Path, test: Path) -> Path:
     return path
 
 
-def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
+def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path, capsys):
     """A study over caption noise and sigma at half the training set, two runs at a time: the
     baseline at the setting's caption noise is added as its reference (compare_within), the
     corrupted fraction reaches the summary, and a rerun reuses every run."""
@@ -76,6 +76,9 @@ def test_ablate_study_runs_paired_seeds_and_writes_every_file(tmp_path):
     assert [s.name(study.baseline) for s in study.settings()] == [
         "baseline", "caption_noise=0.25", "sigma=0.05, caption_noise=0.25"]  # the reference at 0.25 added
     summary = run_study(study, [], tmp_path / "ablate", jobs=2)
+    shown = capsys.readouterr()
+    assert "ablate tiny" in shown.err and "6/6" in shown.err  # the runs' bar (with the running runs' steps)
+    assert "[ablate] tiny 6/6 " in shown.out
     out = tmp_path / "ablate" / "tiny"
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 6 and set(METRICS) <= set(rows[0])
@@ -232,9 +235,10 @@ def test_extract_then_cached_training_then_eval(tmp_path):
     np.testing.assert_allclose(np.stack(zero3.texts), np.stack(plain.texts), atol=2e-3)
     # Idempotent: a rerun finds every shard done and rewrites none.
     stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "f" / "train").glob("*.tar"))]
-    subprocess.run([*extract, "--data", str(tmp_path / "train"), "--out", str(tmp_path / "f" / "train")],
-                   check=True, cwd=ROOT, env=env(), capture_output=True, timeout=300)
+    rerun = subprocess.run([*extract, "--data", str(tmp_path / "train"), "--out", str(tmp_path / "f" / "train")],
+                           check=True, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "f" / "train").glob("*.tar"))]
+    assert "48/48" in rerun.stderr  # the bar counts samples (rank 0's 2 shards); all done, it starts full
     # Another preprocessing into the same folder: every shard redone (it kept the old shards
     # and rewrote the manifest to describe the new config), and said so.
     before = load_retrieval_set(str(tmp_path / "f" / "train")).images[0]
@@ -242,6 +246,7 @@ def test_extract_then_cached_training_then_eval(tmp_path):
                             "data.image_mean=[0.2,0.3,0.4]"], check=True, cwd=ROOT, env=env(), capture_output=True,
                            text=True, timeout=300)
     assert "redid 4 shards" in again.stdout
+    assert f"extract -> {tmp_path / 'f' / 'train'}" in again.stderr and "48/48" in again.stderr
     assert all(a != b for a, b in zip(stamps, [p.stat().st_mtime_ns for p in sorted(
         (tmp_path / "f" / "train").glob("*.tar"))], strict=True))
     assert json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())["image_transform"]["image_mean"] == \

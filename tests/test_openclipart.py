@@ -80,11 +80,14 @@ def test_captions_normalize_to_letters_and_drop_the_clipart_by_prefix():
 
 
 @needs_rsvg
-def test_builder_counts_every_skip_by_reason_and_keeps_held_out_captions_out_of_training(tmp_path, monkeypatch):
+def test_builder_counts_every_skip_by_reason_and_keeps_held_out_captions_out_of_training(tmp_path, monkeypatch,
+                                                                                           capsys):
     monkeypatch.setattr(oc, "MAX_TITLE_IMAGES", 3)
     monkeypatch.setattr(oc, "MIN_ZERO_SHOT_IMAGES", 1)
     write_tree(tmp_path / "svg")
     counts = build_openclipart(tmp_path / "out", tmp_path / "svg", samples_per_shard=8)
+    rendered = capsys.readouterr().err  # the render shows its progress, SVG by SVG
+    assert "render Openclipart SVGs" in rendered and "svg/s" in rendered
     assert counts["skipped"] == {"link": 1, "unreadable_metadata": 1, "no_title": 2, "collection_title": 4,
                                  "does_not_render": 1, "blank_render": 1, "duplicate_image": 1}
     assert counts["train"] + counts["test"] == 10 + 10 + 2 + 1  # animals, foods, the guitars, the tagged one

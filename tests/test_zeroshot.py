@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from conftest import png_bytes
 
 from alignvl_scale.data.shards import DataSourceError
-from alignvl_scale.evaluation.zeroshot import class_embeddings, load_zero_shot_set, zero_shot_accuracy
+from alignvl_scale.evaluation.zeroshot import (
+    class_embeddings,
+    load_zero_shot_set,
+    write_zero_shot_set,
+    zero_shot_accuracy,
+)
 
 
 def test_accuracy_on_a_hand_computed_case():
@@ -65,3 +70,56 @@ def test_bad_zero_shot_sets_are_named(tmp_path, setup, message):
     setup(tmp_path)
     with pytest.raises(DataSourceError, match=re.escape(message)):
         load_zero_shot_set(tmp_path)
+
+
+class CountingEncoder:
+    """The evaluation's view of a model: images (PNG bytes) and prompts to fixed vectors, every
+    image it encodes counted."""
+
+    def __init__(self) -> None:
+        self.model, self.image_memo, self.encoded = torch.nn.Linear(1, 1), {}, []
+
+    def encode_images(self, images: list[bytes]) -> torch.Tensor:
+        self.encoded += images
+        return F.normalize(torch.stack([torch.tensor([float(len(b) % 7), float(b[-5]), 1.0]) for b in images]), dim=-1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(torch.stack([torch.tensor([float(len(t) % 5), 1.0, float(t.count("a"))]) for t in texts]),
+                           dim=-1)
+
+    def calibration(self):
+        from alignvl_scale.evaluation.metrics import Calibration
+
+        return Calibration("softmax", 10.0)
+
+
+def test_an_image_set_is_encoded_once_for_retrieval_and_every_zero_shot_task(tmp_path, capsys):
+    """The demo's pattern: one held-out image set, a retrieval set and two zero-shot tasks
+    over it (by group, by subgroup): each distinct image is encoded once, the results equal
+    those of encoding everything afresh, and each encoding shows its progress."""
+    from alignvl_scale.data.evalsets import RetrievalSet
+    from alignvl_scale.evaluation.evaluate import evaluate_set, evaluate_zero_shot
+
+    pngs = [png_bytes(i) for i in range(12)]
+    sets = {}
+    for name, groups in (("group", 3), ("subgroup", 4)):
+        write_zero_shot_set(tmp_path / name, [(f"c{i % groups}", f"k{i}", png) for i, png in enumerate(pngs)],
+                            {f"c{g}": f"thing {g}" for g in range(groups)}, ("a {}.",))
+        sets[name] = load_zero_shot_set(tmp_path / name)
+    retrieval = RetrievalSet()
+    for i, png in enumerate(pngs + pngs[:2]):  # two images twice
+        retrieval.add(png, [f"caption {i}"])
+
+    def evaluate(encoder):
+        return [evaluate_set(encoder, retrieval, 4), *(evaluate_zero_shot(encoder, s, 4) for s in sets.values())]
+
+    shared = CountingEncoder()
+    got = evaluate(shared)
+    assert len(shared.encoded) == 12 and sorted(shared.encoded) == sorted(pngs)
+    fresh = []
+    for _ in range(3):  # each evaluation with an empty memo: what encoding everything afresh gives
+        encoder = CountingEncoder()
+        fresh.append(evaluate(encoder)[len(fresh)])
+    assert got == fresh
+    err = capsys.readouterr().err
+    assert "retrieval: 12 images" in err and "zero-shot: 12 texts" not in err and "zero-shot: 3 texts" in err

@@ -1,8 +1,13 @@
 """Retrieval evaluation of a model on eval sets, safe under ZeRO-3: every rank runs every
-forward (the work is split with `encode_sharded`), every rank gets the metrics."""
+forward (the work is split with `encode_sharded`), every rank gets the metrics. An image is
+encoded once per model state: the encoder keeps its embeddings by the image's content, so an
+image set used by retrieval and by several zero-shot tasks (the demo's held-out emoji, by
+group and by subgroup) is encoded once; the trainer's evaluator forgets them at each
+evaluation (the model changed)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from alignvl_scale.evaluation.zeroshot import ZeroShotSet, class_embeddings, loa
 from alignvl_scale.model.head import AlignVLModel, Preprocessing
 from alignvl_scale.model.towers import set_train_mode
 from alignvl_scale.runtime.distributed import rank_world
+from alignvl_scale.runtime.log import progress
 
 
 class Encoder:
@@ -36,6 +42,7 @@ class Encoder:
         # Towers kept outside the trained model (cached-feature runs) encode raw inputs here.
         self.image_tower = image_tower or model.image_tower
         self.text_tower = text_tower or model.text_tower
+        self.image_memo: dict[bytes, torch.Tensor] = {}  # content digest -> embedding, for this model state
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
@@ -86,24 +93,53 @@ def _as_pil(image) -> Image.Image:
     return image
 
 
-def _encode_all(encoder: Encoder, images: list, texts: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _digest(image) -> bytes | None:
+    """What an image is known by in the encoder's memo: its bytes' (or feature vector's) hash;
+    None for what cannot be hashed cheaply (paths, PIL images): always encoded."""
+    if isinstance(image, bytes):
+        return hashlib.sha1(image).digest()
+    if isinstance(image, np.ndarray):
+        return hashlib.sha1(f"{image.dtype}{image.shape}".encode() + image.tobytes()).digest()
+    return None
+
+
+def _encode_images(encoder: Encoder, images: list, batch_size: int, desc: str) -> torch.Tensor:
+    """Embeddings (on CPU) of `images`: those the encoder's memo holds from it, the others (each
+    distinct one once) encoded over the ranks and remembered."""
+    digests = [_digest(image) for image in images]
+    fresh, where = [], {}  # images to encode; digest -> its row among them
+    for i, digest in enumerate(digests):
+        if digest is None or (digest not in encoder.image_memo and digest not in where):
+            if digest is not None:
+                where[digest] = len(fresh)
+            fresh.append(i)
+    rows = encode_sharded(len(fresh), lambda idx: encoder.encode_images([images[fresh[j]] for j in idx]), batch_size,
+                          desc=f"{desc}: {len(fresh)} images" if fresh else None).cpu()
+    encoder.image_memo.update({digest: rows[row] for digest, row in where.items()})
+    uncached = iter(rows[[j for j, i in enumerate(fresh) if digests[i] is None]])
+    return torch.stack([encoder.image_memo[d] if d is not None else next(uncached) for d in digests]) if images \
+        else rows
+
+
+def _encode_all(encoder: Encoder, images: list, texts: list, batch_size: int, desc: str = "encode"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (on CPU) of every image and every text, in eval mode, the work split over
-    ranks (`encode_sharded`)."""
+    ranks (`encode_sharded`), with a progress bar; images the encoder has seen are not encoded again."""
     was_training = encoder.model.training
     set_train_mode(encoder.model, False)
     try:
-        image_emb = encode_sharded(len(images), lambda idx: encoder.encode_images([images[i] for i in idx]),
-                                   batch_size)
-        text_emb = encode_sharded(len(texts), lambda idx: encoder.encode_texts([texts[i] for i in idx]), batch_size)
+        image_emb = _encode_images(encoder, images, batch_size, desc)
+        text_emb = encode_sharded(len(texts), lambda idx: encoder.encode_texts([texts[i] for i in idx]), batch_size,
+                                  desc=f"{desc}: {len(texts)} texts")
     finally:
         set_train_mode(encoder.model, was_training)
-    return image_emb.cpu(), text_emb.cpu()
+    return image_emb, text_emb.cpu()
 
 
 def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int,
                  reliability: dict[str, ReliabilityBins] | None = None) -> dict[str, float]:
     """Retrieval and calibration metrics; a dict passed as `reliability` gets each direction's bins."""
-    images, texts = _encode_all(encoder, evalset.images, evalset.texts, batch_size)
+    images, texts = _encode_all(encoder, evalset.images, evalset.texts, batch_size, "retrieval")
     return retrieval_metrics(images, texts, torch.tensor(evalset.caption_to_image), calibration=encoder.calibration(),
                              reliability=reliability)
 
@@ -111,7 +147,7 @@ def evaluate_set(encoder: Encoder, evalset: RetrievalSet, batch_size: int,
 def evaluate_zero_shot(encoder: Encoder, zs: ZeroShotSet, batch_size: int) -> dict[str, float]:
     """top1/top5 accuracy of the zero-shot set (see zeroshot.py); every rank runs every forward."""
     prompts = [template.format(name) for name in zs.classes for template in zs.templates]  # class-major
-    images, texts = _encode_all(encoder, zs.images, prompts, batch_size)
+    images, texts = _encode_all(encoder, zs.images, prompts, batch_size, "zero-shot")
     return zero_shot_accuracy(images, class_embeddings(texts, len(zs.classes)), torch.tensor(zs.labels))
 
 
@@ -150,6 +186,7 @@ class Evaluator:
 
     def __call__(self, diagrams: tuple[Path, str] | None = None) -> dict[str, float]:
         """diagrams: (folder, title) for a reliability diagram per retrieval set."""
+        self.encoder.image_memo.clear()  # the model trained since the last evaluation
         results = evaluate_specs(self.encoder, self.cfg.data, self.cfg.batch_size, self.retrieval_sets,
                                  self.cfg.allow_outside_paths, diagrams)
         flat = {}
@@ -168,21 +205,27 @@ class Evaluator:
         return sum(len(s.images) for s in self.retrieval_sets.values())
 
 
-def encode_sharded(n_items: int, encode: Callable[[list[int]], torch.Tensor], batch_size: int) -> torch.Tensor:
+def encode_sharded(n_items: int, encode: Callable[[list[int]], torch.Tensor], batch_size: int,
+                   desc: str | None = None) -> torch.Tensor:
     """Encode items 0..n-1 with the work split over ranks, every rank gets all rows in order.
 
     Rank r encodes items r, r + world, ...; every rank runs the same number of batches of
     the same size (the last padded with a repeat), so ZeRO-3's gathered forwards and the
-    all_gather never wait on a rank that stopped early.
+    all_gather never wait on a rank that stopped early. desc: a progress bar (rank 0's,
+    counting every rank's items), gone when done.
     """
     rank, world = rank_world()
+    if n_items == 0:
+        return torch.empty(0)
     per_rank = -(-n_items // world)
     mine = [min(i, n_items - 1) for i in range(rank, per_rank * world, world)]
     parts = []
-    for start in range(0, per_rank, batch_size):
-        chunk = mine[start:start + batch_size]
-        chunk += [chunk[-1]] * (min(batch_size, per_rank) - len(chunk))
-        parts.append(encode(chunk)[:len(mine[start:start + batch_size])])
+    with progress(n_items, desc or "", "item", leave=False, enabled=desc is not None) as bar:
+        for start in range(0, per_rank, batch_size):
+            chunk = mine[start:start + batch_size]
+            chunk += [chunk[-1]] * (min(batch_size, per_rank) - len(chunk))
+            parts.append(encode(chunk)[:len(mine[start:start + batch_size])])
+            bar.update(min(len(mine[start:start + batch_size]) * world, n_items - bar.n))
     local = torch.cat(parts).contiguous()
     if world == 1:
         return local[:n_items]

@@ -7,6 +7,7 @@ redirects them (pytest, `ablate`'s worker processes) gets the lines.
     say("resumed from ...")                      # rank 0, stdout
     say("building an op ...", every_rank=True)   # each rank waits for its own
     error("error: ...")                          # stderr
+    with progress(total, "encode images", "image") as bar: bar.update(n)   # every wait, rank 0
 """
 
 from __future__ import annotations
@@ -58,3 +59,13 @@ def warn(message: str) -> None:
 
 def error(message: str) -> None:
     logger().error(message)
+
+
+def progress(total: int | None, desc: str, unit: str, initial: int = 0, leave: bool = True, enabled: bool = True):
+    """The one progress bar of every wait (tqdm, on stderr): on the launch's rank 0 only (and
+    where `enabled`), redrawn ten times a second on a terminal and once every 30 s in a log
+    file (a line per interval)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                disable=not enabled or _rank() != 0, mininterval=0.1 if sys.stderr.isatty() else 30)

@@ -48,12 +48,13 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from alignvl_scale.checkpoint.rundir import METRICS as METRICS_FILE
 from alignvl_scale.checkpoint.rundir import RELIABILITY, SUMMARY
 from alignvl_scale.config import CONFIGS, ConfigError, RunConfig, load_config
 from alignvl_scale.data.reader import FeatureDecoder, shard_examples
@@ -68,6 +69,7 @@ from alignvl_scale.evaluation.metrics import (
     recall_key,
 )
 from alignvl_scale.evaluation.reliability import read_bins, write_reliability
+from alignvl_scale.runtime.log import progress
 from alignvl_scale.studies.benchmarks import BENCHMARKS, DEMO_CONFIG, STUDIES
 from alignvl_scale.training import main as train
 from alignvl_scale.training.logger import config_value
@@ -248,6 +250,23 @@ def train_in_this_process(argv: list[str], log: Path) -> str | None:
         sys.stderr.flush()
         return f"{log.read_text()[-4000:]}\n{type(exc).__name__}: {exc}"
     return None
+
+
+PROGRESS_EVERY_S = 10  # how often the runs' bar reads the running runs' steps
+
+
+def _started(run_dir: Path) -> bool:
+    """A run a worker has begun (the pool also marks the next queued one as running)."""
+    return (run_dir / "train.log").exists() or (run_dir / METRICS_FILE).exists()
+
+
+def _last_step(run_dir: Path) -> int:
+    """The last step a running run logged (its metrics.jsonl), 0 before the first."""
+    try:
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def row_of(study: Study, setting: Setting, seed: int, run_dir: Path) -> dict:
@@ -442,25 +461,34 @@ def run_study(study: Study, overrides: list[str], out: str | Path, jobs: int = 1
     cells = [(setting, seed, run_dir_of(out, study, overrides, setting, seed))
              for setting in study.settings() for seed in range(study.seeds)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    start, rows = time.perf_counter(), []
+    start = time.perf_counter()
     if in_process:
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
                                    initargs=(threads,))
     else:
         pool = ThreadPoolExecutor(jobs)
     with pool:
-        futures = [None if (run_dir / SUMMARY).exists() else
-                   pool.submit(train_in_this_process, train_argv(study, overrides, setting, seed, run_dir),
+        futures = {pool.submit(train_in_this_process, train_argv(study, overrides, setting, seed, run_dir),
                                run_dir / "train.log") if in_process else
-                   pool.submit(train_separately, train_argv(study, overrides, setting, seed, run_dir), threads)
-                   for setting, seed, run_dir in cells]
-        for (setting, seed, run_dir), future in zip(cells, futures, strict=True):
-            error = future.result() if future else None
-            if error is not None and not (run_dir / SUMMARY).exists():
-                raise RuntimeError(f"ablation run {run_dir} failed:\n{error}")
-            rows.append(row_of(study, setting, seed, run_dir))
-            print(f"[ablate] {study.name} {len(rows)}/{len(cells)} {rows[-1]['setting']} seed {seed}: "
-                  f"i2t R@1 {rows[-1]['i2t_R@1']:.1f}, t2i R@1 {rows[-1]['t2i_R@1']:.1f}", flush=True)
+                   pool.submit(train_separately, train_argv(study, overrides, setting, seed, run_dir), threads):
+                   (setting, seed, run_dir) for setting, seed, run_dir in cells if not (run_dir / SUMMARY).exists()}
+        finished = {}
+        with progress(len(cells), f"ablate {study.name}", "run", initial=len(cells) - len(futures)) as bar:
+            while len(finished) < len(futures):
+                for future in wait(set(futures) - set(finished), timeout=PROGRESS_EVERY_S,
+                                   return_when=FIRST_COMPLETED).done:
+                    setting, seed, run_dir = finished[future] = futures[future]
+                    error = future.result()
+                    if error is not None and not (run_dir / SUMMARY).exists():
+                        raise RuntimeError(f"ablation run {run_dir} failed:\n{error}")
+                    row = row_of(study, setting, seed, run_dir)
+                    bar.update(1)
+                    bar.write(f"[ablate] {study.name} {len(cells) - len(futures) + len(finished)}/{len(cells)} "
+                              f"{row['setting']} seed {seed}: i2t R@1 {row['i2t_R@1']:.1f}, "
+                              f"t2i R@1 {row['t2i_R@1']:.1f}")
+                bar.set_postfix_str("; ".join(f"{s.name(study.baseline)} seed {k}: step {_last_step(d)}"
+                                              for f, (s, k, d) in futures.items() if f.running() and _started(d)))
+    rows = [row_of(study, setting, seed, run_dir) for setting, seed, run_dir in cells]
     folder = out / study.name
     with (folder / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

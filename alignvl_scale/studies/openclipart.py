@@ -48,6 +48,7 @@ from PIL import Image
 from alignvl_scale.config import UserError
 from alignvl_scale.data.shards import sample_members, write_shards
 from alignvl_scale.evaluation.zeroshot import write_zero_shot_set
+from alignvl_scale.runtime.log import progress
 
 SVG_ROOT = Path("/usr/share/openclipart/svg")
 INSTALL = "apt-get install openclipart-svg librsvg2-bin  (Debian/Ubuntu; the SVGs land in /usr/share/openclipart/svg)"
@@ -174,8 +175,9 @@ def collect(root: Path, skipped: Counter) -> list[Clip]:
 def render_all(clips: list[Clip], root: Path, skipped: Counter, workers: int | None = None) -> list[Clip]:
     """Render every clip (rsvg-convert processes in parallel); drop those that do not render
     and pixel-for-pixel duplicates of an earlier clip."""
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        pngs = list(pool.map(lambda c: _render_or_reason(root / c.path), clips))
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, \
+            progress(len(clips), "render Openclipart SVGs", "svg") as bar:
+        pngs = list(bar.update(1) or png for png in pool.map(lambda c: _render_or_reason(root / c.path), clips))
     kept, seen = [], set()
     for clip, png in zip(clips, pngs, strict=True):
         if isinstance(png, str):

@@ -20,13 +20,13 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from tqdm import tqdm
 
 from alignvl_scale.config import RunConfig
 from alignvl_scale.data.samples import (
@@ -45,6 +45,7 @@ from alignvl_scale.model.head import build_preprocessing, build_towers
 from alignvl_scale.model.towers import set_train_mode
 from alignvl_scale.runtime.distributed import all_reduce_floats, any_rank, rank_world
 from alignvl_scale.runtime.ds_ops import prepare_deepspeed_ops
+from alignvl_scale.runtime.log import progress
 from alignvl_scale.training.engine import fill_ds_config, zero3_init, zero_stage
 
 
@@ -100,7 +101,9 @@ class TowerPair:
             self._forward(self.dummy)
 
 
-def _extract_shard(url: str, target: Path, towers: TowerPair, limits: DecodeLimits, batch_size: int) -> SkipCounts:
+def _extract_shard(url: str, target: Path, towers: TowerPair, limits: DecodeLimits, batch_size: int,
+                   advance: Callable[[int], object]) -> SkipCounts:
+    """advance(n): n more raw samples of the shard read (the progress bar)."""
     counts, pending = SkipCounts(), []
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
 
@@ -116,6 +119,7 @@ def _extract_shard(url: str, target: Path, towers: TowerPair, limits: DecodeLimi
 
     with wds.TarWriter(str(tmp), encoder=False) as writer:
         for raw in raw_samples(url):
+            advance(1)
             try:
                 captions, _ = decode_captions(raw.check(), limits)  # the checks training makes
                 image = decode_image(raw.members, limits)
@@ -168,16 +172,25 @@ def extract(cfg: RunConfig, specs: list[str], out: str | Path, batch_size: int =
     towers = TowerPair(cfg, world, device)
     limits = cfg.data.limits()
     mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
-    made_of, redone = fingerprint(cfg), 0
-    for i, shard in tqdm(mine, desc=f"extract -> {out}", unit="shard", disable=rank != 0):
-        target, sidecar = out / SHARD_PATTERN.format(i), out / f".{SHARD_PATTERN.format(i)}.json"
-        if target.exists() and sidecar.exists():
+    made_of, redone, todo = fingerprint(cfg), 0, []
+    for i, shard in mine:
+        sidecar = out / f".{SHARD_PATTERN.format(i)}.json"
+        if (out / SHARD_PATTERN.format(i)).exists() and sidecar.exists():
             info = json.loads(sidecar.read_text())
             if info.get("fingerprint") == made_of and info.get("source") == shard.url:
                 continue  # done by an earlier run of this extraction
             redone += 1
-        counts = _extract_shard(shard.url, target, towers, limits, batch_size)
-        write_json_atomic(sidecar, {"source": shard.url, "fingerprint": made_of, **counts.as_dict()})
+        todo.append((i, shard))
+    # By sample (rank 0's shards; their manifests' counts): an extraction resumed after its
+    # done shards starts the bar there, so its rate and estimate are of this run's work.
+    counts_known = all(s.samples is not None for _, s in mine)
+    total = sum(s.samples for _, s in mine) if counts_known else None
+    done = total - sum(s.samples for _, s in todo) if counts_known else 0
+    with progress(total, f"extract -> {out}", "sample", initial=done) as bar:
+        for i, shard in todo:
+            counts = _extract_shard(shard.url, out / SHARD_PATTERN.format(i), towers, limits, batch_size, bar.update)
+            write_json_atomic(out / f".{SHARD_PATTERN.format(i)}.json",
+                              {"source": shard.url, "fingerprint": made_of, **counts.as_dict()})
     if towers.lockstep:
         if towers.dummy is None:  # nothing to encode here: borrow a sample for the dummy forwards
             towers.dummy = [("", next(_first_image(shards, limits)), ["a"])]

@@ -10,7 +10,6 @@ Launched the same way by every launcher (see launchers/train.py and training/mai
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -27,6 +26,7 @@ from alignvl_scale.evaluation.metrics import headline
 from alignvl_scale.model.towers import set_train_mode
 from alignvl_scale.runtime import compat
 from alignvl_scale.runtime.distributed import all_reduce_floats
+from alignvl_scale.runtime.log import progress as log_progress
 from alignvl_scale.runtime.log import say
 from alignvl_scale.runtime.perf import MetricsWindow, StepProfiler, counted_flops, peak_memory_gib, peak_tflops
 from alignvl_scale.training.batches import AgreedBatches, global_keys
@@ -103,7 +103,7 @@ class Trainer:
         if cfg.eval.at_start and progress.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)
-        bar = _progress_bar(progress.total_steps, progress.step, enabled=self.rank == 0)
+        bar = log_progress(progress.total_steps, "train", "step", initial=progress.step)
         self.batches = AgreedBatches(self.stream, self.stop, cfg.train.accumulation, self.device.device)
         try:
             stop, last = self.train_loop(bar)
@@ -258,11 +258,3 @@ class Trainer:
             dist.destroy_process_group()
         release_run_dir(self.run_dir)
         compat.reset_accelerate_state()
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    # In a log file (no terminal) a redraw every 30 s, not every step.
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 30)
