@@ -83,6 +83,8 @@ AXES = {"objective": "loss.objective", "sigma": "model.noise_sigma", "noise_mode
         "train_fraction": "data.train_fraction"}
 DEFAULTS = {axis: config_value(RunConfig(), key) for axis, key in AXES.items()}
 METRICS = RECALL_KEYS + CALIBRATION_KEYS
+PROGRESS_EVERY_S = 10  # how often the runs' bar reads the running runs' steps
+RUN_LOG_EVERY = 10  # a run's logged steps: its TensorBoard curves, and the step the runs' bar shows
 STUDY_KEYS = {"name", "description", "config", "benchmark", "overrides", "seeds", "epochs", "baseline", "grid",
               "compare_within"}
 
@@ -209,7 +211,7 @@ def run_dir_of(out: Path, study: Study, overrides: list[str], setting: Setting, 
 def train_argv(study: Study, overrides: list[str], setting: Setting, seed: int, run_dir: Path) -> list[str]:
     """The `alignvl-scale train` arguments of one cell (no summary yet: a cell that died starts over)."""
     return ["--config", str(study.config), *study.run_overrides(), *overrides, *setting.overrides(), f"seed={seed}",
-            f"run_dir={run_dir}", "eval.every=0", "train.log_every=1000000", "--overwrite"]
+            f"run_dir={run_dir}", "eval.every=0", f"train.log_every={RUN_LOG_EVERY}", "--overwrite"]
 
 
 def _omp_threads(threads: int) -> str:
@@ -250,9 +252,6 @@ def train_in_this_process(argv: list[str], log: Path) -> str | None:
         sys.stderr.flush()
         return f"{log.read_text()[-4000:]}\n{type(exc).__name__}: {exc}"
     return None
-
-
-PROGRESS_EVERY_S = 10  # how often the runs' bar reads the running runs' steps
 
 
 def _started(run_dir: Path) -> bool:
