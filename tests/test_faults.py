@@ -137,6 +137,29 @@ def test_two_runs_on_one_run_dir_at_once(tmp_path, features):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+def test_a_locked_run_dir_is_refused_before_the_towers_load(tmp_path):
+    """An image-text run whose image tower's weights cannot load, on a run folder another run
+    holds: the refusal names the lock (taken before any tower loads), not the weights."""
+    from alignvl_scale.data.synthetic import make_tiny_towers
+
+    towers = make_tiny_towers(tmp_path / "towers")
+    broken = Path(towers["vit"]) / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:100])  # its config is fine: the preflight's checks pass
+    write_image_shards(tmp_path / "train", [16, 16])
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"image_tower": {"name": towers["vit"], "pooling": "mean"},
+                  "text_tower": {"name": towers["bert"], "max_length": 16}, "embed_dim": 16},
+        "data": {"train": [str(tmp_path / "train")], "image_size": 16, "batch_size": 8, "workers": 0},
+        "train": {"steps": 2}, "run_dir": str(run_dir)}))
+    run_dir.mkdir()
+    with (run_dir / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        user_error(train(config), "is in use by another run")
+    assert "safetensors" in train(config).stderr  # without the lock, the broken weights are what stops it
+
+
 def test_a_garbage_latest_or_a_truncated_state_file_is_named(tmp_path, features, base_run):
     config, run_dir = copy_of(base_run, tmp_path, features)
     latest = run_dir / "checkpoints/latest"
