@@ -231,7 +231,7 @@ class DataConfig:
     """Data streams the run reads its shards through, fixed at launch and kept by its checkpoints: every global
     micro-batch takes the same share from each, in stream order, so a resume on any number of ranks that divides
     it continues with the very same batches. null: the largest count up to max(64, ranks) that the ranks divide
-    and that divides the global micro-batch (no more than the shards in epoch mode)."""
+    and that divides the global micro-batch (in epoch mode at most a quarter of the shards)."""
     shuffle_window: int = 256
     """Raw samples shuffled together within each shard."""
     samples_per_shard: int | None = None
