@@ -181,13 +181,13 @@ def test_a_two_rank_run_over_a_flaky_server_stops_and_resumes_as_a_local_run(tmp
     rank 1 mid-epoch, then --resume latest: every logged loss equals the local run's that
     nobody stopped (the same samples, in the same batches)."""
     write_feature_shards(tmp_path / "data" / "train", 12 * 8, shards=4)
-    local_config, local_dir = cluster_config(tmp_path, tmp_path / "data" / "train", "local",
+    local_config, local_dir = cluster_config(tmp_path, tmp_path / "data" / "train", "local", data={"streams": 2},
                                              train={"steps": 12}, checkpoint={"every": 0})
     run(torchrun(local_config, 2, 2), local_dir)
     want = logged(local_dir, "train/loss")
     with serving(tmp_path / "data", stall_s=3) as server:
-        config, run_dir = cluster_config(tmp_path, f"{server.url}/train", "remote", train={"steps": 12},
-                                         checkpoint={"every": 0})
+        config, run_dir = cluster_config(tmp_path, f"{server.url}/train", "remote", data={"streams": 2},
+                                         train={"steps": 12}, checkpoint={"every": 0})
         for i in range(4):
             server.faults[f"/train/shard-00000{i}.tar"] = [["cut"], ["503", "503"], ["stall"], ["cut", "503"]][i]
         with environment(FAST):

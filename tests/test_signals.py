@@ -38,8 +38,8 @@ from alignvl_scale.data.synthetic import write_feature_shards
 
 @pytest.fixture(scope="module")
 def one_step_epochs(tmp_path_factory):
-    """Two shards of 6: with 2 ranks x 1 worker, every epoch is one step (a new epoch, and new
-    DataLoader workers from the fork server, at every step)."""
+    """Two shards of 6: with 2 ranks and 2 data streams (one shard each), every epoch is one step
+    (a new epoch, and new DataLoader workers from the fork server, at every step)."""
     root = tmp_path_factory.mktemp("tiny")
     write_feature_shards(root / "train", 12, shards=2)
     return root / "train"
@@ -94,7 +94,7 @@ def test_sigterm_to_a_ranks_process_group_stops_at_a_step_with_a_checkpoint(tmp_
     its workers (`BrokenPipeError` on every rank, no checkpoint). Now the fork server and the
     workers ignore the rank's stop signals, and the stop is agreed before a new epoch starts
     them: exit 0, the stopped step saved, and the run resumes from it."""
-    config, run_dir = config_for(tmp_path, one_step_epochs)
+    config, run_dir = config_for(tmp_path, one_step_epochs, data={"streams": 2})
     launch = Started(torchrun(config, 2, 2), tmp_path / "logs")
     wait_for_step(run_dir, 3, launch)
     os.killpg(os.getpgid(rank_pids(launch.pid)[1]), signal.SIGTERM)
@@ -158,7 +158,7 @@ def test_ctrl_c_under_accelerate_launch_stops_at_a_step_and_saves(tmp_path, feat
 def test_sigterm_to_accelerate_launch_saves(tmp_path, one_step_epochs):
     """`kill -TERM` of the accelerate launcher: its ranks got SIGTERM on their process groups and
     died in `popen_forkserver.py` (BrokenPipeError), no checkpoint."""
-    config, run_dir = config_for(tmp_path, one_step_epochs)
+    config, run_dir = config_for(tmp_path, one_step_epochs, data={"streams": 2})
     launch = Started(launch_cmd("accelerate", 2, config), tmp_path / "logs")
     wait_for_step(run_dir, 3, launch)
     launch.proc.send_signal(signal.SIGTERM)
@@ -180,7 +180,7 @@ def test_ctrl_c_under_the_deepspeed_launcher_saves_though_it_adds_a_sigterm(tmp_
     """Ctrl-C reaches every process of the `deepspeed` launcher's group at once (launcher, ranks,
     fork servers, workers), and the launcher then sends SIGTERM to its whole tree: the ranks get
     two different signals, and still save once (a second *same* signal would abort)."""
-    config, run_dir = config_for(tmp_path, one_step_epochs)
+    config, run_dir = config_for(tmp_path, one_step_epochs, data={"streams": 2})
     launch = Started(deepspeed_cmd(config), tmp_path / "logs")
     wait_for_step(run_dir, 3, launch)
     os.killpg(launch.pid, signal.SIGINT)
