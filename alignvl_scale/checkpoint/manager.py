@@ -43,7 +43,7 @@ from alignvl_scale.checkpoint.store import (
     read_states,
     weights_only_loads,
 )
-from alignvl_scale.checkpoint.universal import ensure_universal
+from alignvl_scale.checkpoint.universal import ensure_universal, load_into_zero0
 from alignvl_scale.config import counted
 from alignvl_scale.runtime import compat
 from alignvl_scale.runtime.distributed import all_gather_objects, barrier, broadcast_from_rank0
@@ -114,6 +114,10 @@ class CheckpointManager:
             if self.rank == 0:
                 meta = {"format": FORMAT, "step": step, "world": self.world, "zero_stage": self.zero_stage,
                         "fingerprint": self.fingerprint, "parts": list(self.states), **self.meta}
+                if self.zero_stage == 0:  # what the universal conversion needs (ZeRO 1-3 record it themselves)
+                    names = {id(p): name for name, p in self.engine.module.named_parameters()}
+                    meta["optimizer_params"] = [[names[id(p)] for p in group["params"]]
+                                                for group in self.optimizer.param_groups]
                 (partial / META).write_text(json.dumps(meta, indent=1))
                 (partial / CONFIG).write_text(self.config_yaml)
         except (OSError, RuntimeError) as exc:
@@ -143,8 +147,11 @@ class CheckpointManager:
         conversion `prepare_resume` made), then every part. Returns the resume note's pieces."""
         with weights_only_loads(self.trust), compat.optimizer_groups_kept(self.optimizer):
             try:
-                self.engine.load_checkpoint(str(plan.load_dir()), tag=TAG, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
+                if plan.universal and plan.stage == 0:  # DeepSpeed loads universal folders under ZeRO 1-3 only
+                    load_into_zero0(self.engine, self.optimizer, plan.load_dir() / TAG)
+                else:
+                    self.engine.load_checkpoint(str(plan.load_dir()), tag=TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
             except RuntimeError as exc:  # the model's shapes: a tower folder that changed under the same name
                 if "size mismatch" not in str(exc) and "Missing key" not in str(exc):
                     raise

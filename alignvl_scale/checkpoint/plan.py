@@ -4,8 +4,8 @@ the run reads the world or the stage again to decide how to load.
 
 What a resume may change: the number of ranks (one that divides the run's data streams: the
 same global batches follow; a checkpoint from before data streams has its epoch re-dealt), the
-ZeRO stage (1-3 convert into one another through DeepSpeed's universal checkpoint; ZeRO-0
-resumes under ZeRO-0 only), the batch, the schedule. What it may not: the
+ZeRO stage (any into any through the universal checkpoint: DeepSpeed's conversion for ZeRO
+1-3, universal.py's for ZeRO-0), the batch, the schedule. What it may not: the
 model (`config.model_fingerprint`: towers, their training, dims, adapter, objective).
 """
 
@@ -29,7 +29,7 @@ class ResumePlan:
     saved_stage: int | None  # the ZeRO stage that wrote it (None: 1 or 2, from a checkpoint that did not say)
     world: int  # the ranks that resume it
     stage: int
-    universal: bool  # load its universal conversion (another world, or a stage change with ZeRO-3 in it)
+    universal: bool  # load its universal conversion (another world, or a stage change with ZeRO-0 or 3 in it)
     data_streams: int | None = None  # the run's data.streams (None: a checkpoint from before data streams)
 
     @property
@@ -108,8 +108,8 @@ def plan_resume(run_dir: str | Path, resume: str, world: int, stage: int, finger
                 deep: bool) -> ResumePlan | None:
     """Before any process group, on every rank: which checkpoint --resume names (checked in
     full where `deep`, the launch's rank 0), that it holds this run's model, and whether it
-    loads as saved or through a universal conversion (another number of ranks, or a move into
-    or out of ZeRO-3). None: `latest` with no checkpoint yet. A change that cannot be resumed
+    loads as saved or through a universal conversion (another number of ranks under ZeRO 1-3, or
+    a move into or out of ZeRO-0 or ZeRO-3). None: `latest` with no checkpoint yet. A change that cannot be resumed
     is one CheckpointError."""
     path = _choose(Path(run_dir), resume, deep)
     if path is None:
@@ -120,10 +120,8 @@ def plan_resume(run_dir: str | Path, resume: str, world: int, stage: int, finger
     stages = {saved_stage if saved_stage is not None else 2, stage}
     same_partitioning = saved_world == world and (saved_stage == stage or stages <= {1, 2})
     universal = not (same_partitioning or stages == {0})
-    if universal and 0 in stages:
-        raise CheckpointError(f"--resume {resume}: {path} was written under ZeRO-{saved_stage} on "
-                              f"{counted(saved_world, 'rank')}; this run is ZeRO-{stage} on {counted(world, 'rank')}, "
-                              "and DeepSpeed converts checkpoints "
-                              "between ZeRO stages 1-3 only. Resume under the stage that wrote it (engine.ds_config): "
-                              "ZeRO-0 on any number of ranks, ZeRO 1-3 into one another")
+    if universal and saved_stage == 0 and "optimizer_params" not in meta:
+        raise CheckpointError(f"--resume {resume}: {path} was written under ZeRO-0 by a version that did not name "
+                              "its optimizer's parameters, which a move to another ZeRO stage needs; resume it under "
+                              "ZeRO-0 (engine.ds_config=zero0), on any number of ranks")
     return ResumePlan(path, meta["step"], saved_world, saved_stage, world, stage, universal, meta.get("data_streams"))

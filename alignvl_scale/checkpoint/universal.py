@@ -1,6 +1,6 @@
 """A checkpoint written under one ZeRO stage and number of ranks, made loadable under
 another: DeepSpeed's universal checkpoint (`ds_to_universal`), plus what that tool leaves
-stage-specific, so that one converted folder loads under ZeRO 1, 2 and 3 alike.
+stage-specific, so that one converted folder loads under ZeRO 0, 1, 2 and 3 alike.
 
     step_N/state/                  DeepSpeed's own checkpoint, as saved (never touched)
     step_N.universal/state/zero/   one folder per parameter: fp32.pt, exp_avg.pt, exp_avg_sq.pt, step.pt
@@ -13,7 +13,11 @@ after conversion: the ZeRO-3 loader looks for `zero_pp_rank_0_mp_rank_00_model_s
 `optimizer_state_dict.state[0].step` (ZeRO 1-2 from each parameter's `step.pt`, which a
 ZeRO-3 conversion does not write); a ZeRO-3 conversion stores each state as a bare flat
 tensor, where ZeRO 1-2 want {"param": tensor of the parameter's shape}; and ZeRO 1-2 need
-`ds_version` in the optimizer state. `clip_grad` is
+`ds_version` in the optimizer state. DeepSpeed neither converts ZeRO-0 (plain data parallel:
+the module and torch's optimizer state, whole, in one file) nor loads a universal folder under
+it: `_from_zero0` writes the same folder from the one file, by the parameter names the
+checkpoint's meta lists per optimizer group, and `load_into_zero0` reads it back into the
+module and torch's optimizer by name. `clip_grad` is
 dropped so that the resumed run clips as its own config says. The converted folder is
 written aside and renamed into place, and it counts as done only when its COMPLETE marker is
 there and every file it lists is as written: an unfinished or damaged folder (a copy cut short,
@@ -29,7 +33,14 @@ from pathlib import Path
 import torch
 
 from alignvl_scale.checkpoint.rundir import universal_dir
-from alignvl_scale.checkpoint.store import TAG, ZERO3_MODULE, ZERO12_MODULE, CheckpointError, weights_only_loads
+from alignvl_scale.checkpoint.store import (
+    TAG,
+    ZERO3_MODULE,
+    ZERO12_MODULE,
+    CheckpointError,
+    read_meta,
+    weights_only_loads,
+)
 from alignvl_scale.runtime import compat
 from alignvl_scale.runtime.files import written_aside
 from alignvl_scale.runtime.log import say
@@ -38,13 +49,68 @@ OPTIMIZER_STATE_DICT = "optimizer_state_dict"  # deepspeed.checkpoint.constants.
 COMPLETE = "COMPLETE"
 
 
-def convert(state_dir: Path, out_dir: Path) -> None:
-    """DeepSpeed folder `state_dir` (one tag) -> universal folder `out_dir`, loadable under
-    every ZeRO stage >= 1 on any number of ranks. Callers wrap it in weights_only_loads:
-    the converter unpickles in full."""
-    compat.ds_to_universal(state_dir, out_dir)
-    (out_dir.parent / "latest_universal").unlink(missing_ok=True)  # written beside out_dir; we name tags ourselves
+def convert(checkpoint: Path, out_dir: Path) -> None:
+    """Checkpoint folder `checkpoint` (step_N) -> universal folder `out_dir` (its state/),
+    loadable under every ZeRO stage on any number of ranks. Callers wrap it in
+    weights_only_loads: DeepSpeed's converter unpickles in full."""
+    meta = read_meta(checkpoint)
+    if meta.get("zero_stage") == 0:
+        _from_zero0(checkpoint / TAG, out_dir, meta["optimizer_params"])
+    else:
+        compat.ds_to_universal(checkpoint / TAG, out_dir)
+        (out_dir.parent / "latest_universal").unlink(missing_ok=True)  # written beside out_dir; we name tags ourselves
     _for_every_stage(out_dir)
+
+
+def _from_zero0(state_dir: Path, out_dir: Path, names: list[list[str]]) -> None:
+    """What ds_to_universal writes for ZeRO 1-2, from a ZeRO-0 checkpoint's one file: each
+    trained parameter's weight and Adam state under its name (`names`: per optimizer group, in
+    the group's order, as the manager recorded them), the metadata without the optimizer, the
+    groups' hyperparameters. ZeRO-0 trains fp32 parameters (bf16 is autocast), so the module's
+    weights are the fp32 masters."""
+    saved = torch.load(state_dir / ZERO12_MODULE, weights_only=True)
+    optimizer, module, zero = saved.pop("optimizer"), saved["module"], out_dir / "zero"
+    steps = [s["step"] for s in optimizer["state"].values() if "step" in s]
+    shapes = []
+    for group, group_names in zip(optimizer["param_groups"], names, strict=True):
+        shapes.append({})
+        for index, name in zip(group["params"], group_names, strict=True):
+            weight = module[name]
+            state = optimizer["state"].get(index, {})  # none yet for a parameter no step has reached
+            (zero / name).mkdir(parents=True)
+            torch.save({"param": weight.float()}, zero / name / "fp32.pt")
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.save({"param": state.get(key, torch.zeros_like(weight))}, zero / name / f"{key}.pt")
+            torch.save(state.get("step", steps[0] if steps else torch.tensor(0.0)), zero / name / "step.pt")
+            shapes[-1][name] = weight.shape
+    torch.save({**saved, "param_shapes": shapes}, out_dir / ZERO12_MODULE)
+    groups = [{**group, "params": [i]} for i, group in enumerate(optimizer["param_groups"])]  # as ZeRO 1-2 save them
+    torch.save({"param_groups": groups}, zero / "optimizer_state.pt")
+
+
+def load_into_zero0(engine, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """A universal folder (`folder`: its state/) into a ZeRO-0 engine: each trained parameter's
+    weight and Adam state by name into the module and torch's `optimizer`, DeepSpeed's step
+    counters from the metadata. Frozen weights stay as the model was built: a universal folder
+    holds the trained ones only (DeepSpeed's own universal loads leave them alike)."""
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    state, index = {}, 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            files = folder / "zero" / names[id(param)]
+            if not (files / "fp32.pt").is_file():
+                raise CheckpointError(f"{files}: missing; the checkpoint does not hold parameter {names[id(param)]} "
+                                      "that this run trains")
+            with torch.no_grad():
+                param.copy_(torch.load(files / "fp32.pt", weights_only=True)["param"].view_as(param))
+            state[index] = {"step": torch.load(files / "step.pt", weights_only=True),
+                            **{key: torch.load(files / f"{key}.pt", weights_only=True)["param"].view_as(param)
+                               for key in ("exp_avg", "exp_avg_sq")}}
+            index += 1
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    counters = torch.load(folder / ZERO12_MODULE, weights_only=True)
+    engine.global_steps, engine.skipped_steps = counters["global_steps"], counters["skipped_steps"]
+    engine.global_samples = counters.get("global_samples", engine.global_steps * engine.train_batch_size())
 
 
 def _for_every_stage(out_dir: Path) -> None:
@@ -104,7 +170,7 @@ def ensure_universal(path: Path, trust: bool = False) -> str | None:
         say(f"{final} is not a whole conversion ({why}): converting again")
     try:
         with written_aside(final) as partial, weights_only_loads(trust):
-            convert(path / TAG, partial / TAG)
+            convert(path, partial / TAG)
             files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
             (partial / COMPLETE).write_text(json.dumps(files, indent=0))
     except CheckpointError as exc:
