@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, env
+from distributed import run_ranks
 
 from alignvl_scale.data.synthetic import write_feature_shards
 from alignvl_scale.runtime.perf import counted_flops, peak_tflops, throughput_scalars
@@ -137,3 +139,46 @@ def test_deepspeed_zero3_leaf_modules_still_lose_their_parameters_in_backward():
     assert seen["positional"] == seen["none"] == "OK"
     for case in ("keyword", "no_grad"):
         assert seen[case].startswith("The size of tensor a (0) must match"), seen
+
+
+def _clipped_zero_step(rank: int, world: int, stage: int, ours: bool) -> dict:
+    """One clipped ZeRO `stage` step of a small MLP on rank-dependent data: the gradient norm
+    DeepSpeed reports and the updated weights, with this project's norm installed or not."""
+    import deepspeed
+
+    from alignvl_scale.runtime import compat
+    from alignvl_scale.runtime.ds_ops import prepare_deepspeed_ops
+
+    prepare_deepspeed_ops(on_gpu=False)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    ds_config = {"train_micro_batch_size_per_gpu": 8, "train_batch_size": 8 * world, "gradient_clipping": 1e-3,
+                 "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
+                 "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    installed = compat.zero12_norm_without_fp64_copies(engine.optimizer) if ours else False
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+    engine.backward(engine(x).square().mean() * (1 + rank))
+    engine.step()
+    return {"installed": installed, "norm": float(engine.get_global_grad_norm()),
+            "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_gradient_norm_without_fp64_copies_clips_as_deepspeed_does(tmp_path, stage):
+    """compat.zero12_norm_without_fp64_copies (each gradient's squares summed in fp32, not an
+    fp64 copy per tensor) on 2 ranks with different data and clipping active: the same global
+    norm as DeepSpeed's own and the same clipped update."""
+    (tmp_path / "theirs").mkdir()
+    theirs = run_ranks(_clipped_zero_step, 2, tmp_path / "theirs", stage, False)
+    ours = run_ranks(_clipped_zero_step, 2, tmp_path, stage, True)
+    for want, got in zip(theirs, ours, strict=True):
+        assert "error" not in want and "error" not in got, (want.get("traceback"), got.get("traceback"))
+        assert got["installed"] and got["norm"] > 1e-3  # clipping is active
+        assert got["norm"] == pytest.approx(want["norm"], rel=1e-6)
+        for name, value in want["params"].items():
+            torch.testing.assert_close(got["params"][name], value, rtol=1e-6, atol=1e-8, msg=name)
+    assert ours[0]["norm"] == ours[1]["norm"]

@@ -81,6 +81,13 @@ def fill_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     zero = ds.get("zero_optimization", {})
+    if zero.get("contiguous_gradients") == "auto":
+        # ZeRO-2 copies every gradient into one contiguous buffer as it is reduced: on a GPU that
+        # keeps memory from fragmenting; on CPU it is a copy of every gradient per step and
+        # nothing else (ZeRO-2 about 1.2x faster without it here, docs/benchmarks.md).
+        import torch
+
+        zero["contiguous_gradients"] = torch.cuda.is_available()
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if cfg.train.grad_clip == 0 and zero.get("stage", 0) in (1, 2) and not offload:
         # Nothing to clip: skip ZeRO's gradient-norm pass over every gradient and the host
