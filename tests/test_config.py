@@ -136,13 +136,14 @@ def test_no_clipping_skips_zeros_gradient_norm_pass(tmp_path):
         assert fill_ds_config(cfg, world_size=2)["zero_optimization"].get("compute_grad_norm") is expected, stage
 
 
-def test_zero2_gradients_are_contiguous_on_a_gpu_only(tmp_path, monkeypatch):
-    """zero2.json's contiguous_gradients "auto": one buffer against fragmentation on a GPU, no
-    copy of every gradient on CPU; a value the user's JSON sets stays."""
-    cfg = load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": "zero2"}}))
-    for cuda in (False, True):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-        assert fill_ds_config(cfg, world_size=2)["zero_optimization"]["contiguous_gradients"] is cuda
+def test_zero12_gradients_are_contiguous_on_a_gpu_only(tmp_path, monkeypatch):
+    """zero1/zero2.json's contiguous_gradients "auto": one buffer against fragmentation on a
+    GPU, no copy of every gradient on CPU; a value the user's JSON sets stays."""
+    for stage in (1, 2):
+        cfg = load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": f"zero{stage}"}}))
+        for cuda in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+            assert fill_ds_config(cfg, world_size=2)["zero_optimization"]["contiguous_gradients"] is cuda
     own = tmp_path / "own.json"
     own.write_text(json.dumps({"zero_optimization": {"stage": 2, "contiguous_gradients": True}}))
     cfg = load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": str(own)}}))

@@ -159,17 +159,19 @@ def _clipped_zero_step(rank: int, world: int, stage: int, ours: bool) -> dict:
                  "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                       optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
-    installed = compat.zero12_norm_without_fp64_copies(engine.optimizer) if ours else False
+    installed = compat.zero_norm_without_fp64_copies(engine.optimizer) if ours else False
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
     engine.backward(engine(x).square().mean() * (1 + rank))
     engine.step()
-    return {"installed": installed, "norm": float(engine.get_global_grad_norm()),
-            "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+        return {"installed": installed, "norm": float(engine.get_global_grad_norm()),
+                "params": {n: p.detach().clone() for n, p in params}}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero12_gradient_norm_without_fp64_copies_clips_as_deepspeed_does(tmp_path, stage):
-    """compat.zero12_norm_without_fp64_copies (each gradient's squares summed in fp32, not an
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_gradient_norm_without_fp64_copies_clips_as_deepspeed_does(tmp_path, stage):
+    """compat.zero_norm_without_fp64_copies (each gradient's squares summed in fp32, not an
     fp64 copy per tensor) on 2 ranks with different data and clipping active: the same global
     norm as DeepSpeed's own and the same clipped update."""
     (tmp_path / "theirs").mkdir()

@@ -149,32 +149,36 @@ def ds_to_universal(state_dir: Path, out_dir: Path) -> None:
                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
 
 
-def zero12_norm_without_fp64_copies(optimizer) -> bool:
-    """ZeRO 1-2's gradient norm for clipping (0.19.8 `get_grad_norm_direct`) copies every
-    gradient to fp64 and takes its norm there, one tensor at a time: 11% of a ZeRO-2 step on
-    CPU (docs/benchmarks.md). `l2_norm_all_reduced` gives the same norm (within 1e-8 of fp64
-    on the real towers, `benchmarks/grad_norm_bench.py`) in a quarter of the time, then
-    DeepSpeed's one all-reduce and its non-finite sentinel as before. Installed on a ZeRO 1-2
-    optimizer without model or pipeline parallelism (whose replicated parameters the original
-    skips); returns whether it was."""
+def zero_norm_without_fp64_copies(optimizer) -> bool:
+    """ZeRO's gradient norm for clipping (0.19.8 `get_grad_norm_direct`, stages 1-2 and 3)
+    copies every gradient (partition) to fp64 and takes its norm there, one tensor at a time:
+    11% of a ZeRO-2 step on CPU (docs/benchmarks.md). `l2_norm_all_reduced` gives the same norm
+    (within 1e-8 of fp64 on the real towers, `benchmarks/grad_norm_bench.py`) in a quarter to
+    a half of the time, then DeepSpeed's one all-reduce over the partition group and its
+    non-finite sentinel as before. Installed on a ZeRO optimizer without model, pipeline or
+    expert parallelism (whose replicated parameters the original counts once); returns
+    whether it was."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.mpu is not None:
+    if (not isinstance(optimizer, DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3)
+            or optimizer.model_parallel_group is not None or getattr(optimizer, "has_moe_layers", False)):
         return False
     original = optimizer.get_grad_norm_direct
+    partition_group = getattr(optimizer, "_get_param_partition_group", lambda _: optimizer.dp_process_group)
 
     def get_grad_norm_direct(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0:
+        if float(norm_type) != 2.0 or not params:
             return original(gradients, params, norm_type)
         grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
-        return l2_norm_all_reduced(grads, optimizer.dp_process_group, optimizer.device)
+        return l2_norm_all_reduced(grads, partition_group(params[0]), optimizer.device)
 
     optimizer.get_grad_norm_direct = get_grad_norm_direct
     return True
 
 
 def l2_norm_all_reduced(grads: list[Tensor], group, device) -> Tensor:
-    """The L2 norm of `grads` over the ranks of `group` as ZeRO 1-2 return it (fp32; the -1
+    """The L2 norm of `grads` over the ranks of `group` as ZeRO returns it (fp32; the -1
     sentinel where not finite). Each tensor's sum of squares in fp32 by torch's cascade sum
     (fp32 `vector_norm` and `_foreach_norm` are off by 1e-4 relative on CPU at these sizes),
     summed over tensors in fp64."""

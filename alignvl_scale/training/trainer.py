@@ -63,7 +63,7 @@ class Trainer:
                                   self.stop.names)
         self.base_optimizer = make_optimizer(model, cfg)
         self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
-        compat.zero12_norm_without_fp64_copies(self.engine.optimizer)
+        compat.zero_norm_without_fp64_copies(self.engine.optimizer)
         self.model = self.engine.module
         # A non-finite step is skipped by DeepSpeed after backward where it checks the gradient
         # norm anyway; elsewhere the loss is read on the host before backward (docs/training.md).
