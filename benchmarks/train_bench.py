@@ -73,6 +73,24 @@ def engine_overrides(engine: str, tmp: Path) -> list[str]:
     return [f"engine.ds_config=zero{engine}"]
 
 
+def write_bench_config(tmp: Path, real: bool, batch: int, steps: int) -> Path:
+    """The run config every engine trains (shards and towers written under `tmp`)."""
+    write_image_shards(tmp / "train", [batch * 8] * 8)
+    if real:
+        towers = {"image_tower": {"name": save_vit_s16(tmp / "vit", image_size=64), "trainable": True,
+                                  "pooling": "pooler"},
+                  "text_tower": {"kind": "minilm", "trainable": True, "max_length": 16}}
+    else:
+        tiny = make_tiny_towers(tmp)
+        towers = {"image_tower": {"name": tiny["vit"]}, "text_tower": {"name": tiny["bert"], "max_length": 16}}
+    config = tmp / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {**towers, "embed_dim": 32 if not real else 256, "noise_sigma": 0.01},
+        "data": {"train": [str(tmp / "train")], "batch_size": batch, "workers": 1, "image_size": 64 if real else 16},
+        "train": {"steps": steps, "log_every": 5 if real else 10, "lr": 1e-4}, "run_dir": str(tmp / "run")}))
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--towers", choices=["real", "tiny"], default="real")
@@ -87,23 +105,9 @@ def main() -> None:
     real = args.towers == "real"
     args.steps = args.steps or (30 if real else 60)
     args.batch = args.batch or (8 if real else 32)
-    log_every = 5 if real else 10
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_image_shards(tmp / "train", [args.batch * 8] * 8)
-        if real:
-            towers = {"image_tower": {"name": save_vit_s16(tmp / "vit", image_size=64), "trainable": True,
-                                      "pooling": "pooler"},
-                      "text_tower": {"kind": "minilm", "trainable": True, "max_length": 16}}
-        else:
-            tiny = make_tiny_towers(tmp)
-            towers = {"image_tower": {"name": tiny["vit"]}, "text_tower": {"name": tiny["bert"], "max_length": 16}}
-        config = tmp / "bench.yaml"
-        config.write_text(yaml.safe_dump({
-            "model": {**towers, "embed_dim": 32 if not real else 256, "noise_sigma": 0.01},
-            "data": {"train": [str(tmp / "train")], "batch_size": args.batch, "workers": 1,
-                     "image_size": 64 if real else 16},
-            "train": {"steps": args.steps, "log_every": log_every, "lr": 1e-4}, "run_dir": str(tmp / "run")}))
+        config = write_bench_config(tmp, real, args.batch, args.steps)
         rates: dict[tuple[str, int], list[float]] = {}
         for world in args.worlds:
             for repeat in range(args.repeats):  # alternate the order, so that noise hits every engine alike

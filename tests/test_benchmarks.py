@@ -146,3 +146,32 @@ def test_the_mixing_and_keyed_draw_benchmarks_run_with_tiny_shapes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(json.loads(out.read_text())["medians"]) == {"own generators (no keys)", "keyed, 1 streams",
                                                           "keyed, 4 streams"}
+
+
+def test_step_profile_sums_the_training_loops_samples_by_innermost_category(tmp_path):
+    """benchmarks/step_profile.py's reading of py-spy's collapsed stacks: only the ranks'
+    training loops count, each stack by its innermost frame that names a category."""
+    summarize = _module("step_profile").summarize
+    loop = ('process 1:"python launchers/train.py";main (launchers/train.py:9);'
+            "train_loop (alignvl_scale/training/trainer.py:80)")
+    reduce = "backward (torch/_tensor.py:1);allreduce_bucket (deepspeed/x.py:2)"
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        f"{loop};{reduce};_flatten_dense_tensors (torch/_utils.py:3) 7",
+        f"{loop};backward (torch/_tensor.py:1);reduce_ipg_grads (deepspeed/x.py:4);all_reduce (torch/c10d.py:5) 5",
+        f"{loop};step (deepspeed/engine.py:6);get_grad_norm_direct (alignvl_scale/runtime/compat.py:7) 2",
+        f"{loop};forward (alignvl_scale/model/head.py:8) 3",
+        'process 1:"python launchers/train.py";main (launchers/train.py:9);forward (x.py:1) 100',  # start-up
+    ]))
+    assert summarize(raw) == {"gradient copies and flattening": 7, "communication (reduce, gather)": 5,
+                              "gradient norm": 2, "forward": 3}
+
+
+@pytest.mark.slow
+def test_grad_norm_bench_agrees_with_fp64(tmp_path):
+    out = tmp_path / "norm.json"
+    proc = subprocess.run([sys.executable, "benchmarks/grad_norm_bench.py", "--repeats", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ours = next(r for r in json.loads(out.read_text())["rows"] if r["way"] == "ours (compat)")
+    assert ours["rel_diff_vs_fp64"] < 1e-6
