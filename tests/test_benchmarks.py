@@ -175,3 +175,12 @@ def test_grad_norm_bench_agrees_with_fp64(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ours = next(r for r in json.loads(out.read_text())["rows"] if r["way"] == "ours (compat)")
     assert ours["rel_diff_vs_fp64"] < 1e-6
+
+
+def test_collective_bench_runs_both_zero3_reduces_on_two_ranks(tmp_path):
+    out = tmp_path / "collectives.json"
+    proc = subprocess.run([sys.executable, "benchmarks/collective_bench.py", "--repeats", "1", "--scale", "0.01",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["median_ms"] > 0 for r in rows) and rows[0]["ratio"] == 1

@@ -136,19 +136,24 @@ def test_no_clipping_skips_zeros_gradient_norm_pass(tmp_path):
         assert fill_ds_config(cfg, world_size=2)["zero_optimization"].get("compute_grad_norm") is expected, stage
 
 
-def test_zero12_gradients_are_contiguous_on_a_gpu_only(tmp_path, monkeypatch):
-    """zero1/zero2.json's contiguous_gradients "auto": one buffer against fragmentation on a
-    GPU, no copy of every gradient on CPU; a value the user's JSON sets stays."""
-    for stage in (1, 2):
-        cfg = load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": f"zero{stage}"}}))
+def test_gpu_only_zero_settings_resolve_by_device(tmp_path, monkeypatch):
+    """The shipped JSONs' "auto" settings that pay on a GPU only: zero1/zero2's
+    contiguous_gradients (one buffer against fragmentation; on CPU a copy of every gradient)
+    and zero3's reduce_scatter (half an all-reduce's bytes on NCCL; on gloo slower than the
+    all-reduce of ZeRO-3's contiguous buffer). A value the user's JSON sets stays."""
+    for spec, key in [("zero1", "contiguous_gradients"), ("zero2", "contiguous_gradients"),
+                      ("zero3", "reduce_scatter"), ("zero3_offload", "reduce_scatter")]:
+        cfg = load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": spec}}))
         for cuda in (False, True):
             monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-            assert fill_ds_config(cfg, world_size=2)["zero_optimization"]["contiguous_gradients"] is cuda
+            assert fill_ds_config(cfg, world_size=2)["zero_optimization"][key] is cuda, (spec, cuda)
     own = tmp_path / "own.json"
-    own.write_text(json.dumps({"zero_optimization": {"stage": 2, "contiguous_gradients": True}}))
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3, "contiguous_gradients": True,
+                                                     "reduce_scatter": True}}))
     cfg = load_config(write(tmp_path, {"train": {"steps": 1}, "engine": {"ds_config": str(own)}}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert fill_ds_config(cfg, world_size=2)["zero_optimization"]["contiguous_gradients"] is True
+    zero = fill_ds_config(cfg, world_size=2)["zero_optimization"]
+    assert zero["contiguous_gradients"] is True and zero["reduce_scatter"] is True
 
 
 def test_shipped_ds_configs_resolve_by_name(tmp_path, monkeypatch):

@@ -81,13 +81,18 @@ def fill_ds_config(cfg: RunConfig, world_size: int, load_universal: bool = False
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     zero = ds.get("zero_optimization", {})
-    if zero.get("contiguous_gradients") == "auto":
-        # ZeRO-2 copies every gradient into one contiguous buffer as it is reduced: on a GPU that
-        # keeps memory from fragmenting; on CPU it is a copy of every gradient per step and
-        # nothing else (ZeRO-2 about 1.2x faster without it here, docs/benchmarks.md).
-        import torch
+    # "auto": settings that pay on a GPU and cost on CPU (docs/benchmarks.md, train_bench's
+    # 1c/2c/3r). contiguous_gradients: ZeRO 1-2 copy every gradient into one buffer as it is
+    # reduced, which on a GPU keeps memory from fragmenting and on CPU is one more copy of
+    # every gradient per step. reduce_scatter: NCCL's reduce-scatter moves half an
+    # all-reduce's bytes; gloo's takes longer than its all-reduce (collective_bench.py), and
+    # ZeRO-3 first interleaves every gradient into a new buffer for it, where without it
+    # ZeRO-3 all-reduces its contiguous gradient buffer in place.
+    for key in ("contiguous_gradients", "reduce_scatter"):
+        if zero.get(key) == "auto":
+            import torch
 
-        zero["contiguous_gradients"] = torch.cuda.is_available()
+            zero[key] = torch.cuda.is_available()
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if cfg.train.grad_clip == 0 and zero.get("stage", 0) in (1, 2) and not offload:
         # Nothing to clip: skip ZeRO's gradient-norm pass over every gradient and the host
