@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from alignvl_scale.config import DS_CONFIGS
 from alignvl_scale.data.synthetic import make_tiny_towers, save_vit_s16, write_image_shards
 from alignvl_scale.runtime.distributed import free_port
 
@@ -58,25 +59,22 @@ def trainer_rates(run_dir: Path) -> list[float]:
     return [r["perf/samples_per_s"] for r in rows if "perf/samples_per_s" in r]
 
 
+# The ablations that change one key of a shipped JSON: (shipped, key, value).
+ONE_KEY_ABLATIONS = {"1c": ("zero1", "contiguous_gradients", True), "2c": ("zero2", "contiguous_gradients", True),
+                     "3r": ("zero3", "reduce_scatter", True),
+                     "3p": ("zero3", "stage3_param_persistence_threshold", 10_000)}
+
+
 def engine_overrides(engine: str, tmp: Path) -> list[str]:
     """The trainer's overrides for a --stages entry (see the module docstring)."""
     if engine == "3h":
         return ["engine.ds_config=zero3", "engine.zero3_leaf_blocks=false"]
-    if engine in ("1c", "2c"):
-        ds = json.loads((ROOT / f"alignvl_scale/ds_configs/zero{engine[0]}.json").read_text())
-        ds["zero_optimization"]["contiguous_gradients"] = True
+    if engine in ONE_KEY_ABLATIONS:
+        shipped, key, value = ONE_KEY_ABLATIONS[engine]
+        ds = json.loads((DS_CONFIGS / f"{shipped}.json").read_text())
+        ds["zero_optimization"][key] = value
         (tmp / f"zero{engine}.json").write_text(json.dumps(ds))
         return [f"engine.ds_config={tmp / f'zero{engine}.json'}"]
-    if engine == "3r":
-        ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero3.json").read_text())
-        ds["zero_optimization"]["reduce_scatter"] = True
-        (tmp / "zero3_reduce_scatter.json").write_text(json.dumps(ds))
-        return [f"engine.ds_config={tmp / 'zero3_reduce_scatter.json'}"]
-    if engine == "3p":
-        ds = json.loads((ROOT / "alignvl_scale/ds_configs/zero3.json").read_text())
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10_000
-        (tmp / "zero3_persist.json").write_text(json.dumps(ds))
-        return [f"engine.ds_config={tmp / 'zero3_persist.json'}"]
     return [f"engine.ds_config=zero{engine}"]
 
 
@@ -106,7 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2])
     parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3"],
-                        choices=["0", "1", "1c", "2", "2c", "3", "3h", "3p", "3r"])
+                        choices=["0", "1", "2", "3", "3h", *ONE_KEY_ABLATIONS])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_bench.json"))
     args = parser.parse_args()
     real = args.towers == "real"
