@@ -44,21 +44,44 @@ from alignvl_scale.runtime.distributed import rank_world
 ONE_EXP_SPREAD = 87.0 - 27.0
 
 
-def _tile_lse(s: Tensor, row_max: Tensor, col_max: Tensor) -> tuple[Tensor, Tensor]:
-    """The log-sum-exp of each row and each column of a tile, given their maxima.
+def _tile_sums(s: Tensor, row_max: Tensor, col_max: Tensor, at: tuple[slice, int] | None) -> tuple[Tensor, Tensor]:
+    """Each row's and each column's sum of exponentials in a tile relative to its maximum,
+    the positives left out (at: the tile's rows and first column where it holds positives):
+    sum_{j != i} exp(s_ij - row_max_i) and sum_{i != j} exp(s_ij - col_max_j).
 
     Rows: e_ij = exp(s_ij - row_max_i), one exponential per element. Columns from the same
     e: sum_i exp(s_ij - M) = sum_i exp(row_max_i - M) e_ij (M the tile's maximum), a
     vector-matrix product, exact while every column's maximum is within ONE_EXP_SPREAD of M
     (docs/design.md derives it; a shift shared by the whole tile alone is not: at scale 100
-    it underflows). Other tiles, and CUDA (no host read per tile; its passes are bound by
-    memory, not by exponentials), take each column's own shift: a second exponential."""
-    e = torch.sub(s, row_max[:, None]).exp_()
-    row = row_max + e.sum(dim=1).log()
+    it underflows), then brought to the column's own maximum by exp(M - col_max_j). Both
+    vector factors take their differences in float64: fp32 rounds a difference of two
+    scores near 100 by up to 4e-6, which a confident pair's small net gradient does not
+    survive. Other tiles, and CUDA (no host read per tile; its passes are bound by memory,
+    not by exponentials), take each column's own shift: a second exponential."""
+    def without_positives(e: Tensor) -> Tensor:
+        if at is not None:
+            own_diagonal(e, *at)[1].zero_()
+        return e
+
+    e = without_positives(torch.sub(s, row_max[:, None]).exp_())
+    rows = e.sum(dim=1)
     top = row_max.max()
     if not s.is_cuda and top - col_max.min() <= ONE_EXP_SPREAD:
-        return row, top + (torch.exp(row_max - top) @ e).log()
-    return row, col_max + torch.sub(s, col_max[None, :], out=e).exp_().sum(dim=0).log()
+        to_top, from_top = (row_max.double() - top).exp().float(), (top - col_max.double()).exp().float()
+        return rows, (to_top @ e) * from_top
+    return rows, without_positives(torch.sub(s, col_max[None, :], out=e).exp_()).sum(dim=0)
+
+
+def _merge_sums(peak: Tensor, others: Tensor, tile_peak: Tensor, tile_others: Tensor) -> None:
+    """Online log-sum-exp kept as (running maximum, sum of exp(s - maximum) over all but the
+    positive), in place. The log-sum-exp is peak + log(others + exp(s_ii - peak)), but
+    backward uses the parts: exp(s - peak) is exact at the maximum, the normalizer enters as
+    a factor near 1 instead of as a shift of the size of the scale (whose fp32 ulp, 7.6e-6
+    at 64-128, is the size of a confident pair's gradient), and a positive's softmax minus
+    its target is -others / total, without the cancellation of p_ii - 1."""
+    merged = torch.maximum(peak, tile_peak)
+    others.mul_(torch.exp(peak - merged)).add_(tile_others * torch.exp(tile_peak - merged))
+    peak.copy_(merged)
 
 
 class _FusedTiles(torch.autograd.Function):
@@ -66,7 +89,7 @@ class _FusedTiles(torch.autograd.Function):
 
     U_r is this rank's B image rows; V is every rank's text rows, gathered here while this
     rank's own columns are processed. For local image i and local text j (columns combined
-    over ranks, 2N floats of all-reduce):
+    over ranks: an all-reduce of 2N maxima, then of 2N sums):
 
         row_lse_i = LSE_j s_ij,   row_mean_i = mean_j s_ij   (image -> text)
         col_lse_j = LSE_i s_ij,   col_mean_j = mean_i s_ij   (text -> image)
@@ -91,9 +114,11 @@ class _FusedTiles(torch.autograd.Function):
         b, n = u.shape[0], u.shape[0] * world
         texts = GatheredTexts(v)
         scaled = scale * u  # the scale fused into the product
-        row_lse = torch.full((b,), float("-inf"), device=u.device)
+        row_peak, row_others = torch.full((b,), float("-inf"), device=u.device), torch.zeros(b, device=u.device)
         row_best = torch.full((b,), float("-inf"), device=u.device)  # best other than the positive
-        col = torch.full((2, n), float("-inf"), device=u.device)  # partial lse, best non-positive; local rows
+        # over the local rows: each text's maximum, the best other than its positive, its others' sum
+        col = torch.full((2, n), float("-inf"), device=u.device)
+        col_others = torch.zeros(n, device=u.device)
         diagonal = torch.empty(b, device=u.device)
         for k, rows, c0, cols, v_tile in texts.tiles(chunk):
             s = tile_matmul(scaled[rows], v_tile.T, precision)
@@ -108,29 +133,34 @@ class _FusedTiles(torch.autograd.Function):
                     first.start - c0, first.stop - c0)
                 row_max[at_rows] = torch.maximum(row_max[at_rows], positives)
                 col_max[at_cols] = torch.maximum(col_max[at_cols], positives)
-            tile_row_lse, tile_col_lse = _tile_lse(s, row_max, col_max)
-            row_lse[rows] = torch.logaddexp(row_lse[rows], tile_row_lse)
-            col[0, cols] = torch.logaddexp(col[0, cols], tile_col_lse)
+            tile_row_others, tile_col_others = _tile_sums(s, row_max, col_max, (rows, c0) if own else None)
+            _merge_sums(row_peak[rows], row_others[rows], row_max, tile_row_others)
+            _merge_sums(col[0, cols], col_others[cols], col_max, tile_col_others)
+        own_texts = slice(rank * b, (rank + 1) * b)
+        col_positive = torch.zeros(n, device=u.device)
+        col_positive[own_texts] = torch.exp(diagonal - col[0, own_texts])
         u_sum, v_sum = u.sum(dim=0), texts.sum()
         if world > 1:
             peak = col.clone()
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            sums = torch.cat([torch.exp(col[0] - peak[0]), u_sum])
+            rescale = torch.exp(col[0] - peak[0])
+            sums = torch.cat([col_others * rescale, col_positive * rescale, u_sum])
             dist.all_reduce(sums)
-            col = torch.stack([peak[0] + sums[:n].log(), peak[1]])
-            u_sum = sums[n:]
-        own_texts = slice(rank * b, (rank + 1) * b)
-        ctx.save_for_backward(u, texts.all(), scale, row_lse, col[0])
+            col, (col_others, col_positive, u_sum) = peak, sums.split([n, n, u_sum.shape[0]])
+        row_total, col_total = row_others + torch.exp(diagonal - row_peak), col_others + col_positive
+        row_lse, col_lse = row_peak + row_total.log(), col[0] + col_total.log()
+        ctx.save_for_backward(u, texts.all(), scale, row_peak, row_others, row_total, col[0], col_others[own_texts],
+                              col_total)
         ctx.chunk, ctx.precision = chunk, precision
         i2t_correct = (diagonal > row_best).sum()
         t2i_correct = (diagonal > col[1, own_texts]).sum()
         ctx.mark_non_differentiable(i2t_correct, t2i_correct)
         row_mean, col_mean = scale * (u @ v_sum) / n, scale * (v @ u_sum) / n
-        return row_lse, row_mean, col[0, own_texts], col_mean, diagonal, i2t_correct, t2i_correct
+        return row_lse, row_mean, col_lse[own_texts], col_mean, diagonal, i2t_correct, t2i_correct
 
     @staticmethod
     def backward(ctx, g_row_lse, g_row_mean, g_col_lse, g_col_mean, g_diagonal, _i2t, _t2i):
-        u, v_all, scale, row_lse, col_lse = ctx.saved_tensors
+        u, v_all, scale, row_peak, row_others, row_total, col_peak, own_col_others, col_total = ctx.saved_tensors
         rank, world = rank_world()
         b, n, precision = u.shape[0], v_all.shape[0], ctx.precision
         g_col = torch.stack([g_col_lse, g_col_mean]).contiguous()
@@ -141,10 +171,14 @@ class _FusedTiles(torch.autograd.Function):
         g_col_lse, g_col_mean = g_col
         # dL/ds_ij = exp(s_ij - row_lse_i) g_row_lse_i + exp(s_ij - col_lse_j) g_col_lse_j
         #            + (g_row_mean_i + g_col_mean_j) / N + [i == j] g_diagonal_i
-        # with positive incoming gradients (the usual case) folded into the shifts:
-        # g exp(s - lse) = exp(s - (lse - log g)), no multiplication pass.
-        folded = bool((g_row_lse > 0).all() and (g_col_lse > 0).all())
-        row_shift, col_shift = (row_lse - g_row_lse.log(), col_lse - g_col_lse.log()) if folded else (row_lse, col_lse)
+        # with exp(s - lse) g = exp(s - peak) (g / total): exact at the maximum, linear in g;
+        # and on the positives, whose softmax is 1 - others / total, the same sum written as
+        # (g_diagonal_i + g_row_lse_i + g_col_lse_i) - g_row_lse_i others_i / total_i - ...:
+        # the incoming gradients cancel first, exactly, and the small rest is formed apart.
+        row_factor, col_factor = g_row_lse / row_total, g_col_lse / col_total
+        own_texts = slice(rank * b, (rank + 1) * b)
+        positives_grad = ((g_diagonal + g_row_lse + g_col_lse[own_texts]) - row_factor * row_others
+                          - col_factor[own_texts] * own_col_others)
         scaled = scale * u
         # the means' rank-one share, (g_row_mean_i + g_col_mean_j) / N on every pair, in the sums:
         # sum_i g_row_mean_i u_i / N for every text, and sum_i u_i / N times g_col_mean_j
@@ -155,15 +189,11 @@ class _FusedTiles(torch.autograd.Function):
             grad_block = torch.zeros_like(u)  # sum over this rank's i of dL/ds_ij u_i, rank k's texts j
             for rows, c0, cols, v_tile in block_tiles(k, v_all[k * b:(k + 1) * b], chunk=ctx.chunk):
                 s = tile_matmul(scaled[rows], v_tile.T, precision)
-                grad = torch.sub(s, row_shift[rows, None]).exp_()
-                s.sub_(col_shift[None, cols]).exp_()
-                if not folded:
-                    grad.mul_(g_row_lse[rows, None])
-                    s.mul_(g_col_lse[None, cols])
-                grad.add_(s)
+                grad = torch.sub(s, row_peak[rows, None]).exp_().mul_(row_factor[rows, None])
+                grad.addcmul_(s.sub_(col_peak[None, cols]).exp_(), col_factor[None, cols])
                 own = own_diagonal(grad, rows, c0) if k == rank else None
                 if own is not None:
-                    own[1].add_(g_diagonal[own[0]])
+                    own[1].copy_(positives_grad[own[0]])
                 grad_rows[rows] += tile_matmul(grad, v_tile, precision)
                 grad_block[c0:c0 + v_tile.shape[0]] += tile_matmul(grad.T, u[rows], precision)
             grad_block += row_means_share + g_col_mean[k * b:(k + 1) * b, None] * u_mean
