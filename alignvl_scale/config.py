@@ -38,9 +38,9 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"
 MAX_LOGIT_SCALE = 100.0  # the temperature multiplier's clamp (model/head.py Temperature)
 
 
-def counted(n: int, noun: str) -> str:
+def counted(n: int, noun: str, plural: str | None = None) -> str:
     """"1 rank", "2 ranks": a count in a message (every layer's messages use it)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -230,8 +230,9 @@ class DataConfig:
     streams: int | None = None
     """Data streams the run reads its shards through, fixed at launch and kept by its checkpoints: every global
     micro-batch takes the same share from each, in stream order, so a resume on any number of ranks that divides
-    it continues with the very same batches. null: the largest count up to max(64, ranks) that the ranks divide
-    and that divides the global micro-batch (in epoch mode at most a quarter of the shards)."""
+    it continues with the very same batches. In epoch mode the streams split each epoch by samples, not shards:
+    every sample once per epoch, the last global micro-batch padded with the epoch's first samples. null: the
+    largest count up to max(64, ranks) that the ranks divide and that divides the global micro-batch."""
     shuffle_window: int = 256
     """Raw samples shuffled together within each shard."""
     samples_per_shard: int | None = None

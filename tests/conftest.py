@@ -132,14 +132,17 @@ def each_step_once(run_dir: Path, last: int) -> None:
         assert logged_steps == list(range(1, last + 1)), (tag, logged_steps)
 
 
-def assert_lr_follows_the_schedule(run_dir: Path) -> None:
+def assert_lr_follows_the_schedule(run_dir: Path, total: int | None = None) -> None:
     """`train/lr` (read back from the optimizer DeepSpeed steps) at every logged step s is
-    the schedule's value for the optimizer step that made s: warmup, then cosine."""
+    the schedule's value for the optimizer step that made s: warmup, then cosine over
+    train.steps (or `total`, a run's steps from train.epochs)."""
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), validate=False)
     lrs = logged(run_dir, "train/lr")
     assert lrs, "no train/lr logged"
+    total = total or cfg.train.steps
+    assert max(lrs) == total, (max(lrs), total)
     for step, lr in lrs.items():
-        assert lr == pytest.approx(learning_rate(cfg.train, step - 1, cfg.train.steps), rel=1e-6), (step, lrs)
+        assert lr == pytest.approx(learning_rate(cfg.train, step - 1, total), rel=1e-6), (step, lrs)
 
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from conftest import (
     resumable_copy,
     run,
     running,
+    sample_keys,
     torchrun,
 )
 from distributed import run_ranks
@@ -78,6 +80,27 @@ def saved_on_two(tmp_path_factory, features):
             return run_dir
 
     return Runs()
+
+
+def test_train_epochs_trains_every_sample_once_per_epoch_and_ends_with_the_schedule(tmp_path):
+    """Issue 41: uneven feature shards (7 of 15 samples, the last 10, and a second source of one
+    shard of 3: 103 samples) on 2 ranks with the default streams and train.epochs=2: the launch
+    says how the epoch splits, each epoch's steps train every sample once apart from its 5
+    padded ones, the run ends at the end of epoch 2, and its last step is the schedule's."""
+    write_feature_shards(tmp_path / "a", 100, shards=7)
+    write_feature_shards(tmp_path / "b", 3, seed=1, shards=1)
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    config, run_dir = cluster_config(tmp_path, tmp_path / "a", data={"train": sources, "streams": None},
+                                     train={"steps": None, "epochs": 2})
+    out = run(torchrun(config, 2, 2), run_dir)
+    assert "epoch: 103 samples over 12 data streams of 1 per micro-batch = 9 micro-batches, 5 padded" in out.stdout
+    keys = sample_keys(run_dir)
+    assert sorted(keys) == list(range(1, 19))
+    everything = {f"0_{i:05d}" for i in range(100)} | {f"1_{i:05d}" for i in range(3)}
+    for epoch in range(2):
+        seen = Counter(k for step in range(9 * epoch + 1, 9 * epoch + 10) for micro in keys[step] for k in micro)
+        assert set(seen) == everything and sum(seen.values()) == 108, epoch
+    assert_lr_follows_the_schedule(run_dir, total=18)
 
 
 @pytest.mark.parametrize("old_stage,ranks,stage", [(2, 3, 3), (0, 3, 3), (2, 1, 0),

@@ -108,7 +108,7 @@ def test_the_next_shard_is_fetched_while_one_decodes(shards):
     """Before the first batch of a shard leaves the worker, the shard after it has been asked
     for (and the rest of the epoch's batches are the same as a local read's)."""
     def batches(spec: str) -> tuple[list, TrainStream]:
-        cfg = DataConfig(train=[spec], batch_size=4, workers=0, shuffle_window=1)
+        cfg = DataConfig(train=[spec], batch_size=4, workers=0, shuffle_window=1, streams=1)
         stream = TrainStream(cfg, ImageTextDecoder(DecodeLimits(), ImageTransform(8, [0.5] * 3, [0.5] * 3)), 0, 1, 0)
         return iter(stream), stream
 

@@ -9,10 +9,10 @@ An item carries its streams' positions (place in the sequence, raw samples consu
 shard) and its skip counts, so the main process knows exactly what was consumed: a resumed
 stream skips precisely that, without decoding it, on whichever rank now serves it.
 
-Every rank yields the same number of micro-batches per epoch (`stream_batches_per_epoch`,
-from the manifests' per-shard counts). Skipped samples can still leave a stream short; the
-trainer agrees on "any rank out of data" each step, so no rank ever waits in a collective
-that the others left.
+Every rank yields the same number of micro-batches per epoch (`EpochDeal`, from the
+manifests' per-shard counts): a stream whose skipped samples leave it short reads its span
+again. Should one still run dry (a span with no usable sample), the trainer agrees on "any
+rank out of data" each step, so no rank ever waits in a collective that the others left.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import os
 import random
 import select
@@ -50,12 +51,14 @@ from alignvl_scale.data.samples import (
 from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
 from alignvl_scale.data.streams import (
     DataError,
+    EpochDeal,
     RankBatches,
     RowKeys,
     ShardTask,
     StreamState,
     check_streams,
     default_streams,
+    epoch_deal,
     epoch_order,
     epoch_stream_tasks,
     global_micro_batch,
@@ -63,7 +66,6 @@ from alignvl_scale.data.streams import (
     merged,
     resampled_stream_tasks,
     seeded_rng,
-    stream_batches_per_epoch,
 )
 from alignvl_scale.data.transforms import random_resized_crop
 from alignvl_scale.data.worker_signals import IGNORED_SIGNALS
@@ -152,13 +154,19 @@ class SampleSelection:
         return keep, {k: captions[noisy[(i + 1) % count]] for i, k in enumerate(noisy)}
 
 
-def _selected(samples: Iterator[RawSample], keep: set[str] | None, swaps: dict[str, dict[str, bytes]]
-              ) -> Iterator[RawSample | None]:
-    """The shard's samples with swapped captions, None in place of those left out (they
-    still count as read, for resume positions and the manifest check)."""
+def _selected(samples: Iterator[RawSample], keep: set[str] | None, swaps: dict[str, dict[str, bytes]],
+              first: int, stop: int | None) -> Iterator[RawSample]:
+    """The kept samples first..stop-1 of a shard (counted in tar order), with swapped
+    captions; `samples` begins at kept sample `first` where every sample is kept. The
+    shard is read no further than the piece."""
+    kept = 0 if keep is not None else first
     for raw in samples:
+        if stop is not None and kept >= stop:
+            return
         if keep is not None and raw.key not in keep:
-            yield None
+            continue
+        kept += 1
+        if kept <= first:
             continue
         if raw.key in swaps and raw.reason is None:
             rest = {m: data for m, data in raw.members.items() if m not in CAPTION_MEMBERS}
@@ -167,21 +175,26 @@ def _selected(samples: Iterator[RawSample], keep: set[str] | None, swaps: dict[s
 
 
 def shard_examples(url: str, decode: Callable[[RawSample], object], window: int, rng: random.Random,
-                   start: int = 0, expected: int | None = None, selection: SampleSelection | None = None
-                   ) -> Iterator[tuple[int, object | SkipSample, RawSample]]:
-    """(raw items consumed so far, example or SkipSample, its raw sample) for one shard,
-    skipping the first `start` raw items undecoded. With `expected` (the manifest's count),
-    a shard that ends early yields one 'missing_samples' skip per missing sample: a tar cut
-    at a block boundary reads as a shorter, valid tar, and would otherwise lose them silently
-    (a remote shard that became unreachable: 'unreachable_shard' skips instead).
+                   start: int = 0, expected: int | None = None, selection: SampleSelection | None = None,
+                   first: int = 0, stop: int | None = None) -> Iterator[tuple[int, object | SkipSample, RawSample]]:
+    """(samples of the piece consumed so far, example or SkipSample, its raw sample) for the
+    kept samples first..stop-1 of one shard (a `ShardTask`'s piece; stop None: all),
+    skipping the first `start` of the piece undecoded. The samples before the piece are
+    passed over without reading their members. With `expected` (the manifest's count), a
+    shard that ends early yields one 'missing_samples' skip per missing sample of the piece:
+    a tar cut at a block boundary reads as a shorter, valid tar, and would otherwise lose them
+    silently (a remote shard that became unreachable: 'unreachable_shard' skips instead).
     `selection` leaves samples out and swaps captions (data.train_fraction, data.caption_noise)."""
-    keep, swaps = (selection or SampleSelection()).plan(url, expected, decode.limits.max_member_bytes)
-    samples = _selected(raw_samples(url, decode.limits.max_member_bytes), keep, swaps)
+    selection = selection or SampleSelection()
+    keep, swaps = selection.plan(url, expected, decode.limits.max_member_bytes)
+    head = first if keep is None else 0  # samples whose members are not read
+    samples = _selected(raw_samples(url, decode.limits.max_member_bytes, skip=head), keep, swaps, first, stop)
+    size = None if expected is None else (stop if stop is not None else selection.kept_samples(expected)) - first
     consumed, lost = 0, ("missing_samples", f"{url}: manifest says {expected}, shard holds")
     for consumed, raw in enumerate(window_shuffle(samples, window, rng), start=1):
-        if raw is not None and raw.reason == "unreachable_shard":
+        if raw.reason == "unreachable_shard":
             lost = ("unreachable_shard", raw.detail)
-        if consumed <= start or raw is None:
+        if consumed <= start:
             continue
         try:
             raw.check()
@@ -189,8 +202,8 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
         except SkipSample as skip:
             skip.key = raw.key
             yield consumed, skip, raw
-    for missing in range(max(consumed, start) + 1, (expected or 0) + 1):
-        detail = f"{lost[1]} {consumed}" if lost[0] == "missing_samples" else lost[1]
+    for missing in range(max(consumed, start) + 1, (size or 0) + 1):
+        detail = f"{lost[1]} fewer" if lost[0] == "missing_samples" else lost[1]
         yield missing, SkipSample(lost[0], detail), RawSample("", {})
 
 
@@ -247,33 +260,48 @@ class StreamShares(IterableDataset):
     with each of them's share of `share` samples, in that order."""
 
     def __init__(self, sources: list[list[Shard]], cfg: DataConfig, decode, seed: int, state: StreamState,
-                 local: range, share: int) -> None:
+                 local: range, share: int, deal: EpochDeal | None) -> None:
+        """deal: the epoch's split (epoch mode, not re-dealt), else None."""
         self.sources, self.cfg, self.decode, self.seed, self.state = sources, cfg, decode, seed, state
-        self.local, self.share = local, share
+        self.local, self.share, self.deal = local, share, deal
         self.selection = SampleSelection.from_config(cfg)
         self._order: list[Shard] | None = None
 
-    def tasks(self, stream: int) -> Iterator[ShardTask]:
+    def tasks(self, stream: int) -> tuple[Iterator[ShardTask], int | None]:
+        """The stream's pieces, and how many make one pass over its span where they repeat."""
         if self.state.tasks is not None:  # the rest of an epoch re-dealt (data/redeal.py)
-            return iter(self.state.tasks.get(stream, []))
-        if self.cfg.mode == "resampled":
-            return resampled_stream_tasks(self.sources, self.cfg.train_weights, self.seed, self.state.epoch, stream)
+            return iter(self.state.tasks.get(stream, [])), None
+        if self.deal is None:
+            return resampled_stream_tasks(self.sources, self.cfg.train_weights, self.seed, self.state.epoch,
+                                          stream), None
         if self._order is None:  # one shuffle of every shard per worker and epoch
             self._order = epoch_order(self.sources, self.seed, self.state.epoch)
-        return iter(epoch_stream_tasks(self._order, self.seed, self.state.epoch, stream, self.state.streams))
+        span = epoch_stream_tasks(self._order, self.seed, self.state.epoch, stream, self.deal, self.cfg.train_fraction)
+        # Once through, the span again (its window shuffles drawn anew) for the shares its skips left short.
+        again = (dataclasses.replace(task, rng=task.rng[:-1] + (place,))
+                 for place, task in enumerate(itertools.cycle(span)))
+        return again, len(span)
 
     def examples(self, stream: int) -> Iterator[tuple[tuple[int, int], str, object, RawSample]]:
-        """((task place, raw consumed), shard, example or SkipSample, raw) from the stream's
-        saved position on."""
+        """((task place, samples of the piece consumed), shard, example or SkipSample, raw)
+        from the stream's saved position on; a repeating span ends after a whole pass that
+        gave nothing usable."""
         place0, start0 = self.state.positions.get(stream, (0, 0))
-        for place, (task, upcoming) in enumerate(with_next(self.tasks(stream))):
+        tasks, per_pass = self.tasks(stream)
+        usable_at = place0
+        for place, (task, upcoming) in enumerate(with_next(tasks)):
             if place < place0:
                 continue
+            if per_pass is not None and place - usable_at > per_pass:
+                return
             if upcoming is not None:  # a remote shard is fetched while this one decodes
                 prefetch(upcoming.url)
             start = start0 if place == place0 else task.start
             for consumed, example, raw in shard_examples(task.url, self.decode, self.cfg.shuffle_window,
-                                                         seeded_rng(*task.rng), start, task.samples, self.selection):
+                                                         seeded_rng(*task.rng), start, task.samples, self.selection,
+                                                         task.first, task.stop):
+                if not isinstance(example, SkipSample):
+                    usable_at = place
                 yield (place, consumed), task.url, example, raw
 
     def __iter__(self) -> Iterator[dict]:
@@ -323,12 +351,11 @@ def load_sources(cfg: DataConfig) -> list[list[Shard]]:
     return [resolve_spec(spec, cfg.samples_per_shard) for spec in cfg.train]
 
 
-def streams_for(cfg: DataConfig, world: int, sources: list[list[Shard]], even_share: bool = False) -> int:
-    """data.streams, or its default for this world and data (`default_streams`)."""
+def streams_for(cfg: DataConfig, world: int, even_share: bool = False) -> int:
+    """data.streams, or its default for this world and batch (`default_streams`)."""
     if cfg.streams is not None:
         return cfg.streams
-    shards = None if cfg.mode == "resampled" else sum(map(len, sources))
-    return default_streams(global_micro_batch(cfg.batch_size, world), world, shards, even_share)
+    return default_streams(global_micro_batch(cfg.batch_size, world), world, even_share)
 
 
 def _worker_init(ignore_signals: tuple[str, ...], rank_pid: int, _worker_id: int) -> None:
@@ -391,11 +418,10 @@ class TrainStream:
         self.cfg, self.decode, self.rank, self.world, self.seed = cfg, decode, rank, world, seed
         self.ignore_signals = ignore_signals
         self.sources = load_sources(cfg)
-        self.streams = streams_for(cfg, world, self.sources)
+        self.streams = streams_for(cfg, world)
         check_streams(self.streams, world, global_micro_batch(cfg.batch_size, world), even_share=False)
         self.state = StreamState(streams=self.streams)
         self.counts = SkipCounts()
-        self._epoch_lengths: dict[int, int] = {}
         self.batches_per_epoch = self.epoch_batches()
 
     # -- the checkpointed state ------------------------------------------------------------
@@ -410,7 +436,8 @@ class TrainStream:
         """A saved stream that cannot continue as it is, even on its own world: from before
         data streams, or read through another data.streams than this run's: re-dealt."""
         state = d["stream"]
-        return StreamState.is_legacy(state) or ("tasks" not in state and state["streams"] != self.streams)
+        return "tasks" not in state and (StreamState.is_legacy(state) or StreamState.deals_whole_shards(state)
+                                         or state["streams"] != self.streams)
 
     def load_resharded(self, old: list[dict], _step: int) -> str:
         """Every old rank's saved streams: their positions continue on this world (any that
@@ -419,6 +446,8 @@ class TrainStream:
         (data/redeal.py). Returns the line for the resume note."""
         if any(StreamState.is_legacy(d["stream"]) for d in old):
             return self._redeal(old, "a checkpoint from before data streams")
+        if any(StreamState.deals_whole_shards(d["stream"]) and "tasks" not in d["stream"] for d in old):
+            return self._redeal(old, "a checkpoint from streams of whole shards")
         states = [StreamState.from_dict(d["stream"]) for d in old]
         first = states[0]
         if any((st.epoch, st.batches, st.streams) != (first.epoch, first.batches, first.streams) for st in states):
@@ -456,17 +485,19 @@ class TrainStream:
         """Samples each stream gives a micro-batch in this epoch."""
         return global_micro_batch(self.cfg.batch_size, self.world) // self.state.streams
 
+    def deal(self) -> EpochDeal | None:
+        """How this epoch's samples are split among the streams (None: resampled, or re-dealt)."""
+        if self.state.tasks is not None or self.cfg.mode == "resampled":
+            return None
+        return epoch_deal(self.sources, self.state.streams, global_micro_batch(self.cfg.batch_size, self.world),
+                          self.cfg.train_fraction)
+
     def epoch_batches(self) -> int | None:
         """Micro-batches every rank makes in this epoch (None: resampled, no end)."""
         if self.state.tasks is not None:
             return self.state.limit
-        if self.cfg.mode == "resampled":
-            return None
-        epoch = self.state.epoch
-        if epoch not in self._epoch_lengths:
-            self._epoch_lengths[epoch] = stream_batches_per_epoch(self.sources, self.state.streams, self.cfg.batch_size,
-                                                                  self.world, self.seed, epoch, self.cfg.train_fraction)
-        return self._epoch_lengths[epoch]
+        deal = self.deal()
+        return None if deal is None else deal.batches
 
     def epoch_done(self) -> bool:
         limit = self.epoch_batches()
@@ -494,7 +525,8 @@ class TrainStream:
         per_rank = self.state.streams // self.world
         local = range(self.rank * per_rank, (self.rank + 1) * per_rank)
         workers = min(self.cfg.workers, per_rank)
-        dataset = StreamShares(self.sources, self.cfg, self.decode, self.seed, self.state, local, self.share())
+        dataset = StreamShares(self.sources, self.cfg, self.decode, self.seed, self.state, local, self.share(),
+                               self.deal())
         # Its own generator: drawing worker seeds from the global RNG would shift dropout after a resume.
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.state.epoch)) % 2**62)
         # Pinned batches: the trainer's non_blocking copies then overlap the step on a GPU. Workers come

@@ -1,7 +1,8 @@
 """The rest of an epoch re-dealt, when a checkpoint's positions cannot continue as they are:
 a checkpoint written before data streams (state format 1: each rank's DataLoader workers
-read their own shard sequence, so their positions mean nothing to another layout), or a
-resume that sets another data.streams (so that a world that does not divide the old count
+read their own shard sequence, so their positions mean nothing to another layout), one
+written by streams of whole shards (format 2: its positions are in another deal's pieces),
+or a resume that sets another data.streams (so that a world that does not divide the old count
 can go on). Every unread sample of the epoch is read once over the old and the new ranks,
 in other global batches than an uninterrupted run's (some left out so that every rank makes
 the same number); the next epoch is read by the run's data streams (data/streams.py)."""
@@ -19,11 +20,11 @@ from alignvl_scale.data.streams import (
     DataError,
     ShardTask,
     StreamState,
+    epoch_deal,
     epoch_order,
     epoch_stream_tasks,
     kept_samples,
     merged,
-    stream_batches_per_epoch,
 )
 
 
@@ -88,7 +89,9 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
         return Redeal(next_epoch, counts, 0, 0)
     kept = functools.partial(kept_samples, cfg.train_fraction)
 
-    def left(task: ShardTask) -> int:  # samples of the task still to train (kept ones, pro rata)
+    def left(task: ShardTask) -> int:  # samples of the task still to train (kept ones; whole shards: pro rata)
+        if task.stop is not None:
+            return max(task.stop - task.first - task.start, 0)
         n = task.samples or 0
         return kept(n) * max(n - task.start, 0) // n if n else 0
 
@@ -99,7 +102,7 @@ def redeal(old: list[dict], sources: list[list[Shard]], seed: int, cfg: DataConf
         unread = _unread_tasks([OldRank.from_dict(d["stream"]) for d in old], sources, seed, cfg, old_batch)
     else:
         unread = _unread_streams([StreamState.from_dict(d["stream"]) for d in old], sources, seed, cfg,
-                                 cfg.batch_size * world)
+                                 cfg.batch_size * world, StreamState.deals_whole_shards(old[0]["stream"]))
     for task in sorted(unread, key=lambda t: (-left(t), t.url, t.start)):
         _, rank = heapq.heappop(least)
         dealt[rank].append(task)
@@ -154,21 +157,39 @@ def _unread_tasks(states: list[OldRank], sources: list[list[Shard]], seed: int, 
     return rest
 
 
+def whole_shard_stream_tasks(order: list[Shard], seed: int, epoch: int, stream: int, streams: int
+                             ) -> list[ShardTask]:
+    """A stream's shards in a checkpoint of streams of whole shards (format 2): the epoch's
+    order dealt round robin."""
+    return [ShardTask(s.url, s.samples, (seed, epoch, "stream", stream, place))
+            for place, s in enumerate(order[stream::streams])]
+
+
+def whole_shard_batches(order: list[Shard], streams: int, global_micro: int, kept) -> int:
+    """The micro-batches an epoch of streams of whole shards made: its shortest stream's."""
+    share = global_micro // streams
+    return min(sum(kept(s.samples) for s in order[stream::streams]) // share for stream in range(streams))
+
+
 def _unread_streams(states: list[StreamState], sources: list[list[Shard]], seed: int, cfg: DataConfig,
-                    global_micro: int) -> list[ShardTask]:
+                    global_micro: int, whole_shards: bool) -> list[ShardTask]:
     """What the old data streams had not read of their epoch: each stream's tasks cut at its
-    saved position (the union of every old rank's); nothing once the epoch was done."""
+    saved position (the union of every old rank's); nothing once the epoch was done.
+    whole_shards: the streams read whole shards (format 2), else spans of samples."""
     first = states[0]
     positions, tasks = merged(states)
-    whole = first.limit if tasks is not None else stream_batches_per_epoch(
-        sources, first.streams, global_micro, 1, seed, first.epoch, cfg.train_fraction)
+    order = epoch_order(sources, seed, first.epoch)
+    kept = functools.partial(kept_samples, cfg.train_fraction)
+    deal = epoch_deal(sources, first.streams, global_micro, cfg.train_fraction)
+    whole = (first.limit if tasks is not None else whole_shard_batches(order, first.streams, global_micro, kept)
+             if whole_shards else deal.batches)
     if first.batches >= whole:
         return []
-    order = epoch_order(sources, seed, first.epoch)
     rest: list[ShardTask] = []
     for stream in range(first.streams):
-        mine = tasks.get(stream, []) if tasks is not None else epoch_stream_tasks(order, seed, first.epoch, stream,
-                                                                                  first.streams)
+        mine = (tasks.get(stream, []) if tasks is not None
+                else whole_shard_stream_tasks(order, seed, first.epoch, stream, first.streams) if whole_shards
+                else epoch_stream_tasks(order, seed, first.epoch, stream, deal, cfg.train_fraction))
         place, consumed = positions.get(stream, (0, None))
         if place < len(mine):
             start = mine[place].start if consumed is None else consumed

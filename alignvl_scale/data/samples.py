@@ -254,16 +254,20 @@ def open_shard(url: str):
     return open_remote(url) if is_remote(url) else wds.gopen(url, "rb")
 
 
-def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes) -> Iterator[RawSample]:
+def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes, skip: int = 0
+                ) -> Iterator[RawSample]:
     """Group a tar stream's members by key. A broken stream ends the shard with one
     'truncated_tar' item (an empty shard, and a remote one that stays unreachable, with one
     'unreachable_shard' item and a line on the console); a key seen twice yields a
     'duplicate_key' item for the copy.
     A member is read only when its header declares at most `max_member_bytes` and it is
     not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
-    'oversized_member' skip and the stream moves past the member without keeping it."""
+    'oversized_member' skip and the stream moves past the member without keeping it.
+    skip: the first `skip` samples are passed over by their headers alone, their members
+    never read (a stream's piece that begins inside the shard)."""
     seen: set[str] = set()
     current: RawSample | None = None
+    started = 0  # samples begun
     try:
         with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -271,10 +275,13 @@ def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes)
                     continue
                 key, ext = split_key(info.name)
                 if current is None or key != current.key:
-                    if current is not None:
+                    if current is not None and started > skip:
                         yield current
                     current = RawSample(key, {}, "duplicate_key" if key in seen else None)
                     seen.add(key)
+                    started += 1
+                if started <= skip:
+                    continue
                 if ext.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS:
                     current.unsafe += 1  # not even read: a shard is untrusted input
                     continue
@@ -294,5 +301,5 @@ def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes)
             warn(f"{url} is empty (0 bytes): skipped")
         yield RawSample(current.key if current else "", {}, "truncated_tar", f"{url}: {exc}")
         return
-    if current is not None:
+    if current is not None and started > skip:
         yield current

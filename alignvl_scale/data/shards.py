@@ -107,8 +107,8 @@ def write_manifest(folder: str | Path, kind: str, shards: list[dict], extra: dic
 
 def read_manifest(folder: str | Path) -> dict:
     """A shard folder's manifest (a local folder, or a remote one: `data/remote.py`), checked:
-    every shard a plain file name in the folder with a positive sample count (a zero or
-    negative count made epochs without batches)."""
+    every shard a plain file name in the folder with a sample count of 0 or more (an empty
+    shard is in no stream's span: epochs are split by samples)."""
     path = _join(str(folder), MANIFEST)
     try:
         manifest = json.loads(read_remote(path) if is_remote(path) else Path(path).read_text())
@@ -126,8 +126,8 @@ def read_manifest(folder: str | Path) -> dict:
         name, samples = (entry.get("name"), entry.get("samples")) if isinstance(entry, dict) else (None, None)
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise DataSourceError(f"{path}: shards[{i}].name must be a file name inside the folder, got {name!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise DataSourceError(f"{path}: shards[{i}].samples must be a positive integer, got {samples!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise DataSourceError(f"{path}: shards[{i}].samples must be a count of 0 or more, got {samples!r}")
     return manifest
 
 

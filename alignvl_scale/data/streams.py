@@ -1,10 +1,11 @@
 """Data streams fixed at launch: the global batch of a step as a function of (seed, epoch,
 step) alone, whatever the number of ranks that reads it (docs/design.md, "Data streams").
 
-A run reads its shards through `data.streams` = S streams. Stream s reads its own shard
-sequence (epoch mode: the epoch's shuffled order dealt round robin, `order[s::S]`;
-resampled mode: its own endless weighted draw) with its own window shuffle, and gives every
-micro-batch the same share of b = global micro-batch / S samples, in stream order:
+A run reads its shards through `data.streams` = S streams. Stream s reads its own sequence
+of shard pieces with its own window shuffle (epoch mode: the s-th of S equal spans of the
+epoch's samples, `EpochDeal`; resampled mode: its own endless weighted draw of shards), and
+gives every micro-batch the same share of b = global micro-batch / S samples, in stream
+order:
 
     global micro-batch = [stream 0's b samples, stream 1's b, ..., stream S-1's b]
 
@@ -22,7 +23,9 @@ randomness is drawn from generators seeded by it (model/head.py).
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Iterator
@@ -34,7 +37,6 @@ from alignvl_scale.config import ConfigError, UserError, counted
 from alignvl_scale.data.shards import DataSourceError, Shard
 
 MAX_DEFAULT_STREAMS = 64  # each stream holds a shard open and a shuffle window: per rank k of them
-SHARDS_PER_DEFAULT_STREAM = 4  # an epoch ends with its shortest stream: the default leaves each several shards
 
 
 class DataError(UserError):
@@ -52,21 +54,24 @@ def seeded_rng(*parts: object) -> random.Random:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard as one stream reads it in one epoch: the parts its window shuffle is seeded
-    from, and the raw samples of it already read (a shard re-dealt mid-epoch by the old
-    re-deal: the new reader replays the same shuffle and skips them)."""
+    """One piece of a shard as one stream reads it in one epoch: its samples first..stop-1
+    (counted among the shard's kept samples, in tar order; stop None: to the shard's end),
+    the parts its window shuffle is seeded from, and the samples of the piece already read
+    (a piece re-dealt mid-epoch: the new reader replays the same shuffle and skips them)."""
 
     url: str
     samples: int | None  # the manifest's count
     rng: tuple
     start: int = 0
+    first: int = 0
+    stop: int | None = None
 
     def as_list(self) -> list:
-        return [self.url, self.samples, list(self.rng), self.start]
+        return [self.url, self.samples, list(self.rng), self.start, self.first, self.stop]
 
     @classmethod
     def from_list(cls, x: list) -> ShardTask:
-        return cls(x[0], x[1], tuple(x[2]), x[3])
+        return cls(x[0], x[1], tuple(x[2]), *x[3:])  # a whole-shard task of format 2: [url, samples, rng, start]
 
 
 @dataclass(frozen=True)
@@ -89,16 +94,14 @@ def global_micro_batch(batch_size: int, world: int) -> int:
     return batch_size * world
 
 
-def default_streams(global_micro: int, world: int, shards: int | None, even_share: bool) -> int:
+def default_streams(global_micro: int, world: int, even_share: bool) -> int:
     """data.streams when the config leaves it null: the largest count, up to
     max(MAX_DEFAULT_STREAMS, world), that this world divides and that divides the global
-    micro-batch (into even shares where mixup pairs rows within a share), and in epoch mode
-    no more than a quarter of the shards (an epoch ends with its shortest stream). A power
-    of two global batch over 256+ shards then gets a power of two up to 64: every world from
-    1 to 64 that its batch allows resumes it."""
+    micro-batch (into even shares where mixup pairs rows within a share). Streams split an
+    epoch by samples, not shards (`EpochDeal`), so a small data set takes as many as a large
+    one: a power of two global batch gets a power of two up to 64, and every world from 1 to
+    64 that its batch allows resumes it."""
     cap = max(MAX_DEFAULT_STREAMS, world)
-    if shards is not None:
-        cap = min(cap, max(world, shards // SHARDS_PER_DEFAULT_STREAM))
     fits = [s for s in range(world, cap + 1, world)
             if global_micro % s == 0 and not (even_share and (global_micro // s) % 2)]
     return max(fits, default=world)
@@ -132,10 +135,76 @@ def epoch_order(sources: list[list[Shard]], seed: int, epoch: int) -> list[Shard
     return shards
 
 
-def epoch_stream_tasks(order: list[Shard], seed: int, epoch: int, stream: int, streams: int) -> list[ShardTask]:
-    """Stream `stream`'s shards in epoch mode: the epoch's order (`epoch_order`) dealt round robin."""
-    return [ShardTask(s.url, s.samples, (seed, epoch, "stream", stream, place))
-            for place, s in enumerate(order[stream::streams])]
+@dataclass(frozen=True)
+class EpochDeal:
+    """How an epoch's samples are split among the streams (epoch mode). The epoch's order is
+    a sequence of samples: its shuffled shards (`epoch_order`) one after another, each as
+    many kept samples as its manifest counts. Every epoch makes `batches` = ceil(samples /
+    global micro-batch) micro-batches, so each stream reads a span of batches x share
+    samples: stream s the s-th span of the sequence, wrapped around at its end. The wrap
+    pads the last global micro-batch with the epoch's first `padded` samples, which that
+    epoch then trains twice (fewer than one global micro-batch); every other sample trains
+    exactly once per epoch, on any number of streams and ranks. A stream that skips bad
+    samples reads its span again from its start to fill its last shares (`StreamShares`),
+    so an epoch's length never depends on its data's faults."""
+
+    samples: int
+    streams: int
+    share: int
+
+    @property
+    def batches(self) -> int:
+        return math.ceil(self.samples / (self.streams * self.share))
+
+    @property
+    def span(self) -> int:
+        return self.batches * self.share
+
+    @property
+    def padded(self) -> int:
+        return self.streams * self.span - self.samples
+
+    def describe(self) -> str:
+        return (f"epoch: {counted(self.samples, 'sample')} over {counted(self.streams, 'data stream')} of "
+                f"{self.share} per micro-batch = {counted(self.batches, 'micro-batch', 'micro-batches')}, "
+                f"{self.padded} padded with the epoch's first samples")
+
+
+def kept_counts(shards: list[Shard], train_fraction: float) -> list[int]:
+    """Each shard's kept samples (its manifest count); refused where one has no manifest."""
+    unknown = [s.url for s in shards if s.samples is None]
+    if unknown:
+        raise DataSourceError(f"epoch mode needs per-shard sample counts: {unknown[0]} has no manifest; "
+                              "set data.samples_per_shard or use data.mode=resampled")
+    return [kept_samples(train_fraction, s.samples) for s in shards]
+
+
+def epoch_deal(sources: list[list[Shard]], streams: int, global_micro: int, train_fraction: float = 1.0) -> EpochDeal:
+    """The epoch's split for these sources, streams and global micro-batch (`EpochDeal`): the
+    same for every epoch, since a shuffle changes the order of the shards, not their counts."""
+    total = sum(kept_counts([s for source in sources for s in source], train_fraction))
+    if total < global_micro:  # the padding would put a sample beside itself as its own negative
+        raise DataSourceError(f"the global micro-batch of {global_micro} samples (data.batch_size x ranks) is larger "
+                              f"than the data: {total} samples per epoch; lower data.batch_size, or add data")
+    return EpochDeal(total, streams, global_micro // streams)
+
+
+def epoch_stream_tasks(order: list[Shard], seed: int, epoch: int, stream: int, deal: EpochDeal,
+                       train_fraction: float = 1.0) -> list[ShardTask]:
+    """Stream `stream`'s pieces of shards in epoch mode: its span of the epoch's sequence of
+    samples (`EpochDeal`), in order; the first and last piece may begin or end inside a shard."""
+    counts = kept_counts(order, train_fraction)
+    begins = list(itertools.accumulate(counts, initial=0))[:-1]
+    tasks, at, end = [], stream * deal.span, (stream + 1) * deal.span
+    while at < end:
+        offset = at % deal.samples
+        k = bisect.bisect_right(begins, offset) - 1  # the shard holding it (an empty one never does)
+        first = offset - begins[k]
+        stop = min(counts[k], first + end - at)
+        tasks.append(ShardTask(order[k].url, order[k].samples, (seed, epoch, "stream", stream, len(tasks)), 0, first,
+                               stop))
+        at += stop - first
+    return tasks
 
 
 def resampled_stream_tasks(sources: list[list[Shard]], weights: list[float] | None, seed: int, epoch: int,
@@ -146,33 +215,6 @@ def resampled_stream_tasks(sources: list[list[Shard]], weights: list[float] | No
         source = rng.choices(range(len(sources)), weights=weights)[0]
         shard = rng.choice(sources[source])
         yield ShardTask(shard.url, shard.samples, (seed, epoch, "stream", stream, place))
-
-
-def stream_batches_per_epoch(sources: list[list[Shard]], streams: int, batch_size: int, world: int, seed: int = 0,
-                             epoch: int = 0, train_fraction: float = 1.0) -> int:
-    """Micro-batches an epoch makes: the least over streams of the full shares (of the global
-    micro-batch, batch_size x world, over the streams) that its shards' manifest counts give
-    (of them, the data.train_fraction that trains)."""
-    shards = [s for source in sources for s in source]
-    unknown = [s.url for s in shards if s.samples is None]
-    if unknown:
-        raise DataSourceError(f"epoch mode needs per-shard sample counts: {unknown[0]} has no manifest; "
-                              "set data.samples_per_shard or use data.mode=resampled")
-    if len(shards) < streams:
-        raise DataSourceError(f"{counted(len(shards), 'shard')} cannot feed {counted(streams, 'data stream')} "
-                              "(data.streams) in epoch mode; write more, smaller shards, lower data.streams, or use "
-                              "data.mode=resampled")
-    order = epoch_order(sources, seed, epoch)
-    samples = [sum(kept_samples(train_fraction, s.samples) for s in order[stream::streams])
-               for stream in range(streams)]
-    least = min(range(streams), key=samples.__getitem__)
-    share = global_micro_batch(batch_size, world) // streams
-    if samples[least] < share:
-        raise DataSourceError(f"data.batch_size={batch_size} per rank x {counted(world, 'rank')} over "
-                              f"{counted(streams, 'data stream')} asks each stream for {share} samples per "
-                              f"micro-batch, but stream {least} gets {samples[least]} samples per epoch; lower "
-                              "data.batch_size or data.streams, or add data")
-    return samples[least] // share
 
 
 class RankBatches:
@@ -244,7 +286,7 @@ class StreamState:
     tasks: dict[int, list[ShardTask]] | None = None
     limit: int | None = None
 
-    FORMAT = 2  # 1 (no "format"): per rank and DataLoader worker, before data streams
+    FORMAT = 3  # 1 (no "format"): per rank and DataLoader worker, before data streams; 2: streams of whole shards
 
     def as_dict(self) -> dict:
         out = {"format": self.FORMAT, "epoch": self.epoch, "batches": self.batches, "streams": self.streams,
@@ -263,6 +305,11 @@ class StreamState:
     @staticmethod
     def is_legacy(d: dict) -> bool:
         return "format" not in d
+
+    @staticmethod
+    def deals_whole_shards(d: dict) -> bool:
+        """Saved by streams of whole shards (format 2): its positions are in another deal's pieces."""
+        return d.get("format") == 2
 
 
 def merged(states: list[StreamState]) -> tuple[dict[int, tuple[int, int]], dict[int, list[ShardTask]] | None]:

@@ -26,7 +26,7 @@ from alignvl_scale.checkpoint.rundir import claim_run_dir
 from alignvl_scale.config import ConfigError, RunConfig, counted, for_world, model_fingerprint
 from alignvl_scale.data.reader import load_sources, streams_for
 from alignvl_scale.data.shards import DataSourceError, manifest_of, resolve_spec
-from alignvl_scale.data.streams import check_streams, dividing_worlds, global_micro_batch, stream_batches_per_epoch
+from alignvl_scale.data.streams import check_streams, dividing_worlds, epoch_deal, global_micro_batch
 from alignvl_scale.evaluation.zeroshot import zero_shot_layout
 from alignvl_scale.losses.registry import check_loss_config
 from alignvl_scale.model.head import with_feature_manifest
@@ -73,11 +73,11 @@ def with_data_streams(cfg: RunConfig, world: int, plan: ResumePlan | None) -> Ru
                           f"ranks to continue with the same batches, or set data.streams to a count {world} divides "
                           "(the rest of the epoch is then re-dealt, in other batches)")
     sources = load_sources(cfg.data)
-    streams = cfg.data.streams or saved or streams_for(cfg.data, world, sources, even_share=fusemix)
+    streams = cfg.data.streams or saved or streams_for(cfg.data, world, even_share=fusemix)
     check_streams(streams, world, global_micro_batch(cfg.data.batch_size, world), fusemix)
     if cfg.data.mode == "epoch":
-        per_epoch = stream_batches_per_epoch(sources, streams, cfg.data.batch_size, world, cfg.seed,
-                                             train_fraction=cfg.data.train_fraction)
+        per_epoch = epoch_deal(sources, streams, global_micro_batch(cfg.data.batch_size, world),
+                               cfg.data.train_fraction).batches
         if per_epoch < cfg.train.accumulation:
             raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives only {per_epoch} "
                                   f"micro-batches of data.batch_size={cfg.data.batch_size} per rank")

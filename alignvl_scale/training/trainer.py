@@ -101,6 +101,8 @@ class Trainer:
         if progress.step == 0:
             self.logger.text("config", "```\n" + self.config_yaml + "\n```")
         say(f"{describe_batch(cfg, self.world)}; {progress.total_steps} steps; ZeRO stage {zero_stage(self.ds_config)}")
+        if (deal := self.stream.deal()) is not None:
+            say(deal.describe())
         if cfg.eval.at_start and progress.step == 0:
             self.evaluate()
         set_train_mode(self.model, True)
