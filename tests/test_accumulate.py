@@ -117,7 +117,7 @@ def _train(tmp_path: Path, features: Path, name: str, stage: int, accumulation: 
     config.write_text(yaml.safe_dump({
         "model": {"embed_dim": 16, "adapter": "mlp", "adapter_depth": 1, "noise_sigma": 0.0, "dropout": 0.0,
                   **(model or {})},
-        "data": {"kind": "features", "train": [str(features)], "batch_size": batch, "workers": 1},
+        "data": {"kind": "features", "train": [str(features)], "batch_size": batch, "workers": 1, "streams": 2},
         "train": {"steps": 6, "lr": 0.01, "warmup_steps": 2, "log_every": 1, "accumulation": accumulation},
         "loss": {"smoothing": 0.1}, "checkpoint": {"every": 2, "keep": 3}, "run_dir": str(run_dir)}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
@@ -132,8 +132,8 @@ def _train(tmp_path: Path, features: Path, name: str, stage: int, accumulation: 
 @pytest.mark.parametrize("stage,ranks", [pytest.param(1, 2, marks=pytest.mark.slow), (2, 1),
                                          pytest.param(3, 2, marks=pytest.mark.slow)])
 def test_trainer_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path, features, stage, ranks):
-    """Noise, dropout and mixup off (their draws depend on how a batch is cut); the data
-    order is the same because the in-shard shuffle does not depend on the batch size."""
+    """Noise, dropout and mixup off (their draws depend on how a batch is cut); the same data
+    streams (whose default depends on the micro-batch) read the same samples into each step."""
     one = logged(_train(tmp_path, features, "one", stage, 1, 16, ranks), "train/loss")
     accumulated = _train(tmp_path, features, "acc", stage, 4, 4, ranks)
     assert logged(accumulated, "train/contrastive_batch")[6] == 16 * ranks
@@ -177,7 +177,8 @@ def test_trainable_tower_is_re_run_and_still_equals_one_large_batch(tmp_path):
             "model": {"image_tower": {"name": towers["vit"], "pooling": "mean", "trainable": True},
                       "text_tower": {"name": towers["bert"], "max_length": 8}, "embed_dim": 16, "adapter_depth": 1,
                       "noise_sigma": 0.0, "dropout": 0.0},
-            "data": {"train": [str(tmp_path / "shards")], "batch_size": batch, "workers": 1, "image_size": 16},
+            "data": {"train": [str(tmp_path / "shards")], "batch_size": batch, "workers": 1, "image_size": 16,
+                     "streams": 4},
             "train": {"steps": 4, "lr": 0.003, "log_every": 1, "accumulation": accumulation},
             "run_dir": str(run_dir)}))
         proc = subprocess.run([sys.executable, "-m", "alignvl_scale.cli", "train", "--config", str(config)],

@@ -137,7 +137,7 @@ def test_the_mixing_and_keyed_draw_benchmarks_run_with_tiny_shapes(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["results"]["this tree"]
-    assert [r["world"] for r in rows] == [1, 2] and all(r["streams"] == 4 for r in rows)
+    assert [r["world"] for r in rows] == [1, 2] and all(r["streams"] == 8 for r in rows)
     assert all(0 <= r["same_shard_pairs"] < 0.5 for r in rows), rows
     out = tmp_path / "keyed.json"
     proc = subprocess.run([sys.executable, "benchmarks/keyed_draws_bench.py", "--rows", "32", "--image-dim", "16",

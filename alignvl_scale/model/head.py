@@ -1,22 +1,15 @@
 """The parts of Align-VL that sit on top of the towers: FuseMix latent mixup, Random
 Perturbation, the V-L adapters and the learnable temperature (docs/design.md, steps 2-5).
 
-Every random draw of the head (mixup's partners and lambda, the noise, the adapters' dropout
-masks) is keyed by the sample, not the rank: a training batch carries its `RowKeys` (which
-data stream's share each row is, in which micro-batch of which epoch: data/streams.py), and
-each stream's rows draw from a generator seeded by (run seed, what is drawn, epoch,
-micro-batch, stream). A sample gets the same noise and mask on any rank and any number of
-ranks, in either pass of the gradient accumulation, and nothing needs checkpointing. A head
-used without keys (outside the trainer) draws from its modules' own generators, seeded from
-(run seed, rank) (runtime/seeding.py) and checkpointed with `rng_state()`.
+Every random draw of the model (mixup's partners and lambda, the noise, the adapters' and
+trainable towers' dropout masks) is keyed by the sample, not the rank (model/keyed.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -27,99 +20,13 @@ from alignvl_scale.config import MAX_LOGIT_SCALE, Mixup, NoiseMode, RunConfig, c
 from alignvl_scale.data.shards import DataSourceError, manifest_of
 from alignvl_scale.data.streams import RowKeys
 from alignvl_scale.losses.registry import OBJECTIVES, HeadOutput, ObjectiveSpec
+from alignvl_scale.model.keyed import _Seeded, drawing_for, keyed_dropout, tower_draws
 from alignvl_scale.model.portable import LearnedBias, Temperature, build_adapter
 from alignvl_scale.model.towers import build_preprocessing as tower_preprocessing
 from alignvl_scale.model.towers import build_tower
 from alignvl_scale.runtime.compat import beta_pair_weight
 from alignvl_scale.runtime.perf import exact_fp32_matmuls
-from alignvl_scale.runtime.seeding import row_block_seed, stream_seed
-
-_ROWS: ContextVar[RowKeys | None] = ContextVar("alignvl_rows", default=None)
-
-
-@contextmanager
-def drawing_for(rows: RowKeys | None) -> Iterator[None]:
-    """The head's draws inside are keyed by `rows` (None: the modules' own generators)."""
-    token = _ROWS.set(rows)
-    try:
-        yield
-    finally:
-        _ROWS.reset(token)
-
-
-class _Seeded(nn.Module):
-    """A module that draws random numbers: keyed by the rows being drawn for (`draws`), or
-    from its own generator, created lazily on the device of its first input."""
-
-    def __init__(self, seed: int, run_seed: int = 0, name: str = "") -> None:
-        """seed: its own generator's (per rank); run_seed and name: what its keyed draws are seeded with."""
-        super().__init__()
-        self.seed, self.run_seed, self.draw_name = seed, run_seed, name
-        self._generator: torch.Generator | None = None
-        self._pending_state: Tensor | None = None
-
-    def draws(self, rows: int, device: torch.device) -> list[tuple[torch.Generator, int]]:
-        """(generator, rows) blocks that together cover `rows` rows in order: one per data
-        stream of the current RowKeys, or one block from this module's own generator."""
-        keys = _ROWS.get()
-        if keys is None:
-            return [(self.generator(device), rows)]
-        if rows % keys.count:
-            raise ValueError(f"{rows} rows do not split into the batch's {keys.count} data streams")
-        per_stream = rows // keys.count
-        return [(torch.Generator(device=device).manual_seed(
-                    row_block_seed(self.run_seed, self.draw_name, keys.epoch, keys.index, stream)), per_stream)
-                for stream in keys.streams()]
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self._generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self._generator
-
-    def rng_state(self) -> Tensor | None:
-        return self._generator.get_state() if self._generator is not None else self._pending_state
-
-    def load_rng_state(self, state: Tensor | None) -> None:
-        """None (a state taken before the first draw) restarts the stream from the seed."""
-        if state is None:
-            self._generator, self._pending_state = None, None
-        elif self._generator is not None:
-            self._generator.set_state(state)
-        else:
-            self._pending_state = state
-
-
-class KeyedDropout(_Seeded):
-    """nn.Dropout whose mask rows are drawn per data stream (`_Seeded.draws`); without
-    RowKeys, torch's own dropout (the process generator)."""
-
-    def __init__(self, p: float, run_seed: int, name: str) -> None:
-        super().__init__(0, run_seed, name)
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if _ROWS.get() is None:
-            return F.dropout(x, self.p, training=True)
-        masks = [torch.empty((n, *x.shape[1:]), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p, generator=g)
-                 for g, n in self.draws(x.shape[0], x.device)]
-        keep = masks[0] if len(masks) == 1 else torch.cat(masks)
-        return x * keep.mul_(1 / (1 - self.p))
-
-
-def keyed_dropout(module: nn.Module, run_seed: int, prefix: str) -> nn.Module:
-    """`module` with each nn.Dropout replaced by a KeyedDropout named by its place."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Dropout):
-            setattr(module, name, KeyedDropout(child.p, run_seed, f"dropout.{prefix}.{name}"))
-        else:
-            keyed_dropout(child, run_seed, f"{prefix}.{name}")
-    return module
+from alignvl_scale.runtime.seeding import stream_seed
 
 
 class RandomPerturbation(_Seeded):
@@ -220,6 +127,7 @@ class AlignVLHead(nn.Module):
         """objective: what the head's output is trained with (its initial scale and bias, and
         whether it has one)."""
         super().__init__()
+        self.run_seed = seed
         # Keyed by the rows drawn for (RowKeys); without keys, three streams per rank of (seed, rank) alone.
         self.mixup = LatentMixup(mixup, mixup_alpha, seed=stream_seed(seed, "mixup", rank), run_seed=seed)
         self.image_noise = RandomPerturbation(noise_sigma, noise_mode, stream_seed(seed, "image_noise", rank), seed,
@@ -273,12 +181,18 @@ class AlignVLModel(nn.Module):
         return self.image_features(batch), self.text_features(batch)
 
     def image_features(self, batch: dict) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.image_tower.trainable):
-            return self.image_tower(pixel_values=batch["pixel_values"])
+        return self._tower(self.image_tower, "image_tower", batch.get("rows"), pixel_values=batch["pixel_values"])
 
     def text_features(self, batch: dict) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_tower.trainable):
-            return self.text_tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self._tower(self.text_tower, "text_tower", batch.get("rows"), input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"])
+
+    def _tower(self, tower: nn.Module, name: str, rows: RowKeys | None, **inputs: Tensor) -> Tensor:
+        """A tower's output; a trainable one's training forward draws its dropout keyed by `rows`."""
+        keyed = rows if tower.trainable and tower.training else None
+        with (torch.set_grad_enabled(torch.is_grad_enabled() and tower.trainable),
+              tower_draws(keyed, self.head.run_seed, f"dropout.{name}")):
+            return tower(**inputs)
 
     def forward(self, batch: dict) -> HeadOutput:
         x, y = self.tower_features(batch)

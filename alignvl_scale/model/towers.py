@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from alignvl_scale.config import ConfigError, DataConfig, TowerConfig
 from alignvl_scale.data.transforms import ImageTransform
 from alignvl_scale.model.finetune import apply_finetune
+from alignvl_scale.model.keyed import checkpoint_contexts
 from alignvl_scale.model.portable import EfficientNetLite0, pool
 from alignvl_scale.runtime.compat import enable_activation_checkpointing
 
@@ -222,7 +223,8 @@ class HFTower(nn.Module):
         if cfg.gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (LoRA, last_n: no input needs a gradient)
             # and under ZeRO-3, whose hooks gather the parameters again for the recomputation.
-            enable_activation_checkpointing(self.model, use_reentrant=False)
+            # Its recomputation draws the block's dropout as the forward did (model/keyed.py).
+            enable_activation_checkpointing(self.model, use_reentrant=False, context_fn=checkpoint_contexts)
 
     def forward(self, **inputs: Tensor) -> Tensor:
         out = self.model(**inputs)

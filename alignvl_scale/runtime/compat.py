@@ -107,14 +107,16 @@ def reset_accelerate_state() -> None:
 # -- transformers ---------------------------------------------------------------------------
 
 
-def enable_activation_checkpointing(model, use_reentrant: bool = False) -> None:
-    """Recompute a transformers model's activations in backward. transformers 5.x names it
-    `activation_checkpointing_enable` (and warns at the old `gradient_checkpointing_enable`,
+def enable_activation_checkpointing(model, use_reentrant: bool = False, context_fn=None) -> None:
+    """Recompute a transformers model's activations in backward; context_fn: torch.utils.checkpoint's
+    (the contexts its forward and its recomputation run in; non-reentrant only). transformers 5.x
+    names it `activation_checkpointing_enable` (and warns at the old `gradient_checkpointing_enable`,
     which 4.45-4.x have alone)."""
+    kwargs = {"use_reentrant": use_reentrant, **({"context_fn": context_fn} if context_fn else {})}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # -- deepspeed ------------------------------------------------------------------------------
