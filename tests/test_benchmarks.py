@@ -148,6 +148,16 @@ def test_the_mixing_and_keyed_draw_benchmarks_run_with_tiny_shapes(tmp_path):
                                                           "keyed, 4 streams"}
 
 
+def test_the_tower_dropout_benchmark_runs_with_tiny_shapes(tmp_path):
+    out = tmp_path / "tower.json"
+    proc = subprocess.run([sys.executable, "benchmarks/tower_dropout_bench.py", "--rows", "4", "--tokens", "4",
+                           "--layers", "1", "--streams", "1", "2", "--steps", "1", "--repeats", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(json.loads(out.read_text())["medians"]) == {"torch's dropout (no keys)", "keyed, 1 streams",
+                                                          "keyed, 2 streams"}
+
+
 def test_step_profile_sums_the_training_loops_samples_by_innermost_category(tmp_path):
     """benchmarks/step_profile.py's reading of py-spy's collapsed stacks: only the ranks'
     training loops count, each stack by its innermost frame that names a category."""

@@ -206,6 +206,19 @@ def test_a_two_rank_run_over_a_flaky_server_stops_and_resumes_as_a_local_run(tmp
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
 
 
+def test_a_launch_reads_a_remote_manifest_once_per_rank(tmp_path):
+    """Preflight resolves the sources (the manifest's listing) and the reader takes them: a
+    1-rank run over HTTP asks for the data's manifest once for its sources, and twice for the
+    feature dims (whether it is there, then its content); the reader asked a fourth time
+    before issue 41's item 6."""
+    write_feature_shards(tmp_path / "data" / "train", 12 * 4, shards=4)
+    with serving(tmp_path / "data") as server:
+        config, run_dir = cluster_config(tmp_path, f"{server.url}/train", data={"streams": 2},
+                                         train={"steps": 2}, checkpoint={"every": 0})
+        run(torchrun(config, 1, 2), run_dir)
+        assert [p for p, _ in server.requests].count("/train/manifest.json") == 3
+
+
 def img2dataset_executable() -> str:
     """img2dataset lives in a venv of its own (it needs webdataset<0.3, this project >=1.0):
     .ci/run makes it and names it in ALIGNVL_IMG2DATASET; elsewhere the test is skipped

@@ -411,13 +411,14 @@ class TrainStream:
     divides data.streams), skip counts, and the stop rule for bad data."""
 
     def __init__(self, cfg: DataConfig, decode, rank: int, world: int, seed: int,
-                 ignore_signals: tuple[str, ...] = ()) -> None:
+                 ignore_signals: tuple[str, ...] = (), sources: list[list[Shard]] | None = None) -> None:
         """ignore_signals: signals the DataLoader workers ignore (train.stop_signals: a
         launcher that signals the whole process group must not kill them mid-batch).
-        cfg.streams: null takes the default (`streams_for`; preflight resolves it for a run)."""
+        cfg.streams: null takes the default (`streams_for`; preflight resolves it for a run).
+        sources: cfg.train resolved (preflight's), else resolved here."""
         self.cfg, self.decode, self.rank, self.world, self.seed = cfg, decode, rank, world, seed
         self.ignore_signals = ignore_signals
-        self.sources = load_sources(cfg)
+        self.sources = sources if sources is not None else load_sources(cfg)
         self.streams = streams_for(cfg, world)
         check_streams(self.streams, world, global_micro_batch(cfg.batch_size, world), even_share=False)
         self.state = StreamState(streams=self.streams)

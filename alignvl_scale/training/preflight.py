@@ -25,7 +25,7 @@ from alignvl_scale.checkpoint.plan import ResumePlan, plan_resume
 from alignvl_scale.checkpoint.rundir import claim_run_dir
 from alignvl_scale.config import ConfigError, RunConfig, counted, for_world, model_fingerprint
 from alignvl_scale.data.reader import load_sources, streams_for
-from alignvl_scale.data.shards import DataSourceError, manifest_of, resolve_spec
+from alignvl_scale.data.shards import DataSourceError, Shard, manifest_of, resolve_spec
 from alignvl_scale.data.streams import check_streams, dividing_worlds, epoch_deal, global_micro_batch
 from alignvl_scale.evaluation.zeroshot import zero_shot_layout
 from alignvl_scale.losses.registry import check_loss_config
@@ -48,6 +48,7 @@ class Prepared:
     launch: LaunchEnv
     resume: ResumePlan | None = None
     trust_checkpoint: bool = False
+    sources: list[list[Shard]] | None = None  # data.train resolved (remote listings included): the reader's
 
 
 def check_components(cfg: RunConfig) -> None:
@@ -59,11 +60,12 @@ def check_components(cfg: RunConfig) -> None:
     check_trackers(cfg.log)
 
 
-def with_data_streams(cfg: RunConfig, world: int, plan: ResumePlan | None) -> RunConfig:
+def with_data_streams(cfg: RunConfig, world: int, plan: ResumePlan | None) -> tuple[RunConfig, list[list[Shard]]]:
     """The config with data.streams resolved: the checkpoint's (a run keeps its streams, and
     with them its batches), else data.streams or its default for this world; checked against
     this world, the batch and the data (an epoch of at least one optimizer step). A resume
-    that sets another data.streams has the rest of its epoch re-dealt."""
+    that sets another data.streams has the rest of its epoch re-dealt. With the sources it
+    resolved (the reader takes them: a remote listing is read once per launch)."""
     saved = plan.data_streams if plan is not None else None
     fusemix = cfg.model.mixup == "fusemix"
     if saved is not None and cfg.data.streams is None and saved % world:
@@ -81,7 +83,7 @@ def with_data_streams(cfg: RunConfig, world: int, plan: ResumePlan | None) -> Ru
         if per_epoch < cfg.train.accumulation:
             raise DataSourceError(f"train.accumulation={cfg.train.accumulation}: an epoch gives only {per_epoch} "
                                   f"micro-batches of data.batch_size={cfg.data.batch_size} per rank")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streams=streams))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, streams=streams)), sources
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -119,8 +121,8 @@ def preflight(cfg: RunConfig, resume: str | None = None, overwrite: bool = False
     check_inputs(cfg)
     plan = plan_resume(cfg.run_dir, resume, launch.world, configured_stage(cfg.engine), model_fingerprint(cfg),
                        deep=launch.is_first) if resume else None
-    cfg = with_data_streams(cfg, launch.world, plan)
+    cfg, sources = with_data_streams(cfg, launch.world, plan)
     if launch.is_first:
         claim_run_dir(cfg.run_dir, resume, overwrite)
     export_torch_env(launch)
-    return Prepared(cfg, launch, plan, trust_checkpoint)
+    return Prepared(cfg, launch, plan, trust_checkpoint, sources)

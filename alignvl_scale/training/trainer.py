@@ -60,7 +60,7 @@ class Trainer:
             prepare_resume(plan, self.rank, prepared.trust_checkpoint)
         model, preprocessing = build_run_model(cfg, self.ds_config, self.rank)
         self.stream = TrainStream(cfg.data, make_decoder(cfg, preprocessing), self.rank, self.world, cfg.seed,
-                                  self.stop.names)
+                                  self.stop.names, prepared.sources)
         self.base_optimizer = make_optimizer(model, cfg)
         self.engine, self.optimizer = self.accelerator.prepare(model, self.base_optimizer)
         compat.zero_norm_without_fp64_copies(self.engine.optimizer)
