@@ -86,7 +86,8 @@ def test_train_epochs_trains_every_sample_once_per_epoch_and_ends_with_the_sched
     """Issue 41: uneven feature shards (7 of 15 samples, the last 10, and a second source of one
     shard of 3: 103 samples) on 2 ranks with the default streams and train.epochs=2: the launch
     says how the epoch splits, each epoch's steps train every sample once apart from its 5
-    padded ones, the run ends at the end of epoch 2, and its last step is the schedule's."""
+    padded ones, the run ends at the end of epoch 2, and its last step is the schedule's; the
+    summary and the last line count every rank's samples."""
     write_feature_shards(tmp_path / "a", 100, shards=7)
     write_feature_shards(tmp_path / "b", 3, seed=1, shards=1)
     sources = [str(tmp_path / "a"), str(tmp_path / "b")]
@@ -101,6 +102,10 @@ def test_train_epochs_trains_every_sample_once_per_epoch_and_ends_with_the_sched
         seen = Counter(k for step in range(9 * epoch + 1, 9 * epoch + 10) for micro in keys[step] for k in micro)
         assert set(seen) == everything and sum(seen.values()) == 108, epoch
     assert_lr_follows_the_schedule(run_dir, total=18)
+    # issue 44, item 3: the summary's counts are every rank's, as metrics.jsonl's (not rank 0's half)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["good"] == logged(run_dir, "data/good_samples")[18] == 2 * 108
+    assert f"done at step 18: 216 good samples, skipped {{}}; {run_dir / 'summary.json'}" in out.stdout
 
 
 @pytest.mark.parametrize("old_stage,ranks,stage", [(2, 3, 3), (0, 3, 3), (2, 1, 0),

@@ -5,6 +5,7 @@ import pickle
 import random
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from alignvl_scale.data.reader import (
     TrainStream,
     shard_examples,
 )
-from alignvl_scale.data.samples import DecodeLimits, decode_features
+from alignvl_scale.data.samples import DecodeLimits, decode_features, raw_samples
 from alignvl_scale.data.shards import DataSourceError, folder_samples, hf_samples, resolve_spec, write_shards
 from alignvl_scale.data.streams import check_streams, default_streams, epoch_order
 from alignvl_scale.data.synthetic import write_feature_shards
@@ -184,6 +185,30 @@ def test_every_sample_once_per_epoch_on_any_world_and_streams(tmp_path, sizes):
             assert sum(seen.values()) - len(captions) == deal.padded, (world, streams, epoch)
             for stream in ranks:
                 stream.next_epoch()
+
+
+def test_a_piece_that_begins_inside_a_local_shard_seeks_to_its_first_sample(tmp_path):
+    """A local plain tar is opened at the byte where sample k begins, found from its headers
+    alone (the members before it are never read): the same samples as reading through them;
+    a compressed shard, which cannot seek, reads through them."""
+    import gzip
+
+    from alignvl_scale.data.samples import local_sample_offset
+
+    write_image_shards(tmp_path / "s", [9])
+    shard = str(tmp_path / "s" / "shard-000000.tar")
+    every = [(r.key, r.members) for r in raw_samples(shard)]
+    for skip in (1, 4, 8, 9):
+        assert [(r.key, r.members) for r in raw_samples(shard, skip=skip)] == every[skip:], skip
+    offset = local_sample_offset(shard, 4)
+    with open(shard, "rb") as f:
+        f.seek(offset)  # a tar read from there begins with sample 4's first member (its PAX header first)
+        assert tarfile.open(fileobj=f, mode="r|").next().name.startswith(every[4][0] + ".")
+    assert local_sample_offset(shard, 9) is None and local_sample_offset(shard, 0) is None
+    zipped = tmp_path / "s" / "shard.tar.gz"
+    zipped.write_bytes(gzip.compress(Path(shard).read_bytes()))
+    assert local_sample_offset(str(zipped), 4) is None
+    assert [(r.key, r.members) for r in raw_samples(str(zipped), skip=4)] == every[4:]
 
 
 def test_a_stream_that_skips_reads_its_span_again_so_the_epoch_keeps_its_length(tmp_path):

@@ -40,6 +40,7 @@ from alignvl_scale.data.redeal import redeal
 from alignvl_scale.data.remote import prefetch, reader_modules
 from alignvl_scale.data.samples import (
     CAPTION_MEMBERS,
+    SKIP_REASONS,
     RawSample,
     SkipCounts,
     SkipSample,
@@ -69,6 +70,7 @@ from alignvl_scale.data.streams import (
 )
 from alignvl_scale.data.transforms import random_resized_crop
 from alignvl_scale.data.worker_signals import IGNORED_SIGNALS
+from alignvl_scale.runtime.distributed import all_reduce_floats
 
 # A worker that skipped this many samples without filling a batch reports the counts (a
 # count-only item), so the skip-fraction stop fires even when bad data never yields a batch.
@@ -471,6 +473,15 @@ class TrainStream:
         dealt = redeal(old, self.sources, self.seed, self.cfg, self.world, self.streams)
         self.state, self.counts = dealt.states[self.rank], dealt.counts if self.rank == 0 else SkipCounts()
         return dealt.line(why, self.world, self.epoch_batches())
+
+    def run_counts(self) -> SkipCounts:
+        """The run's good and skipped samples over every rank (a collective: every rank calls
+        it); a resumed run's earlier counts are in them once (old ranks' on new rank 0)."""
+        counts = self.counts
+        totals = all_reduce_floats([counts.good, counts.unsafe_members, counts.noisy_captions]
+                                   + [counts.skipped.get(r, 0) for r in SKIP_REASONS])
+        skipped = Counter({r: int(n) for r, n in zip(SKIP_REASONS, totals[3:], strict=True) if n})
+        return SkipCounts(int(totals[0]), skipped, int(totals[1]), int(totals[2]))
 
     def mark(self) -> tuple[StreamState, SkipCounts]:
         """Where the stream stands now, to `rewind` to; cheap enough for every step (the

@@ -248,10 +248,36 @@ class RawSample:
         return self.members
 
 
-def open_shard(url: str):
-    """A shard's bytes as a stream: a remote URL through `data/remote.py` (reopened at the byte
-    reached when a transfer breaks), else a local path or `pipe:` command through webdataset."""
+def open_shard(url: str, offset: int = 0):
+    """A shard's bytes as a stream from byte `offset` (a local file's only): a remote URL
+    through `data/remote.py` (reopened at the byte reached when a transfer breaks), else a
+    local path or `pipe:` command through webdataset."""
+    if offset:
+        stream = open(url, "rb")  # noqa: SIM115 - the caller's `with` closes it
+        stream.seek(offset)
+        return stream
     return open_remote(url) if is_remote(url) else wds.gopen(url, "rb")
+
+
+def local_sample_offset(url: str, index: int) -> int | None:
+    """The byte offset of sample `index` (0-based, in tar order) of a local plain tar, found
+    from its headers alone: tarfile's random-access mode seeks past every member's data. None
+    where that cannot be had (remote, `pipe:`, compressed, broken, or fewer samples): the
+    caller then reads through the samples before it."""
+    if index == 0 or is_remote(url) or url.startswith("pipe:") or not Path(url).is_file():
+        return None
+    started, key = 0, None
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg() or split_key(info.name)[0] == key:
+                    continue
+                key, started = split_key(info.name)[0], started + 1
+                if started == index + 1:
+                    return info.offset
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return None
 
 
 def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes, skip: int = 0
@@ -263,13 +289,15 @@ def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes,
     A member is read only when its header declares at most `max_member_bytes` and it is
     not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
     'oversized_member' skip and the stream moves past the member without keeping it.
-    skip: the first `skip` samples are passed over by their headers alone, their members
-    never read (a stream's piece that begins inside the shard)."""
+    skip: the first `skip` samples are passed over, their members never read (a stream's
+    piece that begins inside the shard): a local plain tar is opened at the byte where sample
+    `skip` begins (`local_sample_offset`), any other shard is read through their headers."""
     seen: set[str] = set()
     current: RawSample | None = None
-    started = 0  # samples begun
+    offset = local_sample_offset(url, skip) if skip else None
+    started = skip if offset is not None else 0  # samples begun
     try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_shard(url, offset or 0) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue

@@ -32,10 +32,26 @@ def replace_dir(partial: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_modes(folder: Path) -> None:
+    """`folder` and everything in it readable as the user's other files are: the modes a plain
+    mkdir and open would give under the umask (tempfile's private 0700 and 0600 undone)."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() or os.access(path, os.X_OK) else 0o666) & ~mask)
+
+
 @contextmanager
 def written_aside(out: str | Path):
     """A fresh folder beside `out` to write into; it replaces `out` when the block completes
-    (an earlier `out` stays whole until then) and is removed when the block fails."""
+    (an earlier `out` stays whole until then), with the umask's modes (`with_umask_modes`: on
+    shared storage other users and nodes read it), and is removed when the block fails."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -44,4 +60,5 @@ def written_aside(out: str | Path):
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    with_umask_modes(partial)
     replace_dir(partial, out)

@@ -16,7 +16,15 @@ import torch.distributed as dist
 import yaml
 
 from alignvl_scale.checkpoint.manager import CheckpointManager, prepare_resume
-from alignvl_scale.checkpoint.rundir import CONFIG, PROFILE, RELIABILITY, SUMMARY, release_run_dir
+from alignvl_scale.checkpoint.rundir import (
+    CHECKPOINTS,
+    CONFIG,
+    PROFILE,
+    RELIABILITY,
+    SUMMARY,
+    TENSORBOARD,
+    release_run_dir,
+)
 from alignvl_scale.checkpoint.store import demote_checkpoint
 from alignvl_scale.config import contrastive_batch, describe_batch, model_fingerprint
 from alignvl_scale.data.reader import TrainStream
@@ -195,17 +203,16 @@ class Trainer:
         """The step's scalars read to the host, with throughput, memory and data counts."""
         samples = self.cfg.data.batch_size * self.cfg.train.accumulation * self.world
         grad_norm = self.engine.get_global_grad_norm()
-        counts = self.stream.counts
-        totals = all_reduce_floats([counts.good, counts.unsafe_members, counts.noisy_captions]
-                                   + [counts.skipped.get(r, 0) for r in SKIP_REASONS])
+        counts = self.stream.run_counts()
         last = {**{k: float(v) for k, v in scalars.items()},
                 **window.close(samples, self.world, self.flops_per_step, self.peak_tflops),
                 "perf/peak_memory_gib": all_reduce_floats([peak_memory_gib(self.device.device)], "max")[0],
                 **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                 "train/contrastive_batch": self.progress.contrastive_batch,
                 "train/skipped_steps": self.progress.skipped_steps, "train/epoch": self.stream.state.epoch,
-                "data/good_samples": totals[0], "data/unsafe_members": totals[1], "data/noisy_captions": totals[2],
-                **{f"data/skipped_{r}": n for r, n in zip(SKIP_REASONS, totals[3:], strict=True)}}
+                "data/good_samples": counts.good, "data/unsafe_members": counts.unsafe_members,
+                "data/noisy_captions": counts.noisy_captions,
+                **{f"data/skipped_{r}": counts.skipped.get(r, 0) for r in SKIP_REASONS}}
         self.logger.scalars(self.progress.step, last)
         return last
 
@@ -231,14 +238,18 @@ class Trainer:
         """The end of a run: a checkpoint, the final evaluation, the summary."""
         self.save()
         final = self.evaluate(diagrams=True)
+        counts = self.stream.run_counts()
         summary = {"step": self.progress.step, "skipped_steps": self.progress.skipped_steps, "last": last,
-                   "eval": final, "eval_images": self.evaluator.images(), "data": self.stream.counts.as_dict()}
+                   "eval": final, "eval_images": self.evaluator.images(), "data": counts.as_dict()}
         self.logger.hparams({**{key: config_value(self.cfg, key) for key in self.cfg.log.hparams},
                              "contrastive_batch": self.progress.contrastive_batch},
                             {f"hparams/{k}": v for k, v in final.items()})
         if self.rank == 0:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
         self.logger.close()
+        say(f"done at step {self.progress.step}: {counts.good} good samples, skipped {dict(counts.skipped)}; "
+            f"{self.run_dir / SUMMARY}, checkpoints in {self.run_dir / CHECKPOINTS}, TensorBoard: "
+            f"tensorboard --logdir {self.run_dir / TENSORBOARD}")
         return summary
 
     def stopped(self, why: str) -> dict:
