@@ -196,11 +196,12 @@ class Started:
     """A launch in the background whose output goes to files (a pipe nobody reads fills up
     and blocks the ranks that write to it)."""
 
-    def __init__(self, cmd: list[str], folder: Path) -> None:
+    def __init__(self, cmd: list[str], folder: Path, environ: dict | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.out, self.err = folder / "stdout.log", folder / "stderr.log"
         with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(environ or {})}, stdout=out, stderr=err,
+                                         start_new_session=True)
         self.pid = self.proc.pid
 
     def wait(self, timeout: float) -> tuple[int, str, str]:

@@ -538,6 +538,60 @@ def test_accelerate_machines_that_would_train_alone_are_refused(tmp_path, featur
     assert not (run_dir / "summary.json").exists()
 
 
+def elastic_agent(config: Path, port: int, rdzv_id: str, folder: Path) -> Started:
+    """One node of launchers/elastic.example.sh on loopback: a torchrun agent of 1 rank that
+    joins a c10d rendezvous of 1 to 2 nodes and restarts its rank up to twice."""
+    cmd = ["bash", str(ROOT / "launchers/elastic.example.sh"), str(config), "engine.ds_config=zero2"]
+    environ = {"MIN_NODES": "1", "MAX_NODES": "2", "RANKS_PER_NODE": "1", "MAX_RESTARTS": "2",
+               "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": rdzv_id, "LAST_CALL_S": "2",
+               "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return Started(cmd, folder, environ)
+
+
+def test_a_lost_node_is_survived_without_anyone(tmp_path, features):
+    """Issue 41, item 5: two elastic agents train together; one is killed with its rank mid-run
+    (SIGKILL, as a node dies); the survivor's rank fails on the dead peer, its agent restarts it
+    on a world of 1, which resumes from `latest` and trains every later step on the
+    uninterrupted 2-rank run's samples to its loss; the agent exits 0. What is lost: the steps
+    since that checkpoint, and the restart's seconds (the timeline is printed)."""
+    reference_config, reference = cluster_config(tmp_path, features, "reference", train={"steps": 60},
+                                                 checkpoint={"every": 10, "keep": 2})
+    run(torchrun(reference_config, 2, 2), reference)
+    config, run_dir = cluster_config(tmp_path, features, train={"steps": 60}, checkpoint={"every": 10, "keep": 10})
+    port, start = free_port(), time.time()
+    survivor = elastic_agent(config, port, "lost-node", tmp_path / "survivor")
+    # The node at the rendezvous endpoint hosts the c10d store, whose loss would end the job:
+    # the survivor starts first and holds it (launchers/elastic.example.sh says so).
+    listening = time.time() + 60
+    while time.time() < listening and subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
+                                                     capture_output=True).returncode:
+        time.sleep(0.1)
+    doomed = elastic_agent(config, port, "lost-node", tmp_path / "doomed")
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
+                                              and max(logged(run_dir, "train/loss"), default=0) >= 24):
+            time.sleep(0.05)
+        killed_at, killed_step = time.time(), max(logged(run_dir, "train/loss"))
+        assert killed_step < 60
+        kill_tree(doomed.pid)
+        code, out, err = survivor.wait(timeout=240)
+    finally:
+        kill_tree(survivor.pid)
+        kill_tree(doomed.pid)
+    ended = time.time()
+    assert code == 0, out[-3000:] + err[-3000:]
+    line = next(x for x in out.splitlines() if "resumed from" in x)
+    assert "written by ZeRO-2 on 2 ranks, now ZeRO-2 on 1 rank" in line and "the same global batches" in line, line
+    resumed = int(line.split(" at step ")[1].split(" ")[0])
+    assert killed_step - 10 <= resumed <= killed_step
+    assert_continues(run_dir, reference, resumed)
+    restarted_at = (run_dir / "checkpoints" / f"step_{resumed + 10:08d}").stat().st_mtime
+    print(f"timeline: started 0 s; node killed at {killed_at - start:.1f} s (step {killed_step}); resumed from step "
+          f"{resumed} ({killed_step - resumed} steps lost); the next checkpoint at {restarted_at - start:.1f} s; "
+          f"done at {ended - start:.1f} s")
+
+
 def test_a_second_stop_signal_exits_at_once(tmp_path):
     """The first signal only asks for a stop after the step; the second ends the process."""
     script = tmp_path / "stop.py"
