@@ -190,25 +190,28 @@ def test_every_sample_once_per_epoch_on_any_world_and_streams(tmp_path, sizes):
 def test_a_piece_that_begins_inside_a_local_shard_seeks_to_its_first_sample(tmp_path):
     """A local plain tar is opened at the byte where sample k begins, found from its headers
     alone (the members before it are never read): the same samples as reading through them;
-    a compressed shard, which cannot seek, reads through them."""
+    a compressed shard, which cannot seek, reads through them. The shard's offsets sidecar
+    (for remote readers) holds the same bytes."""
     import gzip
 
-    from alignvl_scale.data.samples import local_sample_offset
+    from alignvl_scale.data.samples import OFFSETS_SUFFIX, sample_offset
 
     write_image_shards(tmp_path / "s", [9])
     shard = str(tmp_path / "s" / "shard-000000.tar")
     every = [(r.key, r.members) for r in raw_samples(shard)]
     for skip in (1, 4, 8, 9):
         assert [(r.key, r.members) for r in raw_samples(shard, skip=skip)] == every[skip:], skip
-    offset = local_sample_offset(shard, 4)
+    offset = sample_offset(shard, 4)
     with open(shard, "rb") as f:
         f.seek(offset)  # a tar read from there begins with sample 4's first member (its PAX header first)
         assert tarfile.open(fileobj=f, mode="r|").next().name.startswith(every[4][0] + ".")
-    assert local_sample_offset(shard, 9) is None and local_sample_offset(shard, 0) is None
+    assert sample_offset(shard, 9) is None and sample_offset(shard, 0) is None
     zipped = tmp_path / "s" / "shard.tar.gz"
     zipped.write_bytes(gzip.compress(Path(shard).read_bytes()))
-    assert local_sample_offset(str(zipped), 4) is None
+    assert sample_offset(str(zipped), 4) is None
     assert [(r.key, r.members) for r in raw_samples(str(zipped), skip=4)] == every[4:]
+    sidecar = json.loads(Path(shard + OFFSETS_SUFFIX).read_text())["offsets"]  # written with the shard
+    assert len(sidecar) == 9 and sidecar[4] == offset
 
 
 def test_a_stream_that_skips_reads_its_span_again_so_the_epoch_keeps_its_length(tmp_path):

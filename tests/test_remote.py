@@ -21,6 +21,7 @@ from conftest import ROOT, Started, cluster_config, env, logged, make_tiny_tower
 from PIL import Image
 from remote_servers import environment, moto_s3, serving, upload
 
+import alignvl_scale.data.samples as samples_module
 from alignvl_scale.config import DataConfig, DecodeLimits
 from alignvl_scale.data.check import check_shards
 from alignvl_scale.data.index import index_shards
@@ -123,6 +124,31 @@ def test_the_next_shard_is_fetched_while_one_decodes(shards):
         got = [first["captions"]] + [item["captions"] for item in remote]
     local, _ = batches(str(shards / "shards"))
     assert got == [item["captions"] for item in local] and len(got) == 6
+
+
+def test_a_piece_that_begins_inside_a_remote_shard_starts_with_a_range_request(tmp_path, capfd):
+    """24 samples in shards of 7, 9 and 8 read by 4 streams of 6 (pieces begin inside shards):
+    over HTTP the batches are a local read's, each piece that begins inside a shard asks for
+    the bytes from its first sample on (the shard's offsets sidecar), and without sidecars
+    the pieces read through their shards' first samples, which the launch says once."""
+    write_image_shards(tmp_path / "data" / "s", [7, 9, 8])
+
+    def batches(spec: str) -> list:
+        cfg = DataConfig(train=[spec], batch_size=4, workers=0, shuffle_window=2, streams=4)
+        stream = TrainStream(cfg, ImageTextDecoder(DecodeLimits(), ImageTransform(8, [0.5] * 3, [0.5] * 3)), 0, 1, 0)
+        return [item["captions"] for item in stream]
+
+    local = batches(str(tmp_path / "data" / "s"))
+    with serving(tmp_path / "data") as server:
+        assert batches(f"{server.url}/s") == local
+        ranged = [(p, r) for p, r in server.requests if p.endswith(".tar") and r and not r.startswith("bytes=0-")]
+        assert ranged and any(p.endswith(".tar.idx") for p, _ in server.requests), server.requests
+        for sidecar in (tmp_path / "data" / "s").glob("*.idx"):
+            sidecar.unlink()
+        samples_module._offsets_cache.clear()  # a new worker's
+        capfd.readouterr()
+        assert batches(f"{server.url}/s") == local
+        assert capfd.readouterr().err.count("no .idx beside its shards") == 1
 
 
 def test_remote_specs_are_checked_before_launch(shards):

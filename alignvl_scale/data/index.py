@@ -9,7 +9,9 @@ mode like shards `alignvl-scale shards` wrote.
 
 Each shard's sample count comes from img2dataset's `<shard>_stats.json` beside it
 (`successes`) where there is one, else from reading the shard once (shards in parallel); a
-shard that cannot be read whole is named, and counts what it holds.
+shard that cannot be read whole is named, and counts what it holds. A local folder's shards
+also get their offsets sidecars (`<shard>.idx`: the byte each sample begins at), so that a
+reader of the folder once uploaded begins a piece inside a shard with a Range request.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import webdataset as wds
 
 from alignvl_scale.data.remote import Unreachable, is_remote, list_objects, read_remote
-from alignvl_scale.data.samples import FEATURE_IMAGE, raw_samples
+from alignvl_scale.data.samples import FEATURE_IMAGE, raw_samples, write_sample_offsets
 from alignvl_scale.data.shards import MANIFEST, DataSourceError, write_manifest
 from alignvl_scale.runtime.log import warn
 
@@ -73,6 +75,8 @@ def index_shards(spec: str, workers: int = 8, out: str | None = None) -> dict:
                               "(a manifest lists the shards beside it)")
     with ThreadPoolExecutor(max(1, workers)) as pool:
         counts = list(pool.map(count_samples, urls))
+        if not is_remote(urls[0]):  # the byte each sample begins at, for readers that begin inside a shard
+            list(pool.map(write_sample_offsets, urls))
     first = next(raw_samples(urls[0]), None)
     kind = "features" if first is not None and FEATURE_IMAGE in first.members else "image-text"
     shards = [{"name": _folder_and_name(u)[1], "samples": n} for u, (n, _) in zip(urls, counts, strict=True) if n]

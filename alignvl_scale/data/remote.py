@@ -159,10 +159,11 @@ class ResumingReader(io.RawIOBase):
     (see the module docstring); `Unreachable` once that is not possible."""
 
     def __init__(self, url: str, retries: Retries | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, start: int = 0) -> None:
+        """start: the byte to begin at (a Range request)."""
         super().__init__()
         self.url, self.retries, self.sleep = url, retries or Retries.from_environment(), sleep
-        self.offset, self.total, self.reopened = 0, None, 0
+        self.offset, self.total, self.reopened = start, None, 0
         self._opener = _open_http if url.startswith(("http://", "https://")) else _open_fsspec
         self._stream = self._open()
 
@@ -222,9 +223,9 @@ class ReadAhead(io.RawIOBase):
 
     CHUNK = 1 << 20
 
-    def __init__(self, url: str, retries: Retries | None = None, limit: int | None = None) -> None:
+    def __init__(self, url: str, retries: Retries | None = None, limit: int | None = None, start: int = 0) -> None:
         super().__init__()
-        self.url = url
+        self.url, self.start = url, start
         limit = limit or int(float(os.environ.get("ALIGNVL_REMOTE_READAHEAD_MB", 32)) * (1 << 20))
         self._chunks: queue.Queue = queue.Queue(maxsize=max(1, limit // self.CHUNK))
         self._stop = threading.Event()
@@ -235,7 +236,7 @@ class ReadAhead(io.RawIOBase):
     def _fill(self, retries: Retries | None) -> None:
         item: bytes | BaseException
         try:
-            with ResumingReader(self.url, retries) as source:
+            with ResumingReader(self.url, retries, start=self.start) as source:
                 while not self._stop.is_set():
                     item = source.read(self.CHUNK)
                     self._put(item)
@@ -290,10 +291,10 @@ def prefetch(url: str) -> None:
     _prefetched[url] = ReadAhead(url)
 
 
-def open_remote(url: str, retries: Retries | None = None) -> io.BufferedReader:
-    """A remote object as a buffered stream, fetched ahead by a thread (already started for a
-    shard given to `prefetch`)."""
-    stream = _prefetched.pop(url, None) or ReadAhead(url, retries)
+def open_remote(url: str, retries: Retries | None = None, start: int = 0) -> io.BufferedReader:
+    """A remote object from byte `start` as a buffered stream, fetched ahead by a thread
+    (already started for a shard given to `prefetch`, which fetches from its first byte)."""
+    stream = (_prefetched.pop(url, None) if not start else None) or ReadAhead(url, retries, start=start)
     return io.BufferedReader(stream, buffer_size=1 << 20)
 
 

@@ -25,7 +25,8 @@ import webdataset as wds
 from PIL import Image
 
 from alignvl_scale.config import DecodeLimits
-from alignvl_scale.data.remote import Unreachable, is_remote, open_remote
+from alignvl_scale.data.remote import Unreachable, is_remote, open_remote, read_remote
+from alignvl_scale.runtime.files import write_json_atomic
 from alignvl_scale.runtime.log import warn
 
 # The only image formats decoded, and the Pillow plugin each extension may use: EPS
@@ -249,35 +250,74 @@ class RawSample:
 
 
 def open_shard(url: str, offset: int = 0):
-    """A shard's bytes as a stream from byte `offset` (a local file's only): a remote URL
-    through `data/remote.py` (reopened at the byte reached when a transfer breaks), else a
-    local path or `pipe:` command through webdataset."""
+    """A shard's bytes as a stream from byte `offset`: a remote URL through `data/remote.py`
+    (a Range request; reopened at the byte reached when a transfer breaks), else a local path
+    or `pipe:` command through webdataset (a local file seeks)."""
+    if is_remote(url):
+        return open_remote(url, start=offset)
     if offset:
         stream = open(url, "rb")  # noqa: SIM115 - the caller's `with` closes it
         stream.seek(offset)
         return stream
-    return open_remote(url) if is_remote(url) else wds.gopen(url, "rb")
+    return wds.gopen(url, "rb")
 
 
-def local_sample_offset(url: str, index: int) -> int | None:
-    """The byte offset of sample `index` (0-based, in tar order) of a local plain tar, found
-    from its headers alone: tarfile's random-access mode seeks past every member's data. None
-    where that cannot be had (remote, `pipe:`, compressed, broken, or fewer samples): the
-    caller then reads through the samples before it."""
-    if index == 0 or is_remote(url) or url.startswith("pipe:") or not Path(url).is_file():
-        return None
-    started, key = 0, None
+OFFSETS_SUFFIX = ".idx"  # beside a shard: {"offsets": [the byte where each sample's first member begins]}
+
+
+def sample_offsets(path: str | Path) -> list[int] | None:
+    """The byte where each sample of a local plain tar begins (its first member's header, an
+    extended header included), from the headers alone: tarfile's random-access mode seeks past
+    every member's data. None for a shard that cannot be read so (compressed, broken)."""
+    offsets, key = [], None
     try:
-        with tarfile.open(url, mode="r:") as tar:
+        with tarfile.open(path, mode="r:") as tar:
             for info in tar:
-                if not info.isreg() or split_key(info.name)[0] == key:
-                    continue
-                key, started = split_key(info.name)[0], started + 1
-                if started == index + 1:
-                    return info.offset
+                if info.isreg() and split_key(info.name)[0] != key:
+                    key = split_key(info.name)[0]
+                    offsets.append(info.offset)
     except (tarfile.TarError, OSError, EOFError):
         return None
-    return None
+    return offsets
+
+
+def write_sample_offsets(path: str | Path) -> None:
+    """The offsets sidecar of a local shard (`OFFSETS_SUFFIX`): what lets a remote reader's
+    piece of the shard begin with a Range request at its first sample."""
+    offsets = sample_offsets(path)
+    if offsets is not None:
+        write_json_atomic(Path(f"{path}{OFFSETS_SUFFIX}"), {"offsets": offsets})
+
+
+_offsets_cache: dict[str, list[int] | None] = {}  # the last few shards' (a worker reads a few at a time)
+OFFSETS_CACHED = 16
+_said_no_offsets: set[str] = set()
+
+
+def sample_offset(url: str, index: int) -> int | None:
+    """The byte where sample `index` of a shard begins: a local plain tar's from its headers, a
+    remote shard's from its offsets sidecar. None (the caller reads through the samples before
+    it) where neither can be had; a remote shard without a sidecar says so once per folder."""
+    if index == 0 or url.startswith("pipe:"):
+        return None
+    if url not in _offsets_cache:
+        while len(_offsets_cache) >= OFFSETS_CACHED:
+            _offsets_cache.pop(next(iter(_offsets_cache)))
+        if not is_remote(url):
+            _offsets_cache[url] = sample_offsets(url) if Path(url).is_file() else None
+        else:
+            try:
+                _offsets_cache[url] = [int(x) for x in json.loads(read_remote(f"{url}{OFFSETS_SUFFIX}"))["offsets"]]
+            except (Unreachable, ValueError, KeyError, TypeError):
+                _offsets_cache[url] = None
+                folder = url.rsplit("/", 1)[0]
+                if folder not in _said_no_offsets:
+                    _said_no_offsets.add(folder)
+                    warn(f"{folder}: no {OFFSETS_SUFFIX} beside its shards (`alignvl-scale shards index` of the "
+                         "local folder writes them): a stream that begins inside a shard reads through its first "
+                         "samples")
+    offsets = _offsets_cache[url]
+    return offsets[index] if offsets is not None and index < len(offsets) else None
 
 
 def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes, skip: int = 0
@@ -290,11 +330,11 @@ def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes,
     not sparse (a 10 KB sparse member may declare 3 GB): else its sample is an
     'oversized_member' skip and the stream moves past the member without keeping it.
     skip: the first `skip` samples are passed over, their members never read (a stream's
-    piece that begins inside the shard): a local plain tar is opened at the byte where sample
-    `skip` begins (`local_sample_offset`), any other shard is read through their headers."""
+    piece that begins inside the shard): the shard is opened at the byte where sample `skip`
+    begins where that is known (`sample_offset`), else read through their headers."""
     seen: set[str] = set()
     current: RawSample | None = None
-    offset = local_sample_offset(url, skip) if skip else None
+    offset = sample_offset(url, skip) if skip else None
     started = skip if offset is not None else 0  # samples begun
     try:
         with open_shard(url, offset or 0) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:

@@ -34,6 +34,7 @@ from alignvl_scale.data.samples import (
     decode_image,
     open_image,
     read_image_file,
+    write_sample_offsets,
 )
 from alignvl_scale.runtime.files import write_json_atomic
 
@@ -72,7 +73,8 @@ def sample_members(key: str, image: bytes | None = None, image_ext: str = "png",
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard: int, kind: str = "image-text",
                  extra: dict | None = None, total: int | None = None, progress: bool = True) -> dict:
-    """Write sample dicts (see `sample_members`) into fixed-size tar shards and a manifest."""
+    """Write sample dicts (see `sample_members`) into fixed-size tar shards, each with its
+    offsets sidecar (`samples.write_sample_offsets`), and a manifest."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
@@ -83,12 +85,14 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard
         if writer is None or shards[-1]["samples"] == samples_per_shard:
             if writer is not None:
                 writer.close()
+                write_sample_offsets(out / shards[-1]["name"])
             shards.append({"name": SHARD_PATTERN.format(len(shards)), "samples": 0})
             writer = wds.TarWriter(str(out / shards[-1]["name"]), encoder=False)
         writer.write(sample)
         shards[-1]["samples"] += 1
     if writer is not None:
         writer.close()
+        write_sample_offsets(out / shards[-1]["name"])
     return write_manifest(out, kind, shards, extra)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from alignvl_scale.data.samples import FEATURE_IMAGE, FEATURE_TEXT, encode_npy
+from alignvl_scale.data.samples import FEATURE_IMAGE, FEATURE_TEXT, encode_npy, write_sample_offsets
 from alignvl_scale.data.shards import SHARD_PATTERN, sample_members, write_manifest, write_shards
 
 
@@ -23,7 +23,8 @@ def png_bytes(seed: int, size: int = 8) -> bytes:
 
 def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int = 1, start: int = 0) -> list[str]:
     """Shards of tiny PNGs, caption 'caption {i}' (plus ' alt {k}' variants), sizes[s]
-    samples in shard s, with a manifest; returns the first caption of every sample."""
+    samples in shard s, with their offsets sidecars and a manifest; returns the first caption
+    of every sample."""
     folder.mkdir(parents=True, exist_ok=True)
     index, firsts, shards = start, [], []
     for s, size in enumerate(sizes):
@@ -34,6 +35,7 @@ def write_image_shards(folder: Path, sizes: list[int], captions_per_sample: int 
                 writer.write(sample_members(f"{index:06d}", png_bytes(index), "png", captions))
                 firsts.append(captions[0])
                 index += 1
+        write_sample_offsets(folder / name)
         shards.append({"name": name, "samples": size})
     write_manifest(folder, "image-text", shards)
     return firsts
