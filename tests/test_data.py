@@ -205,7 +205,7 @@ def test_a_piece_that_begins_inside_a_local_shard_seeks_to_its_first_sample(tmp_
     with open(shard, "rb") as f:
         f.seek(offset)  # a tar read from there begins with sample 4's first member (its PAX header first)
         assert tarfile.open(fileobj=f, mode="r|").next().name.startswith(every[4][0] + ".")
-    assert sample_offset(shard, 9) is None and sample_offset(shard, 0) is None
+    assert sample_offset(shard, 9) is None and sample_offset(shard, 0) == 0
     zipped = tmp_path / "s" / "shard.tar.gz"
     zipped.write_bytes(gzip.compress(Path(shard).read_bytes()))
     assert sample_offset(str(zipped), 4) is None

@@ -129,7 +129,7 @@ def test_the_next_shard_is_fetched_while_one_decodes(shards):
 def test_a_piece_that_begins_inside_a_remote_shard_starts_with_a_range_request(tmp_path, capfd):
     """24 samples in shards of 7, 9 and 8 read by 4 streams of 6 (pieces begin inside shards):
     over HTTP the batches are a local read's, each piece that begins inside a shard asks for
-    the bytes from its first sample on (the shard's offsets sidecar), and without sidecars
+    the bytes from its first sample to its last (the shard's offsets sidecar), and without sidecars
     the pieces read through their shards' first samples, which the launch says once."""
     write_image_shards(tmp_path / "data" / "s", [7, 9, 8])
 
@@ -141,8 +141,10 @@ def test_a_piece_that_begins_inside_a_remote_shard_starts_with_a_range_request(t
     local = batches(str(tmp_path / "data" / "s"))
     with serving(tmp_path / "data") as server:
         assert batches(f"{server.url}/s") == local
-        ranged = [(p, r) for p, r in server.requests if p.endswith(".tar") and r and not r.startswith("bytes=0-")]
-        assert ranged and any(p.endswith(".tar.idx") for p, _ in server.requests), server.requests
+        ranged = [r for p, r in server.requests if p.endswith(".tar") and r]
+        assert any(not r.startswith("bytes=0-") for r in ranged), ranged  # begins inside the shard
+        assert any(not r.endswith("-") for r in ranged), ranged  # ends inside it: no byte after the piece
+        assert any(p.endswith(".tar.idx") for p, _ in server.requests), server.requests
         for sidecar in (tmp_path / "data" / "s").glob("*.idx"):
             sidecar.unlink()
         samples_module._offsets_cache.clear()  # a new worker's

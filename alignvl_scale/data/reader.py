@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from alignvl_scale.config import DataConfig, DecodeLimits, counted
 from alignvl_scale.data.redeal import redeal
-from alignvl_scale.data.remote import prefetch, reader_modules
+from alignvl_scale.data.remote import is_remote, prefetch, reader_modules
 from alignvl_scale.data.samples import (
     CAPTION_MEMBERS,
     SKIP_REASONS,
@@ -47,6 +47,7 @@ from alignvl_scale.data.samples import (
     decode_captions,
     decode_features,
     decode_image,
+    fetched_range,
     raw_samples,
 )
 from alignvl_scale.data.shards import DataSourceError, Shard, resolve_spec
@@ -190,7 +191,9 @@ def shard_examples(url: str, decode: Callable[[RawSample], object], window: int,
     selection = selection or SampleSelection()
     keep, swaps = selection.plan(url, expected, decode.limits.max_member_bytes)
     head = first if keep is None else 0  # samples whose members are not read
-    samples = _selected(raw_samples(url, decode.limits.max_member_bytes, skip=head), keep, swaps, first, stop)
+    last = stop if keep is None else None  # where the shard's fetch may end
+    samples = _selected(raw_samples(url, decode.limits.max_member_bytes, skip=head, stop=last), keep, swaps, first,
+                        stop)
     size = None if expected is None else (stop if stop is not None else selection.kept_samples(expected)) - first
     consumed, lost = 0, ("missing_samples", f"{url}: manifest says {expected}, shard holds")
     for consumed, raw in enumerate(window_shuffle(samples, window, rng), start=1):
@@ -296,8 +299,10 @@ class StreamShares(IterableDataset):
                 continue
             if per_pass is not None and place - usable_at > per_pass:
                 return
-            if upcoming is not None:  # a remote shard is fetched while this one decodes
-                prefetch(upcoming.url)
+            if upcoming is not None and is_remote(upcoming.url):  # fetched while this one decodes
+                whole = self.selection.train_fraction < 1  # its keys are read first: the whole shard
+                start, end = (None, None) if whole else fetched_range(upcoming.url, upcoming.first, upcoming.stop)
+                prefetch(upcoming.url, start or 0, end, keep=2 * len(self.local))
             start = start0 if place == place0 else task.start
             for consumed, example, raw in shard_examples(task.url, self.decode, self.cfg.shuffle_window,
                                                          seeded_rng(*task.rng), start, task.samples, self.selection,

@@ -93,9 +93,11 @@ def _opener(read_timeout_s: float) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(HTTP, HTTPS)
 
 
-def _open_http(url: str, offset: int, retries: Retries) -> tuple[io.RawIOBase, int | None]:
-    """The body from `offset` on, and the whole object's size where the server says it."""
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+def _open_http(url: str, offset: int, retries: Retries, end: int | None = None) -> tuple[io.RawIOBase, int | None]:
+    """The body from `offset` on (to byte `end`, excluded, where given), and the whole object's
+    size where the server says it."""
+    ranged = f"bytes={offset}-{end - 1 if end is not None else ''}"
+    request = urllib.request.Request(url, headers={"Range": ranged} if offset or end is not None else {})
     try:
         response = _opener(retries.read_timeout_s).open(request, timeout=retries.connect_timeout_s)
     except urllib.error.HTTPError as exc:
@@ -122,7 +124,7 @@ def _skip(stream, n: int) -> None:
         n -= len(chunk)
 
 
-def _open_fsspec(url: str, offset: int, retries: Retries) -> tuple[io.RawIOBase, int | None]:
+def _open_fsspec(url: str, offset: int, retries: Retries, end: int | None = None) -> tuple[io.RawIOBase, int | None]:
     try:
         import fsspec
     except ImportError:
@@ -159,11 +161,11 @@ class ResumingReader(io.RawIOBase):
     (see the module docstring); `Unreachable` once that is not possible."""
 
     def __init__(self, url: str, retries: Retries | None = None,
-                 sleep: Callable[[float], None] = time.sleep, start: int = 0) -> None:
-        """start: the byte to begin at (a Range request)."""
+                 sleep: Callable[[float], None] = time.sleep, start: int = 0, end: int | None = None) -> None:
+        """start, end: the bytes to read (a Range request; end excluded, None: to the end)."""
         super().__init__()
         self.url, self.retries, self.sleep = url, retries or Retries.from_environment(), sleep
-        self.offset, self.total, self.reopened = start, None, 0
+        self.offset, self.total, self.reopened, self.end = start, None, 0, end
         self._opener = _open_http if url.startswith(("http://", "https://")) else _open_fsspec
         self._stream = self._open()
 
@@ -171,8 +173,8 @@ class ResumingReader(io.RawIOBase):
         failures = 0
         while True:
             try:
-                stream, total = self._opener(self.url, self.offset, self.retries)
-                self.total = total if total is not None else self.total
+                stream, total = self._opener(self.url, self.offset, self.retries, self.end)
+                self.total = self.end if self.end is not None else total if total is not None else self.total
                 return stream
             except _Transient as exc:
                 failures += 1
@@ -188,6 +190,10 @@ class ResumingReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         failures = 0
+        if self.end is not None:  # no byte past the range (an object store's stream would go on)
+            buffer = memoryview(buffer)[:max(0, self.end - self.offset)]
+            if not len(buffer):
+                return 0
         while True:
             try:
                 n = self._stream.readinto(buffer)
@@ -223,9 +229,10 @@ class ReadAhead(io.RawIOBase):
 
     CHUNK = 1 << 20
 
-    def __init__(self, url: str, retries: Retries | None = None, limit: int | None = None, start: int = 0) -> None:
+    def __init__(self, url: str, retries: Retries | None = None, limit: int | None = None, start: int = 0,
+                 end: int | None = None) -> None:
         super().__init__()
-        self.url, self.start = url, start
+        self.url, self.start, self.end = url, start, end
         limit = limit or int(float(os.environ.get("ALIGNVL_REMOTE_READAHEAD_MB", 32)) * (1 << 20))
         self._chunks: queue.Queue = queue.Queue(maxsize=max(1, limit // self.CHUNK))
         self._stop = threading.Event()
@@ -236,7 +243,7 @@ class ReadAhead(io.RawIOBase):
     def _fill(self, retries: Retries | None) -> None:
         item: bytes | BaseException
         try:
-            with ResumingReader(self.url, retries, start=self.start) as source:
+            with ResumingReader(self.url, retries, start=self.start, end=self.end) as source:
                 while not self._stop.is_set():
                     item = source.read(self.CHUNK)
                     self._put(item)
@@ -276,25 +283,27 @@ class ReadAhead(io.RawIOBase):
         super().close()
 
 
-# The shard a DataLoader worker reads next, already being fetched (one per worker process).
-_prefetched: dict[str, ReadAhead] = {}
+# The byte ranges of shards a DataLoader worker reads next, already being fetched: (url, start, end).
+_prefetched: dict[tuple[str, int, int | None], ReadAhead] = {}
 
 
-def prefetch(url: str) -> None:
-    """Start fetching a remote shard that `open_remote` will be asked for soon (a local one is
-    left alone). Two are kept: the shard about to be opened and the one after it; an older
-    one that was never opened is dropped."""
-    if not is_remote(url) or url in _prefetched:
+def prefetch(url: str, start: int = 0, end: int | None = None, keep: int = 2) -> None:
+    """Start fetching bytes start..end - 1 of a remote shard that `open_remote` will be asked
+    for soon (a local one is left alone). `keep` are kept (a worker's streams' next pieces);
+    an older one that was never opened is dropped."""
+    key = (url, start, end)
+    if not is_remote(url) or key in _prefetched:
         return
-    while len(_prefetched) >= 2:
+    while len(_prefetched) >= keep:
         _prefetched.pop(next(iter(_prefetched))).close()
-    _prefetched[url] = ReadAhead(url)
+    _prefetched[key] = ReadAhead(url, start=start, end=end)
 
 
-def open_remote(url: str, retries: Retries | None = None, start: int = 0) -> io.BufferedReader:
-    """A remote object from byte `start` as a buffered stream, fetched ahead by a thread
-    (already started for a shard given to `prefetch`, which fetches from its first byte)."""
-    stream = (_prefetched.pop(url, None) if not start else None) or ReadAhead(url, retries, start=start)
+def open_remote(url: str, retries: Retries | None = None, start: int = 0, end: int | None = None
+                ) -> io.BufferedReader:
+    """A remote object's bytes start..end - 1 (end None: to its end) as a buffered stream,
+    fetched ahead by a thread (already started for a range given to `prefetch`)."""
+    stream = _prefetched.pop((url, start, end), None) or ReadAhead(url, retries, start=start, end=end)
     return io.BufferedReader(stream, buffer_size=1 << 20)
 
 

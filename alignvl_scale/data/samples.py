@@ -249,12 +249,13 @@ class RawSample:
         return self.members
 
 
-def open_shard(url: str, offset: int = 0):
-    """A shard's bytes as a stream from byte `offset`: a remote URL through `data/remote.py`
-    (a Range request; reopened at the byte reached when a transfer breaks), else a local path
-    or `pipe:` command through webdataset (a local file seeks)."""
+def open_shard(url: str, offset: int = 0, end: int | None = None):
+    """A shard's bytes as a stream from byte `offset` (to `end`, a remote shard's, where
+    given): a remote URL through `data/remote.py` (a Range request; reopened at the byte
+    reached when a transfer breaks), else a local path or `pipe:` command through webdataset
+    (a local file seeks)."""
     if is_remote(url):
-        return open_remote(url, start=offset)
+        return open_remote(url, start=offset, end=end)
     if offset:
         stream = open(url, "rb")  # noqa: SIM115 - the caller's `with` closes it
         stream.seek(offset)
@@ -298,7 +299,7 @@ def sample_offset(url: str, index: int) -> int | None:
     """The byte where sample `index` of a shard begins: a local plain tar's from its headers, a
     remote shard's from its offsets sidecar. None (the caller reads through the samples before
     it) where neither can be had; a remote shard without a sidecar says so once per folder."""
-    if index == 0 or url.startswith("pipe:"):
+    if url.startswith("pipe:"):
         return None
     if url not in _offsets_cache:
         while len(_offsets_cache) >= OFFSETS_CACHED:
@@ -320,8 +321,15 @@ def sample_offset(url: str, index: int) -> int | None:
     return offsets[index] if offsets is not None and index < len(offsets) else None
 
 
-def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes, skip: int = 0
-                ) -> Iterator[RawSample]:
+def fetched_range(url: str, skip: int = 0, stop: int | None = None) -> tuple[int | None, int | None]:
+    """The bytes `raw_samples(url, skip=skip, stop=stop)` opens the shard at and fetches to
+    (None: the first, the last): what `remote.prefetch` is given for it."""
+    offset = sample_offset(url, skip) if skip else None
+    return offset, sample_offset(url, stop) if stop is not None and is_remote(url) else None
+
+
+def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes, skip: int = 0,
+                stop: int | None = None) -> Iterator[RawSample]:
     """Group a tar stream's members by key. A broken stream ends the shard with one
     'truncated_tar' item (an empty shard, and a remote one that stays unreachable, with one
     'unreachable_shard' item and a line on the console); a key seen twice yields a
@@ -331,13 +339,15 @@ def raw_samples(url: str, max_member_bytes: int = DecodeLimits.max_member_bytes,
     'oversized_member' skip and the stream moves past the member without keeping it.
     skip: the first `skip` samples are passed over, their members never read (a stream's
     piece that begins inside the shard): the shard is opened at the byte where sample `skip`
-    begins where that is known (`sample_offset`), else read through their headers."""
+    begins where that is known (`sample_offset`), else read through their headers. stop: a
+    remote shard is fetched no further than sample `stop`'s first byte, where that is known
+    (the caller reads no further: a piece that ends inside the shard)."""
     seen: set[str] = set()
     current: RawSample | None = None
-    offset = sample_offset(url, skip) if skip else None
+    offset, end = fetched_range(url, skip, stop)
     started = skip if offset is not None else 0  # samples begun
     try:
-        with open_shard(url, offset or 0) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_shard(url, offset or 0, end) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
