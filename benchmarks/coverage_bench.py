@@ -17,16 +17,15 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-SETS = {"7 shards (378)": [64, 63, 64, 49, 64, 10, 64],
-        "14 shards (367)": [random.Random(41).randint(3, 40) for _ in range(13)] + [3],
-        "15 with an empty": [random.Random(41).randint(3, 40) for _ in range(13)] + [3, 0]}
+THIRTEEN = [40, 3, 27, 38, 19, 35, 31, 22, 40, 32, 6, 35, 39]  # 3-40 samples, 367
+SETS = {"7 shards (378)": [64, 63, 64, 49, 64, 10, 64], "13 shards (367)": THIRTEEN,
+        "15: +3, +empty": THIRTEEN + [3, 0]}
 LAYOUTS = [(1, None), (2, None), (3, None), (1, 6), (2, 6), (3, 6), (3, 3)]  # (ranks, data.streams)
 
 

@@ -160,9 +160,9 @@ def test_an_epoch_interrupted_on_two_ranks_continues_on_three_then_one_with_the_
 
 
 # Issue 41's uneven shard sets: 7 shards (img2dataset's short last shard, a small one), and
-# 13 shards of 3-40 samples with a shard of 3 and an empty one among them.
-UNEVEN_SHARDS = {"seven": [64, 63, 64, 49, 64, 10, 64],
-                 "fifteen": [random.Random(41).randint(3, 40) for _ in range(13)] + [3, 0]}
+# 13 shards of 3-40 samples (367), with another shard of 3 and an empty one.
+THIRTEEN = [40, 3, 27, 38, 19, 35, 31, 22, 40, 32, 6, 35, 39]
+UNEVEN_SHARDS = {"seven": [64, 63, 64, 49, 64, 10, 64], "fifteen": THIRTEEN + [3, 0]}
 
 
 @pytest.mark.parametrize("sizes", list(UNEVEN_SHARDS), ids=list(UNEVEN_SHARDS))
