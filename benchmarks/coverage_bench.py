@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+from mixing_bench import measured_in
 
 THIRTEEN = [40, 3, 27, 38, 19, 35, 31, 22, 40, 32, 6, 35, 39]  # 3-40 samples, 367
 SETS = {"7 shards (378)": [64, 63, 64, 49, 64, 10, 64], "13 shards (367)": THIRTEEN,
@@ -82,11 +81,8 @@ def main() -> None:
         return
     results = {"this tree": measure(args)}
     if args.compare_tree is not None:
-        cmd = [sys.executable, __file__, "--json-only", "--global-batch", str(args.global_batch), "--epochs",
-               str(args.epochs)]
-        env = {**os.environ, "PYTHONPATH": str(args.compare_tree.resolve())}
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=args.compare_tree)
-        results[args.compare_name or str(args.compare_tree)] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[args.compare_name or str(args.compare_tree)] = measured_in(
+            args.compare_tree, __file__, ["--global-batch", str(args.global_batch), "--epochs", str(args.epochs)])
     print(f"global micro-batch {args.global_batch}, {args.epochs} epochs; unseen: samples an epoch never trains "
           f"(each epoch's), twice: trained twice in it (padding)")
     print(f"{'reader':<22} {'shards':<16} {'ranks':>5} {'streams':>7} {'unseen per epoch':>22} {'twice':>12}")

@@ -64,6 +64,15 @@ def measure(args) -> list[dict]:
     return rows
 
 
+def measured_in(tree: Path, script: str, argv: list[str]) -> object:
+    """What `script --json-only ARGV` measures with another checkout's package (`tree`): the JSON
+    of its last line. The script itself is this tree's, so it may use only what both have."""
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    out = subprocess.run([sys.executable, script, "--json-only", *argv], env=env, capture_output=True, text=True,
+                         check=True, cwd=tree)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=64)
@@ -82,12 +91,10 @@ def main() -> None:
         return
     results = {"this tree": measure(args)}
     if args.compare_tree is not None:
-        cmd = [sys.executable, __file__, "--json-only", "--shards", str(args.shards), "--per-shard",
-               str(args.per_shard), "--global-batch", str(args.global_batch), "--workers", str(args.workers),
-               "--worlds", *map(str, args.worlds)]
-        env = {**os.environ, "PYTHONPATH": str(args.compare_tree.resolve())}
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=args.compare_tree)
-        results[args.compare_name or str(args.compare_tree)] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[args.compare_name or str(args.compare_tree)] = measured_in(
+            args.compare_tree, __file__, ["--shards", str(args.shards), "--per-shard", str(args.per_shard),
+                                          "--global-batch", str(args.global_batch), "--workers", str(args.workers),
+                                          "--worlds", *map(str, args.worlds)])
     iid = 1 / args.shards
     print(f"{args.shards} shards x {args.per_shard}, global micro-batch {args.global_batch}, {args.workers} workers "
           f"per rank; an i.i.d. shuffle: {iid:.3f}")
