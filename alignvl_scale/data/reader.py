@@ -1,13 +1,14 @@
 """The training reader: WebDataset tar shards -> per-rank micro-batches, built for many ranks.
 
 A run reads its shards through data streams fixed at launch (data/streams.py): each stream
-a deterministic shard sequence and its share of every micro-batch, a rank k = streams /
-world of them, split among its DataLoader workers. Inside a shard, raw samples are shuffled
-in a window by an RNG seeded by (seed, epoch, stream, place in the sequence), then decoded
-(`samples.py`, which also parses the tar), transformed, tokenized and batched in the worker.
-An item carries its streams' positions (place in the sequence, raw samples consumed in that
-shard) and its skip counts, so the main process knows exactly what was consumed: a resumed
-stream skips precisely that, without decoding it, on whichever rank now serves it.
+a deterministic sequence of shard pieces (epoch mode: its span of the epoch's samples) and
+its share of every micro-batch, a rank k = streams / world of them, split among its
+DataLoader workers. Inside a piece, samples are shuffled in a window by an RNG seeded by
+(seed, epoch, stream, place in the sequence), then decoded (`samples.py`, which also parses
+the tar), transformed, tokenized and batched in the worker. An item carries its streams'
+positions (place in the sequence, samples of that piece consumed) and its skip counts, so
+the main process knows exactly what was consumed: a resumed stream skips precisely that,
+without decoding it, on whichever rank now serves it.
 
 Every rank yields the same number of micro-batches per epoch (`EpochDeal`, from the
 manifests' per-shard counts): a stream whose skipped samples leave it short reads its span
