@@ -431,6 +431,7 @@ class TrainStream:
         check_streams(self.streams, world, global_micro_batch(cfg.batch_size, world), even_share=False)
         self.state = StreamState(streams=self.streams)
         self.counts = SkipCounts()
+        self._deals: dict[int, EpochDeal] = {}
         self.batches_per_epoch = self.epoch_batches()
 
     # -- the checkpointed state ------------------------------------------------------------
@@ -504,11 +505,16 @@ class TrainStream:
         return global_micro_batch(self.cfg.batch_size, self.world) // self.state.streams
 
     def deal(self) -> EpochDeal | None:
-        """How this epoch's samples are split among the streams (None: resampled, or re-dealt)."""
+        """How this epoch's samples are split among the streams (None: resampled, or re-dealt).
+        The same for every epoch: made once per stream count (it sums every shard's count, and
+        `epoch_done` asks after every micro-batch)."""
         if self.state.tasks is not None or self.cfg.mode == "resampled":
             return None
-        return epoch_deal(self.sources, self.state.streams, global_micro_batch(self.cfg.batch_size, self.world),
-                          self.cfg.train_fraction)
+        if self.state.streams not in self._deals:
+            self._deals[self.state.streams] = epoch_deal(
+                self.sources, self.state.streams, global_micro_batch(self.cfg.batch_size, self.world),
+                self.cfg.train_fraction)
+        return self._deals[self.state.streams]
 
     def epoch_batches(self) -> int | None:
         """Micro-batches every rank makes in this epoch (None: resampled, no end)."""
